@@ -1,0 +1,1 @@
+"""Reads results cubes written by `ensemble` and turns them into figures and fits."""

@@ -1,0 +1,88 @@
+"""The results cube's schema: names, dimensions, units and flag conventions.
+
+This module is the contract between the writer (`ensemble.cube`) and every reader
+(`analysis`, the dashboard page, `python -m ensemble status`). It imports neither torch
+nor zarr, so readers can use it without the engine.
+
+Layout of a store: one Zarr group per experiment (group name = experiment name). Opened
+with ``xarray.open_zarr(store, group=name)`` each group is a Dataset with
+
+- dimensions ``(alpha, T, P, seed)`` for per-cell quantities, plus ``layer`` for
+  per-layer quantities and ``checkpoint`` for the dynamics;
+- coordinates ``alpha``, ``T``, ``P``, ``seed``, ``layer``, ``checkpoint`` and the derived
+  ``dt(T) = T * h * B`` (h = 1 for the perceptron) and ``checkpoint_step(checkpoint)``;
+- a boolean ``done`` mask: a cell is done only after all its values were written;
+- ``outcome`` (int8 flag variable, 0 where not computed);
+- every other variable below as float64, NaN where not computed or not defined.
+"""
+
+from __future__ import annotations
+
+DIMS: tuple[str, ...] = ("alpha", "T", "P", "seed")
+"""Per-cell dimensions, in this order in every per-cell variable."""
+
+LAYER_DIM = "layer"
+CHECKPOINT_DIM = "checkpoint"
+
+# Outcome flags (CF flag_values / flag_meanings).
+MISSING, CONVERGED, DIVERGED, UNFINISHED = 0, 1, 2, 3
+OUTCOME_FLAGS: dict[int, str] = {
+    MISSING: "missing",
+    CONVERGED: "converged",
+    DIVERGED: "diverged",
+    UNFINISHED: "unfinished",
+}
+
+COORDS: dict[str, dict[str, str]] = {
+    "alpha": {"long_name": "output scale alpha (lazy >> 1, feature learning << 1)", "units": "1"},
+    "T": {"long_name": "SGD temperature T = dt / (h B)", "units": "1"},
+    "P": {"long_name": "training set size", "units": "images"},
+    "seed": {"long_name": "member seed (init, training set, batch draws)", "units": "1"},
+    "dt": {"long_name": "SGD step size dt = T h B", "units": "1"},
+    "layer": {"long_name": "parameter tensor name", "units": "1"},
+    "checkpoint": {"long_name": "checkpoint index", "units": "1"},
+    "checkpoint_step": {"long_name": "SGD steps at the checkpoint", "units": "steps"},
+}
+
+# name -> (long_name, units). Per-cell variables have dims DIMS.
+CELL_VARS: dict[str, tuple[str, str]] = {
+    "test_error": ("fraction of test points with y f <= 0 at the end", "1"),
+    "train_loss": ("mean hinge(alpha f y) / alpha on the training set at the end", "1"),
+    "n_unfitted": ("training points with alpha f y < 1 at the end", "points"),
+    "steps": ("SGD steps taken (to t* if converged)", "steps"),
+    "t_star": ("t = dt * steps at the first step with zero training loss", "1"),
+    "dw2": ("||w - w0||^2 summed over all layers", "1"),
+    "w0_2": ("||w0||^2 summed over all layers", "1"),
+    "rel_change": ("relative weight change ||w - w0|| / ||w0||", "1"),
+    "seconds": ("wall time of the member's ensemble batch per member", "s"),
+}
+PERCEPTRON_VARS: dict[str, tuple[str, str]] = {
+    "w_par": ("signal w . e1 at the end", "1"),
+    "w_par0": ("signal w0 . e1 at initialisation", "1"),
+    "noise": ("noise ||w_perp||^2 / (d - 1) at the end", "1"),
+    "noise0": ("noise ||w0_perp||^2 / (d - 1) at initialisation", "1"),
+    "dnoise": ("||(w - w0)_perp||^2 / (d - 1), the noise of the change", "1"),
+    "x1_unfitted": ("mean |x_1| of the training points not yet fitted (NaN if none)", "1"),
+}
+LAYER_VARS: dict[str, tuple[str, str]] = {
+    "dw2_layer": ("||w - w0||^2 of one parameter tensor", "1"),
+    "w0_2_layer": ("||w0||^2 of one parameter tensor", "1"),
+}
+CHECKPOINT_VARS: dict[str, tuple[str, str]] = {
+    "ckpt_t": ("t = dt * step at the checkpoint", "1"),
+    "ckpt_train_loss": ("training loss at the checkpoint", "1"),
+    "ckpt_test_error": ("test error on the first n_ckpt_test test points at the checkpoint", "1"),
+}
+
+N_CHECKPOINTS = 12
+"""Checkpoints are at steps 16 * 4**k, k = 0..N_CHECKPOINTS-1 (16 .. 6.7e7 steps)."""
+
+
+def checkpoint_steps() -> list[int]:
+    """Steps at which the dynamics are recorded: 16, 64, 256, ... (log-spaced, x4)."""
+    return [16 * 4**k for k in range(N_CHECKPOINTS)]
+
+
+def group_name(experiment: str) -> str:
+    """Zarr group that holds one experiment."""
+    return experiment
