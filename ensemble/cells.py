@@ -91,7 +91,9 @@ class Group:
         _int_at_least("pte", self.pte, 1)
         _int_at_least("max_steps", self.max_steps, 1)
         if self.B > self.P:
-            raise SpecError(f"B must be <= P (distinct indices per step), got B={self.B} > P={self.P}")
+            raise SpecError(
+                f"B must be <= P (distinct indices per step), got B={self.B} > P={self.P}"
+            )
         if self.max_seconds is not None:
             _finite_positive("max_seconds", self.max_seconds)
         if self.arch == "perceptron":

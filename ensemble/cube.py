@@ -1,0 +1,336 @@
+"""The results cube: one Zarr group per experiment, laid out as ``ensemble.schema`` says.
+
+Writing is done by one process (the launcher), which receives results as Dask tasks
+finish. A batch's values are written first and its cells' ``done`` flags last, and every
+Zarr chunk is written atomically (``zarr.storage.LocalStore`` writes to a temporary file
+and renames it), so a process killed at any moment leaves a store that opens and whose
+``done`` cells are complete. Growing a grid rewrites the (small) group under a temporary
+name and swaps it in with a directory rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from ensemble.schema import (
+    CELL_VARS,
+    CHECKPOINT_DIM,
+    CHECKPOINT_VARS,
+    COORDS,
+    DIMS,
+    LAYER_DIM,
+    LAYER_VARS,
+    MISSING,
+    N_CHECKPOINTS,
+    OUTCOME_FLAGS,
+    PERCEPTRON_VARS,
+    checkpoint_steps,
+)
+
+LOCK_NAME = ".ensemble-lock"
+
+
+class StoreBusyError(RuntimeError):
+    """Another launch holds the store."""
+
+
+@contextmanager
+def _quiet_zarr() -> Iterator[None]:
+    """Silence zarr's notice that consolidated metadata is not in the v3 spec."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        yield
+
+
+def _is_local(store: str | os.PathLike) -> bool:
+    return "://" not in str(store) or str(store).startswith("file://")
+
+
+def _local_path(store: str | os.PathLike) -> Path:
+    return Path(str(store).removeprefix("file://"))
+
+
+@contextmanager
+def store_lock(store: str | os.PathLike) -> Iterator[None]:
+    """Hold the store for one launch; a second launch on the same store is refused.
+
+    The lock is a file created with O_EXCL in the store directory holding host and pid;
+    a lock left by a dead process on this host is taken over. Remote (fsspec URL)
+    stores are not locked: coordinate launches on them yourself.
+    """
+    if not _is_local(store):
+        yield
+        return
+    root = _local_path(store)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                path.unlink(missing_ok=True)  # stale lock of a killed launch
+                continue
+            raise StoreBusyError(
+                f"store {root} is in use by another launch (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}); wait for it to finish, or delete {path} if that "
+                "process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _variables(perceptron: bool) -> dict[str, tuple[str, str]]:
+    return {**CELL_VARS, **(PERCEPTRON_VARS if perceptron else {})}
+
+
+def empty_experiment(
+    alpha: Sequence[float],
+    T: Sequence[float],
+    P: Sequence[int],
+    seed: Sequence[int],
+    layers: Sequence[str],
+    dt_per_T: float,
+    attrs: dict,
+) -> xr.Dataset:
+    """A group with every cell missing: done False, outcome 0, values NaN.
+
+    dt_per_T : h * B, so that the derived coordinate is dt = T * h * B
+    attrs    : the experiment's settings and provenance (flat JSON-able values)
+    """
+    shape = (len(alpha), len(T), len(P), len(seed))
+    coords = {
+        "alpha": np.asarray(alpha, dtype=np.float64),
+        "T": np.asarray(T, dtype=np.float64),
+        "P": np.asarray(P, dtype=np.int64),
+        "seed": np.asarray(seed, dtype=np.int64),
+        LAYER_DIM: np.asarray(list(layers), dtype=str),
+        CHECKPOINT_DIM: np.arange(N_CHECKPOINTS),
+    }
+    ds = xr.Dataset(coords=coords)
+    ds = ds.assign_coords(
+        dt=("T", coords["T"] * dt_per_T),
+        checkpoint_step=(CHECKPOINT_DIM, np.asarray(checkpoint_steps(), dtype=np.int64)),
+    )
+    ds["done"] = (DIMS, np.zeros(shape, dtype=bool))
+    ds["done"].attrs = {"long_name": "cell computed and written", "units": "1"}
+    ds["outcome"] = (DIMS, np.full(shape, MISSING, dtype=np.int8))
+    ds["outcome"].attrs = {
+        "long_name": "how training stopped",
+        "units": "1",
+        "flag_values": list(OUTCOME_FLAGS),
+        "flag_meanings": " ".join(OUTCOME_FLAGS.values()),
+    }
+    perceptron = attrs.get("arch") == "perceptron"
+    for name, (long_name, units) in _variables(perceptron).items():
+        ds[name] = (DIMS, np.full(shape, np.nan))
+        ds[name].attrs = {"long_name": long_name, "units": units}
+    for name, (long_name, units) in LAYER_VARS.items():
+        ds[name] = (DIMS + (LAYER_DIM,), np.full(shape + (len(layers),), np.nan))
+        ds[name].attrs = {"long_name": long_name, "units": units}
+    for name, (long_name, units) in CHECKPOINT_VARS.items():
+        ds[name] = (DIMS + (CHECKPOINT_DIM,), np.full(shape + (N_CHECKPOINTS,), np.nan))
+        ds[name].attrs = {"long_name": long_name, "units": units}
+    for name, a in COORDS.items():
+        ds[name].attrs = dict(a)
+    ds.attrs = dict(attrs)
+    return ds
+
+
+def _encoding(ds: xr.Dataset) -> dict:
+    """Chunks of one (P, seed) slice of the (alpha, T) plane: a batch touches few chunks."""
+    enc = {}
+    for name, var in ds.data_vars.items():
+        chunks = tuple(
+            1 if d in ("P", "seed") else n for d, n in zip(var.dims, var.shape, strict=True)
+        )
+        enc[name] = {"chunks": chunks}
+    enc["outcome"]["_FillValue"] = None
+    enc["done"]["_FillValue"] = None
+    return enc
+
+
+def _write_group(ds: xr.Dataset, store: str | os.PathLike, name: str) -> None:
+    """Write a whole group; locally via a temporary group swapped in by a rename."""
+    with _quiet_zarr():
+        if not _is_local(store):
+            ds.to_zarr(store, group=name, mode="w", encoding=_encoding(ds), consolidated=True)
+            return
+        root = _local_path(store)
+        tmp, old = root / f"{name}.__new", root / f"{name}.__old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds.to_zarr(store, group=tmp.name, mode="w", encoding=_encoding(ds), consolidated=False)
+        if (root / name).exists():
+            os.replace(root / name, old)
+        os.replace(tmp, root / name)
+        shutil.rmtree(old, ignore_errors=True)
+        _set_experiments(store)
+
+
+def _set_experiments(store: str | os.PathLike) -> None:
+    with _quiet_zarr():
+        root = zarr.open_group(store, mode="a")
+        names = sorted(k for k in root.group_keys() if "." not in k)
+        root.attrs["experiments"] = names
+        zarr.consolidate_metadata(store)
+
+
+def recover(store: str | os.PathLike) -> None:
+    """Finish or undo a group swap interrupted by a kill (local stores)."""
+    if not _is_local(store) or not _local_path(store).exists():
+        return
+    root = _local_path(store)
+    for old in root.glob("*.__old"):
+        name = old.name.removesuffix(".__old")
+        if (root / name).exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, root / name)
+    for tmp in root.glob("*.__new"):
+        shutil.rmtree(tmp)
+
+
+def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:
+    """The experiment's group as a lazy Dataset, or None if the store lacks it."""
+    with _quiet_zarr():
+        try:
+            root = zarr.open_group(store, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+        if name not in root.group_keys():
+            return None
+        return xr.open_zarr(store, group=name, consolidated=False)
+
+
+def ensure_experiment(
+    store: str | os.PathLike,
+    name: str,
+    grid: dict[str, Sequence],
+    layers: Sequence[str],
+    dt_per_T: float,
+    attrs: dict,
+) -> None:
+    """Create the group, or grow it to the union of its grid and ``grid``; values of
+    cells already there are kept. Settings that differ from the stored ones are refused
+    (a different experiment needs a different name)."""
+    old = open_experiment(store, name)
+    if old is None:
+        _write_group(
+            empty_experiment(**grid, layers=layers, dt_per_T=dt_per_T, attrs=attrs), store, name
+        )
+        return
+    fixed = {k: v for k, v in attrs.items() if k not in PROVENANCE}
+    stored = {k: old.attrs.get(k) for k in fixed}
+    if stored != fixed:
+        diff = {k: (stored[k], fixed[k]) for k in fixed if stored[k] != fixed[k]}
+        raise ValueError(
+            f"experiment {name!r} in {store} was run with other settings (stored, new): {diff};"
+            " give the changed experiment another name or use another store"
+        )
+    union = {d: np.union1d(old[d].values, np.asarray(grid[d])) for d in DIMS}
+    if all(len(union[d]) == old.sizes[d] for d in DIMS):
+        return
+    new = empty_experiment(**union, layers=layers, dt_per_T=dt_per_T, attrs=dict(old.attrs))
+    loaded = old.load()
+    sel = {d: loaded[d].values for d in DIMS}
+    for var in loaded.data_vars:
+        new[var].loc[sel] = loaded[var].values
+    _write_group(new, store, name)
+
+
+PROVENANCE = ("package_version", "git_commit", "torch_version", "device", "created", "sweep")
+"""Attributes that record where results came from, not what was computed."""
+
+
+class CubeWriter:
+    """Writes member results into one experiment's group; ``done`` last."""
+
+    def __init__(self, store: str | os.PathLike, name: str):
+        with _quiet_zarr():
+            self.group = zarr.open_group(store, mode="r+", path=name)
+        self.index = {d: {v: i for i, v in enumerate(self.group[d][:].tolist())} for d in DIMS}
+        self.layers = [str(x) for x in self.group[LAYER_DIM][:]]
+        self.perceptron = "w_par" in self.group.array_keys()
+
+    def cell_index(self, alpha: float, T: float, P: int, seed: int) -> tuple[int, ...]:
+        return (
+            self.index["alpha"][alpha],
+            self.index["T"][T],
+            self.index["P"][P],
+            self.index["seed"][seed],
+        )
+
+    def write(
+        self, cells: Sequence[tuple[float, float, int, int]], results: Sequence[dict]
+    ) -> None:
+        """Write ``results`` (``MemberResult`` as dicts) of ``cells`` (alpha, T, P, seed),
+        then mark the cells done."""
+        if not cells:
+            return
+        idx = np.array([self.cell_index(*c) for c in cells]).T  # (4, n)
+        cols = {name: np.array([r[name] for r in results], dtype=np.float64) for name in CELL_VARS}
+        if self.perceptron:
+            for name in PERCEPTRON_VARS:
+                cols[name] = np.array([r["perceptron"][name] for r in results])
+        with _quiet_zarr():
+            for name, values in cols.items():
+                self.group[name].vindex[tuple(idx)] = values
+            for name, key in (("dw2_layer", "dw2_layer"), ("w0_2_layer", "w0_2_layer")):
+                vals = np.array([[r[key][layer] for layer in self.layers] for r in results])
+                self._write_trailing(name, idx, vals)
+            for name in CHECKPOINT_VARS:
+                self._write_trailing(
+                    name, idx, np.array([r[name] for r in results], dtype=np.float64)
+                )
+            self.group["outcome"].vindex[tuple(idx)] = np.array(
+                [r["outcome"] for r in results], dtype=np.int8
+            )
+            self.group["done"].vindex[tuple(idx)] = True
+
+    def _write_trailing(self, name: str, idx: np.ndarray, vals: np.ndarray) -> None:
+        n, m = vals.shape
+        full = tuple(np.repeat(i, m) for i in idx) + (np.tile(np.arange(m), n),)
+        self.group[name].vindex[full] = vals.reshape(-1)
+
+
+def done_cells(store: str | os.PathLike, name: str) -> set[tuple[float, float, int, int]]:
+    """(alpha, T, P, seed) of the cells already computed and written."""
+    ds = open_experiment(store, name)
+    if ds is None:
+        return set()
+    done = ds["done"].values
+    coords = [ds[d].values.tolist() for d in DIMS]
+    return {tuple(coords[k][i[k]] for k in range(4)) for i in zip(*np.nonzero(done), strict=True)}

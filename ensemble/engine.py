@@ -1,0 +1,538 @@
+"""Train an ensemble of networks at once on one device with ``torch.func.vmap``.
+
+All members of an ``Engine`` share a ``Group`` (dataset, architecture, widths, P, B,
+budgets, dtype) and differ in (alpha, T, seed). The engine owns a pool of K member
+*slots*; each slot has its own step counter, so when a member stops its slot is refilled
+with the next pending member (continuous batching). Knows nothing of Dask or Zarr.
+
+Physics (science.md, "Output scale, loss, dynamics"):
+
+- prediction f(w, x) = F(w, x) - F(w0, x), zero at initialisation;
+- per-sample loss hinge(alpha f y) / alpha = relu(1 - alpha f y) / alpha, batch mean;
+- plain SGD, w <- w - dt grad, dt = T h B (h = 1 for the perceptron);
+- each step draws B distinct training indices, a pure function of (member seed, step)
+  (``draw_batch``), so a member's trajectory does not depend on its batch-mates;
+- stop at exactly zero training loss (every point has alpha f y >= 1), at a non-finite
+  batch loss (diverged), or at the step / time budget (unfinished).
+
+How t* is resolved exactly without a full-training-set check at every step: zero
+training loss is absorbing, because then every batch loss is zero, the gradient is
+exactly zero and the weights never change again. Hence the first step s* with zero
+training loss is one past the last step whose batch loss was non-zero, which the engine
+tracks on the device for free (``last_active``). A full check is made only for a member
+whose batch loss has been zero for a whole epoch (P/B steps) and whose weights changed
+since its last check; when it passes, s* = last_active + 1 and t* = dt s*, exactly. The
+weights at detection are the weights at s*.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import grad_and_value, vmap
+
+from ensemble import data as datasets
+from ensemble.cells import Group, Member
+from ensemble.models import Model, Params, build_model, init_params
+from ensemble.schema import CONVERGED, DIVERGED, N_CHECKPOINTS, UNFINISHED, checkpoint_steps
+
+# Streams of numpy.random.SeedSequence([stream, seed]) that derive a member's random
+# numbers from its seed; the training set's stream lives in ensemble.data.
+INIT_STREAM = 0x1A17
+BATCH_STREAM = 0xBA7C
+
+_FREE, _RUNNING = 0, 1
+_M32 = 0xFFFFFFFF
+EVAL_BUDGET = 2**26
+"""Activations (floats) held at once by an evaluation chunk; bounds evaluation memory."""
+N_CKPT_TEST = 1024
+"""Checkpoints evaluate the test error on the first min(pte, N_CKPT_TEST) test points."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def member_streams(seed: int) -> tuple[int, int]:
+    """(init seed, 32-bit batch key) of a member, both pure functions of its seed."""
+    init = int(np.random.SeedSequence([INIT_STREAM, seed]).generate_state(1, np.uint64)[0])
+    key = int(np.random.SeedSequence([BATCH_STREAM, seed]).generate_state(1, np.uint32)[0])
+    return init & (2**63 - 1), key
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32, C. Wellons) on int64 tensors holding [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32  # wraps in int64; the low 32 bits are exact
+    return x ^ (x >> 16)
+
+
+def draw_batch(key: torch.Tensor, step: torch.Tensor, P: int, B: int) -> torch.Tensor:
+    """B distinct indices in [0, P) for each member, a pure function of (key, step).
+
+    key  : (K,) int64 member batch keys in [0, 2^32) (``member_streams``)
+    step : (K,) int64 step counters of the members
+    Returns (K, B) int64. Floyd's algorithm: for j = P-B .. P-1 take t uniform in
+    [0, j] and keep t, or j if t was already taken; this gives a uniform B-subset.
+    The uniform numbers come from hashing (key, step, j), so draws at different steps
+    are independent and do not depend on the other members of the ensemble.
+    """
+    base = _mix32(key ^ _mix32(step & _M32) ^ _mix32(((step >> 32) + 0x9E3779B9) & _M32))
+    out = torch.empty(key.shape[0], B, dtype=torch.int64, device=key.device)
+    for i in range(B):
+        j = P - B + i
+        t = _mix32(base ^ ((i * 0x85EBCA6B + 0x27D4EB2F) & _M32)) % (j + 1)
+        if i:
+            taken = (out[:, :i] == t[:, None]).any(dim=1)
+            t = torch.where(taken, torch.full_like(t, j), t)
+        out[:, i] = t
+    return out
+
+
+@dataclass
+class MemberResult:
+    """What the paper measures for one member (science.md, "What is measured").
+
+    outcome : schema.CONVERGED / DIVERGED / UNFINISHED
+    steps   : s* if converged, the step of the first non-finite loss if diverged,
+              the budget if unfinished
+    t_star  : dt * s* (NaN unless converged)
+    ckpt_*  : (N_CHECKPOINTS,) dynamics at steps schema.checkpoint_steps(); after s*
+              the frozen final values; NaN beyond a diverged/unfinished member's stop
+    """
+
+    member: Member
+    outcome: int
+    steps: int
+    t_star: float
+    test_error: float
+    train_loss: float
+    n_unfitted: float
+    dw2: float
+    w0_2: float
+    rel_change: float
+    dw2_layer: dict[str, float]
+    w0_2_layer: dict[str, float]
+    ckpt_t: list[float]
+    ckpt_train_loss: list[float]
+    ckpt_test_error: list[float]
+    seconds: float
+    perceptron: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters of one ``Engine.run``: occupancy = member_steps / slot_steps."""
+
+    slots: int = 0
+    slot_steps: int = 0
+    member_steps: int = 0
+    seconds: float = 0.0
+    check_seconds: float = 0.0
+    checks: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        return self.member_steps / self.slot_steps if self.slot_steps else float("nan")
+
+
+class _TrainingData:
+    """Device-resident data of a group: the source rows of every slot's training set.
+
+    Every slot k reads training point i at row ``rows[k, i]`` of ``src``: for MNIST and
+    CIFAR-10 ``src`` is the whole pool and ``rows`` the member's training indices; for
+    the perceptron each slot owns P rows of ``src`` holding its own sampled data.
+    """
+
+    def __init__(self, group: Group, slots: int, device: torch.device, dtype: torch.dtype):
+        self.group = group
+        P = group.P
+        if group.dataset == "perceptron":
+            x_te, y_te = datasets.perceptron_test(group.d, group.chi, group.pte)
+            self.src = torch.zeros(slots * P, group.d, dtype=dtype, device=device)
+        else:
+            pool = datasets.load_pool(group.dataset, group.data_root)
+            self.src = pool.x.to(device, dtype)
+            self.pool_y = pool.y.to(device, dtype)
+            te = torch.from_numpy(datasets.test_indices(group.dataset, group.pte)).to(device)
+            x_te, y_te = self.src[te], self.pool_y[te]
+        self.x_test = x_te.to(device, dtype)
+        self.y_test = y_te.to(device, dtype)
+        self.rows = torch.zeros(slots, P, dtype=torch.int64, device=device)
+        self.y = torch.zeros(slots, P, dtype=dtype, device=device)
+
+    def load(self, slot: int, seed: int) -> None:
+        """Put the training set of the member with ``seed`` into ``slot``."""
+        g, P = self.group, self.group.P
+        dev = self.rows.device
+        if g.dataset == "perceptron":
+            x, y = datasets.perceptron_train(g.d, g.chi, P, seed)
+            self.src[slot * P : (slot + 1) * P] = x.to(dev, self.src.dtype)
+            self.rows[slot] = torch.arange(slot * P, (slot + 1) * P, device=dev)
+            self.y[slot] = y.to(dev, self.y.dtype)
+        else:
+            idx = torch.from_numpy(datasets.train_indices(g.dataset, P, g.pte, seed)).to(dev)
+            self.rows[slot] = idx
+            self.y[slot] = self.pool_y[idx]
+
+
+class Engine:
+    """K member slots of one group on one device; ``run`` trains members through them.
+
+    group  : shared settings (validated on construction of the Group)
+    slots  : K, the number of members trained at once
+    device : torch device; default CUDA when available, else CPU
+    keep_weights : return each member's final weights in its result (for tests, analysis)
+    """
+
+    def __init__(
+        self,
+        group: Group,
+        slots: int,
+        device: str | torch.device | None = None,
+        keep_weights: bool = False,
+    ):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.group = group
+        self.K = slots
+        self.keep_weights = keep_weights
+        self.device = resolve_device(device)
+        self.dtype = torch.float64 if group.dtype == "float64" else torch.float32
+        self.model: Model = build_model(group)
+        self.data = _TrainingData(group, slots, self.device, self.dtype)
+        K, dev, dt = slots, self.device, self.dtype
+        self.params: Params = {
+            n: torch.zeros(K, *s, dtype=dt, device=dev) for n, s in self.model.shapes.items()
+        }
+        self.params0: Params = {n: p.clone() for n, p in self.params.items()}
+        self.f0 = torch.zeros(K, group.P, dtype=dt, device=dev)  # F(w0, x_i), training set
+        self.alpha = torch.ones(K, dtype=dt, device=dev)
+        self.dt = torch.zeros(K, dtype=dt, device=dev)
+        self.key = torch.zeros(K, dtype=torch.int64, device=dev)
+        self.step = torch.zeros(K, dtype=torch.int64, device=dev)
+        self.last_active = torch.full((K,), -1, dtype=torch.int64, device=dev)
+        self.status = torch.zeros(K, dtype=torch.int8, device=dev)
+        self._grad = vmap(grad_and_value(self._member_loss))
+        self._fwd_own = vmap(self.model.forward)  # per-slot inputs
+        self._fwd_shared = vmap(self.model.forward, in_dims=(0, None))  # shared inputs
+        self.quiet_steps = math.ceil(group.P / group.B)  # one epoch
+        self.sync_every = int(min(max(group.P // (4 * group.B), 16), 1024))
+        self.stats = EngineStats(slots=K)
+
+    # -- the hot loop ---------------------------------------------------------------
+
+    def _member_loss(self, params: Params, x, y, f0, alpha) -> torch.Tensor:
+        """Batch loss of one member: mean relu(1 - alpha f y) / alpha, f = F(w) - F(w0)."""
+        f = self.model.forward(params, x) - f0
+        return F.relu(1 - alpha * f * y).mean() / alpha
+
+    def _step(self) -> None:
+        """One SGD step of every running slot; no host synchronisation."""
+        g = self.group
+        local = draw_batch(self.key, self.step, g.P, g.B)  # (K, B) indices into training set
+        xb = self.data.src[self.data.rows.gather(1, local)]  # (K, B, *input)
+        yb = self.data.y.gather(1, local)  # (K, B)
+        f0b = self.f0.gather(1, local)  # (K, B)
+        grads, loss = self._grad(self.params, xb, yb, f0b, self.alpha)  # loss (K,)
+        running = self.status == _RUNNING
+        finite = torch.isfinite(loss)
+        update = running & finite
+        for name, p in self.params.items():
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr = torch.where(update, self.dt, 0).view(shape)
+            p.sub_(torch.where(update.view(shape), lr * grads[name], 0))
+        self.last_active = torch.where(update & (loss > 0), self.step, self.last_active)
+        self.status = torch.where(running & ~finite, DIVERGED, self.status).to(torch.int8)
+        self.step += update
+
+    # -- evaluation -----------------------------------------------------------------
+
+    def _points_per_chunk(self) -> int:
+        g = self.group
+        x = self.data.x_test
+        per_point = max(x[0].numel(), g.h if g.arch == "fc" else 1)
+        if g.arch == "mnas":
+            per_point = 6 * g.h * x.shape[-1] * x.shape[-2] // 4
+        return max(1, EVAL_BUDGET // per_point)
+
+    def _chunks(self, slots: torch.Tensor, n: int):
+        """Split (slots x n points) into pieces of at most EVAL_BUDGET activations."""
+        budget = self._points_per_chunk()
+        per = max(1, budget // min(n, 1024))
+        for a in range(0, len(slots), per):
+            sl = slots[a : a + per]
+            step = max(1, budget // len(sl))
+            yield sl, [(i, min(i + step, n)) for i in range(0, n, step)]
+
+    @torch.no_grad()
+    def _F(self, params: Params, slots: torch.Tensor, which: str, n: int | None = None):
+        """Raw outputs F(w, x) of ``slots``: on each slot's own training set
+        (``which='train'``, (k, P)) or on the first ``n`` points of the shared test set
+        (``'test'``, (k, n))."""
+        n = (
+            self.group.P
+            if which == "train"
+            else min(n or len(self.data.x_test), len(self.data.x_test))
+        )
+        out = []
+        for sl, ranges in self._chunks(slots, n):
+            w = {name: p[sl] for name, p in params.items()}
+            if which == "train":
+                rows = self.data.rows[sl]
+                parts = [self._fwd_own(w, self.data.src[rows[:, i:j]]) for i, j in ranges]
+            else:
+                parts = [self._fwd_shared(w, self.data.x_test[i:j]) for i, j in ranges]
+            out.append(torch.cat(parts, dim=1))
+        return torch.cat(out)
+
+    def _init_f0(self, slots: torch.Tensor) -> None:
+        self.f0[slots] = self._F(self.params0, slots, "train")
+
+    def _train_loss(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full training loss (k,), unfitted mask (k, P)) for ``slots``."""
+        f = self._F(self.params, slots, "train") - self.f0[slots]
+        hinge = F.relu(1 - self.alpha[slots, None] * f * self.data.y[slots])
+        return hinge.mean(dim=1) / self.alpha[slots], hinge > 0
+
+    def _test_error(self, slots: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Test error (fraction with y f <= 0) on the first ``n`` test points (all by
+        default); NaN where a prediction is not finite."""
+        f = self._F(self.params, slots, "test", n) - self._F(self.params0, slots, "test", n)
+        wrong = (self.data.y_test[: f.shape[1]] * f <= 0).to(self.dtype)
+        return torch.where(torch.isfinite(f).all(dim=1), wrong.mean(dim=1), torch.nan)
+
+    # -- slots ------------------------------------------------------------------------
+
+    def _fill(self, slot: int, member: Member) -> None:
+        init_seed, key = member_streams(member.seed)
+        w0 = init_params(self.model, init_seed, self.dtype, self.device)
+        for n in self.params:
+            self.params[n][slot] = w0[n]
+            self.params0[n][slot] = w0[n]
+        self.data.load(slot, member.seed)
+        self.alpha[slot] = member.alpha
+        self.dt[slot] = self.group.dt(member.T)
+        self.key[slot] = key
+        self.step[slot] = 0
+        self.last_active[slot] = -1
+        self.status[slot] = _RUNNING
+
+    def run(
+        self,
+        members: Iterable[Member],
+        on_result: Callable[[int, MemberResult], None] | None = None,
+    ) -> list[MemberResult]:
+        """Train ``members`` through the slots; returns their results in input order.
+
+        on_result(index, result) is called as each member finishes (for streaming writes).
+        """
+        queue = deque(enumerate(members))
+        results: dict[int, MemberResult] = {}
+        K, ckpts = self.K, checkpoint_steps()
+        occupant = [-1] * K  # member index per slot
+        member_of: list[Member | None] = [None] * K
+        next_ckpt = np.zeros(K, dtype=np.int64)
+        checked_at = np.full(K, -2, dtype=np.int64)  # last_active at the last failed check
+        filled_at = np.zeros(K)
+        ck = {n: np.full((K, N_CHECKPOINTS), np.nan) for n in ("t", "loss", "err")}
+        t_start = time.perf_counter()
+        max_steps = self.group.max_steps
+
+        def refill() -> None:
+            new = []
+            for slot in range(K):
+                if occupant[slot] < 0 and queue:
+                    i, m = queue.popleft()
+                    occupant[slot], member_of[slot] = i, m
+                    self._fill(slot, m)
+                    next_ckpt[slot], checked_at[slot] = 0, -2
+                    filled_at[slot] = time.perf_counter()
+                    for a in ck.values():
+                        a[slot] = np.nan
+                    new.append(slot)
+            if new:
+                self._init_f0(torch.tensor(new, device=self.device))
+
+        refill()
+        while any(o >= 0 for o in occupant):
+            state = torch.stack([self.step, self.last_active, self.status.long()]).cpu().numpy()
+            step, last_active, status = state
+            busy = np.array([o >= 0 for o in occupant])
+            running = busy & (status == _RUNNING)
+            # chunk length: stop on the next checkpoint or budget of any running slot
+            n = self.sync_every
+            if running.any():
+                ck_next = np.array([ckpts[min(c, N_CHECKPOINTS - 1)] for c in next_ckpt])
+                ck_next = np.where(next_ckpt < N_CHECKPOINTS, ck_next, np.iinfo(np.int64).max)
+                n = int(min(n, (np.minimum(ck_next, max_steps) - step)[running].min()))
+            done: dict[int, tuple[int, int]] = {}  # slot -> (outcome, steps)
+            for slot in np.flatnonzero(busy & (status == DIVERGED)):
+                done[int(slot)] = (DIVERGED, int(step[slot]))
+            t_check = time.perf_counter()
+            # checkpoints due now
+            due = [
+                s
+                for s in np.flatnonzero(running)
+                if next_ckpt[s] < N_CHECKPOINTS and step[s] == ckpts[next_ckpt[s]]
+            ]
+            if due:
+                idx = torch.tensor(due, device=self.device)
+                loss, _ = self._train_loss(idx)
+                err = self._test_error(idx, N_CKPT_TEST)
+                loss, err = loss.cpu().numpy(), err.cpu().numpy()
+                for j, s in enumerate(due):
+                    c = next_ckpt[s]
+                    ck["t"][s, c] = float(self.dt[s]) * step[s]
+                    ck["loss"][s, c], ck["err"][s, c] = loss[j], err[j]
+                    next_ckpt[s] += 1
+            # stopping checks: quiet for an epoch and changed since the last check, or budget
+            over_time = (
+                self.group.max_seconds is not None
+                and time.perf_counter() - t_start > self.group.max_seconds
+            )
+            quiet = (step - last_active - 1 >= self.quiet_steps) & (last_active != checked_at)
+            budget = (step >= max_steps) | over_time
+            cand = np.flatnonzero(running & (quiet | budget))
+            if len(cand):
+                loss, _ = self._train_loss(torch.tensor(cand, device=self.device))
+                zero = (loss == 0).cpu().numpy()
+                self.stats.checks += len(cand)
+                for j, s in enumerate(cand):
+                    s = int(s)
+                    if zero[j]:
+                        done[s] = (CONVERGED, int(last_active[s]) + 1)
+                    elif budget[s]:
+                        done[s] = (UNFINISHED, int(step[s]))
+                    else:
+                        checked_at[s] = last_active[s]
+            self.stats.check_seconds += time.perf_counter() - t_check
+            if done:
+                for s, r in self._harvest(done, member_of, ck, filled_at).items():
+                    results[occupant[s]] = r
+                    if on_result is not None:
+                        on_result(occupant[s], r)
+                    self.stats.member_steps += r.steps
+                    occupant[s], member_of[s] = -1, None
+                    self.status[s] = _FREE
+                refill()
+                continue
+            for _ in range(max(n, 1)):
+                self._step()
+            self.stats.slot_steps += K * max(n, 1)
+        self.stats.seconds += time.perf_counter() - t_start
+        return [results[i] for i in sorted(results)]
+
+    @torch.no_grad()
+    def _harvest(
+        self,
+        done: dict[int, tuple[int, int]],
+        member_of: Sequence[Member | None],
+        ck: dict[str, np.ndarray],
+        filled_at: np.ndarray,
+    ) -> dict[int, MemberResult]:
+        """Final observables of the stopped slots ``done`` (slot -> (outcome, steps))."""
+        slots = sorted(done)
+        idx = torch.tensor(slots, device=self.device)
+        loss, unfitted = self._train_loss(idx)
+        err, err_sub = self._test_error(idx), self._test_error(idx, N_CKPT_TEST)
+        dw2 = {
+            n: ((self.params[n][idx] - p0[idx]) ** 2).flatten(1).sum(1)
+            for n, p0 in self.params0.items()
+        }
+        w02 = {n: (p0[idx] ** 2).flatten(1).sum(1) for n, p0 in self.params0.items()}
+        extra = (
+            self._perceptron_observables(idx, unfitted) if self.group.arch == "perceptron" else {}
+        )
+        host = lambda t: t.double().cpu().numpy()  # noqa: E731
+        loss, err, err_sub, n_unf = host(loss), host(err), host(err_sub), host(unfitted.sum(1))
+        dw2 = {n: host(v) for n, v in dw2.items()}
+        w02 = {n: host(v) for n, v in w02.items()}
+        extra = {n: host(v) for n, v in extra.items()}
+        now = time.perf_counter()
+        ckpts = np.array(checkpoint_steps())
+        out = {}
+        for j, s in enumerate(slots):
+            outcome, steps = done[s]
+            member = member_of[s]
+            assert member is not None
+            dt = self.group.dt(member.T)
+            t_ck, l_ck, e_ck = ck["t"][s].copy(), ck["loss"][s].copy(), ck["err"][s].copy()
+            if outcome == CONVERGED:  # frozen from s* on: later checkpoints take final values
+                after = ckpts >= steps
+                t_ck[after], l_ck[after], e_ck[after] = dt * ckpts[after], 0.0, err_sub[j]
+            tot_dw2 = sum(v[j] for v in dw2.values())
+            tot_w02 = sum(v[j] for v in w02.values())
+            out[s] = MemberResult(
+                member=member,
+                outcome=outcome,
+                steps=steps,
+                t_star=dt * steps if outcome == CONVERGED else math.nan,
+                test_error=float(err[j]),
+                train_loss=float(loss[j]),
+                n_unfitted=float(n_unf[j]),
+                dw2=float(tot_dw2),
+                w0_2=float(tot_w02),
+                rel_change=float(math.sqrt(tot_dw2 / tot_w02)) if tot_w02 > 0 else math.nan,
+                dw2_layer={n: float(v[j]) for n, v in dw2.items()},
+                w0_2_layer={n: float(v[j]) for n, v in w02.items()},
+                ckpt_t=t_ck.tolist(),
+                ckpt_train_loss=l_ck.tolist(),
+                ckpt_test_error=e_ck.tolist(),
+                seconds=now - filled_at[s],
+                perceptron={n: float(v[j]) for n, v in extra.items()},
+                weights=(
+                    {n: p[s].double().cpu().numpy() for n, p in self.params.items()}
+                    if self.keep_weights
+                    else None
+                ),
+            )
+        return out
+
+    def _perceptron_observables(self, idx: torch.Tensor, unfitted: torch.Tensor) -> dict:
+        """Signal w . e1, noise ||w_perp||^2 / (d - 1), their initial values, the noise of
+        the change, and the mean |x_1| of the unfitted training points (NaN if none)."""
+        w, w0 = self.params["w"][idx], self.params0["w"][idx]
+        d = w.shape[1]
+        x1 = self.data.src[self.data.rows[idx], 0].abs()  # (k, P)
+        n_unf = unfitted.sum(1)
+        x1_unf = torch.where(n_unf > 0, (x1 * unfitted).sum(1) / n_unf.clamp(min=1), torch.nan)
+        return {
+            "w_par": w[:, 0],
+            "w_par0": w0[:, 0],
+            "noise": (w[:, 1:] ** 2).sum(1) / (d - 1),
+            "noise0": (w0[:, 1:] ** 2).sum(1) / (d - 1),
+            "dnoise": ((w - w0)[:, 1:] ** 2).sum(1) / (d - 1),
+            "x1_unfitted": x1_unf,
+        }
+
+
+def train_batch(
+    group: Group,
+    members: Sequence[Member],
+    device: str | torch.device | None = None,
+    slots: int | None = None,
+    on_result: Callable[[int, MemberResult], None] | None = None,
+    keep_weights: bool = False,
+) -> list[MemberResult]:
+    """Train ``members`` (sharing ``group``) as one ensemble; results in input order.
+
+    slots defaults to len(members); fewer slots than members turns on continuous batching.
+    """
+    if not members:
+        return []
+    engine = Engine(group, slots or len(members), device, keep_weights)
+    return engine.run(members, on_result)

@@ -1,0 +1,254 @@
+"""The engine on the real MNIST / CIFAR-10 files and on perceptron data.
+
+The oracle is the member trained alone: an ensemble member must reproduce it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ensemble import data as datasets
+from ensemble.cells import Group, Member, SpecError
+from ensemble.engine import Engine, draw_batch, member_streams, train_batch
+from ensemble.models import build_model, init_params
+from ensemble.schema import CONVERGED, DIVERGED, UNFINISHED
+
+
+@pytest.fixture
+def small_fc(data_root) -> Group:
+    return Group(
+        dataset="mnist", arch="fc", P=64, B=8, pte=256, h=32, L=2, max_steps=3000,
+        dtype="float64", data_root=str(data_root),
+    )  # fmt: skip
+
+
+MEMBERS = [
+    Member(alpha=2.0**10, T=2.0**-6, seed=0),
+    Member(alpha=1.0, T=2.0**-4, seed=1),
+    Member(alpha=2.0**-2, T=2.0**-7, seed=2),
+    Member(alpha=2.0**10, T=2.0**-3, seed=3),
+]
+
+
+def _assert_same(a, b, rtol=1e-9):
+    assert a.outcome == b.outcome
+    assert a.steps == b.steps
+    assert a.t_star == pytest.approx(b.t_star, rel=rtol, nan_ok=True)
+    assert a.test_error == pytest.approx(b.test_error, abs=1e-12, nan_ok=True)
+    assert a.n_unfitted == b.n_unfitted
+    for name in a.weights:
+        np.testing.assert_allclose(a.weights[name], b.weights[name], rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(a.ckpt_test_error, b.ckpt_test_error, atol=1e-12)
+
+
+def test_member_equals_member_trained_alone(small_fc):
+    ens = train_batch(small_fc, MEMBERS, device="cpu", keep_weights=True)
+    assert {r.outcome for r in ens} == {CONVERGED}
+    for m, r in zip(MEMBERS, ens, strict=True):
+        alone = train_batch(small_fc, [m], device="cpu", keep_weights=True)[0]
+        _assert_same(r, alone)
+
+
+def test_continuous_batching_gives_same_results(small_fc):
+    """Two slots for four members: slots are refilled, results are unchanged."""
+    full = train_batch(small_fc, MEMBERS, device="cpu", keep_weights=True)
+    engine = Engine(small_fc, slots=2, device="cpu", keep_weights=True)
+    refilled = engine.run(MEMBERS)
+    for a, b in zip(full, refilled, strict=True):
+        _assert_same(a, b)
+    assert 0 < engine.stats.occupancy <= 1
+
+
+def test_float32_member_matches_alone(small_fc):
+    g = Group(**{**small_fc.as_dict(), "dtype": "float32", "data_root": small_fc.data_root})
+    ens = train_batch(g, MEMBERS[:2], device="cpu", keep_weights=True)
+    for m, r in zip(MEMBERS[:2], ens, strict=True):
+        alone = train_batch(g, [m], device="cpu", keep_weights=True)[0]
+        assert r.outcome == alone.outcome == CONVERGED
+        assert abs(r.steps - alone.steps) <= max(2, 0.01 * alone.steps)
+        assert r.test_error == pytest.approx(alone.test_error, abs=0.02)
+
+
+def _reference_fc(params: dict, x: torch.Tensor, L: int, h: int) -> torch.Tensor:
+    """FC-L written out independently in float64: sqrt(2) relu, 1/sqrt(fan_in), 1/h."""
+    z = x.reshape(x.shape[0], -1).double()
+    for layer in range(L):
+        W = params[f"W{layer}"].double()
+        z = math.sqrt(2.0) * torch.clamp(z @ W.T / math.sqrt(W.shape[1]), min=0)
+    return z @ params["w_out"].double() / h
+
+
+def test_zero_prediction_at_init_and_first_step_matches_reference(small_fc):
+    g = Group(**{**small_fc.as_dict(), "max_steps": 1, "data_root": small_fc.data_root})
+    m = Member(alpha=8.0, T=0.01, seed=5)
+    engine = Engine(g, slots=1, device="cpu", keep_weights=True)
+    r = engine.run([m])[0]
+    # init: reproduce w0 and the training set independently
+    init_seed, key = member_streams(m.seed)
+    w0 = init_params(build_model(g), init_seed, torch.float64, torch.device("cpu"))
+    pool = datasets.load_pool("mnist", g.data_root)
+    train = torch.from_numpy(datasets.train_indices("mnist", g.P, g.pte, m.seed))
+    x, y = pool.x[train].double(), pool.y[train].double()
+    # the centred prediction is exactly zero at init, so every hinge is 1 and loss 1/alpha
+    f_init = _reference_fc(w0, x, g.L, g.h) - _reference_fc(w0, x, g.L, g.h)
+    assert torch.all(f_init == 0)
+    # one SGD step on the batch drawn at step 0
+    local = draw_batch(torch.tensor([key]), torch.tensor([0]), g.P, g.B)[0]
+    w = {n: p.clone().requires_grad_(True) for n, p in w0.items()}
+    f = _reference_fc(w, x[local], g.L, g.h) - _reference_fc(w0, x[local], g.L, g.h)
+    loss = torch.clamp(1 - m.alpha * f * y[local], min=0).mean() / m.alpha
+    assert loss.item() == pytest.approx(1 / m.alpha, rel=1e-12)
+    loss.backward()
+    dt = m.T * g.h * g.B
+    assert r.outcome == UNFINISHED and r.steps == 1
+    for n in w0:
+        expected = (w0[n] - dt * w[n].grad).numpy()
+        np.testing.assert_allclose(r.weights[n], expected, rtol=1e-10, atol=1e-12)
+    assert r.dw2 == pytest.approx(sum(float((dt * w[n].grad).pow(2).sum()) for n in w0), rel=1e-9)
+
+
+def test_fc_ensemble_fits_mnist_parity(data_root):
+    g = Group(
+        dataset="mnist", arch="fc", P=256, B=16, pte=2048, h=64, L=3, max_steps=20000,
+        data_root=str(data_root),
+    )  # fmt: skip
+    members = [Member(alpha=2.0**12, T=T, seed=s) for T in (2.0**-8, 2.0**-5) for s in (0, 1)]
+    members.append(Member(alpha=1.0, T=2.0**-6, seed=0))
+    res = train_batch(g, members, device="cpu")
+    for r in res:
+        assert r.outcome == CONVERGED
+        assert r.train_loss == 0 and r.n_unfitted == 0
+        assert r.t_star == pytest.approx(g.dt(r.member.T) * r.steps)
+    lazy = [r.test_error for r in res if r.member.alpha > 1]
+    assert max(lazy) < 0.25, lazy
+    # lazy members barely move their weights; the feature member moves them much more
+    assert max(r.rel_change for r in res[:4]) < res[4].rel_change
+
+
+def test_diverging_member_does_not_disturb_batch_mates(small_fc):
+    bad = Member(alpha=1.0, T=2.0**4, seed=7)  # dt = 2^4 * 32 * 8 = 4096
+    members = [MEMBERS[0], bad, MEMBERS[1]]
+    res = train_batch(small_fc, members, device="cpu", keep_weights=True)
+    assert res[1].outcome == DIVERGED
+    assert math.isnan(res[1].t_star) and math.isnan(res[1].test_error)
+    alone = train_batch(small_fc, [MEMBERS[0], MEMBERS[1]], device="cpu", keep_weights=True)
+    _assert_same(res[0], alone[0])
+    _assert_same(res[2], alone[1])
+
+
+def test_budget_gives_unfinished(small_fc):
+    g = Group(**{**small_fc.as_dict(), "max_steps": 20, "data_root": small_fc.data_root})
+    (r,) = train_batch(g, [MEMBERS[2]], device="cpu")
+    assert r.outcome == UNFINISHED and r.steps == 20 and math.isnan(r.t_star)
+    assert r.train_loss > 0 and r.n_unfitted > 0
+
+
+def test_checkpoints_are_log_spaced_and_frozen_after_t_star(small_fc):
+    (r,) = train_batch(small_fc, [MEMBERS[0]], device="cpu")
+    steps = np.array([16 * 4**k for k in range(len(r.ckpt_t))])
+    dt = small_fc.dt(MEMBERS[0].T)
+    assert r.outcome == CONVERGED
+    evaluated = steps <= small_fc.max_steps
+    np.testing.assert_allclose(np.array(r.ckpt_t)[evaluated], dt * steps[evaluated])
+    after = steps >= r.steps
+    assert np.all(np.array(r.ckpt_train_loss)[after] == 0)
+    before = steps < r.steps
+    assert np.all(np.array(r.ckpt_train_loss)[before] > 0)
+
+
+def test_perceptron_observables():
+    g = Group(dataset="perceptron", arch="perceptron", P=128, B=2, pte=1000, d=16, chi=1.0,
+              max_steps=200_000, dtype="float64")  # fmt: skip
+    members = [Member(alpha=2.0**15, T=T, seed=s) for T in (0.01, 0.1) for s in (0, 1)]
+    res = train_batch(g, members, device="cpu", keep_weights=True)
+    for r in res:
+        assert r.outcome == CONVERGED
+        w, w0 = r.weights["w"], None
+        assert r.perceptron["w_par"] == pytest.approx(w[0])
+        assert r.perceptron["noise"] == pytest.approx((w[1:] ** 2).sum() / 15)
+        assert math.isnan(r.perceptron["x1_unfitted"])  # every point fitted
+        assert r.test_error < 0.5
+    del w0
+
+
+def test_perceptron_member_equals_alone():
+    g = Group(dataset="perceptron", arch="perceptron", P=64, B=2, pte=200, d=8, chi=0.0,
+              max_steps=100_000, dtype="float64")  # fmt: skip
+    members = [Member(alpha=2.0**15, T=0.05, seed=s) for s in range(3)]
+    ens = train_batch(g, members, device="cpu", keep_weights=True)
+    for m, r in zip(members, ens, strict=True):
+        _assert_same(r, train_batch(g, [m], device="cpu", keep_weights=True)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    P=st.integers(1, 300),
+    data=st.data(),
+    keys=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5),
+    step=st.integers(0, 2**40),
+)
+def test_draw_batch_distinct_in_range_and_pure(P, data, keys, step):
+    B = data.draw(st.integers(1, P))
+    key = torch.tensor(keys)
+    steps = torch.full((len(keys),), step)
+    out = draw_batch(key, steps, P, B)
+    assert out.shape == (len(keys), B)
+    assert int(out.min()) >= 0 and int(out.max()) < P
+    for row in out:
+        assert len(set(row.tolist())) == B
+    # a member's draw does not depend on its batch-mates
+    alone = draw_batch(key[-1:], steps[-1:], P, B)
+    assert torch.equal(alone[0], out[-1])
+
+
+def test_draw_batch_is_uniform_and_independent_across_steps():
+    P, B, n = 10, 3, 20000
+    key = torch.full((n,), 12345)
+    out = draw_batch(key, torch.arange(n), P, B)
+    counts = np.bincount(out.flatten().numpy(), minlength=P)
+    expected = n * B / P
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 30  # 9 dof: p ~ 4e-4
+    # consecutive steps are not correlated: overlap of successive batches ~ B^2 / P
+    overlap = (out[1:, :, None] == out[:-1, None, :]).any(-1).sum(-1).double().mean()
+    assert float(overlap) == pytest.approx(B * B / P, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(alpha=0.0, T=0.1, seed=0), "alpha"),
+        (dict(alpha=-1.0, T=0.1, seed=0), "alpha"),
+        (dict(alpha=1.0, T=0.0, seed=0), "T"),
+        (dict(alpha=1.0, T=float("nan"), seed=0), "T"),
+        (dict(alpha=float("nan"), T=0.1, seed=0), "alpha"),
+        (dict(alpha=1.0, T=0.1, seed=-1), "seed"),
+    ],
+)
+def test_bad_member_rejected(kwargs, field):
+    with pytest.raises(SpecError, match=field):
+        Member(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(B=65, P=64), "B"),
+        (dict(arch="resnet"), "arch"),
+        (dict(dataset="imagenet"), "dataset"),
+        (dict(activation="tanh"), "activation"),
+        (dict(P=69_000, pte=2000), "P \\+ pte"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(h=0), "h"),
+    ],
+)
+def test_bad_group_rejected(kwargs, field):
+    base = dict(dataset="mnist", arch="fc", P=64, B=8)
+    with pytest.raises(SpecError, match=field):
+        Group(**{**base, **kwargs})
