@@ -1,0 +1,350 @@
+"""Cells -> ensemble batches: grouping by P, step-count bands, memory budget; no torch.
+
+Members of one batch share a ``Group`` (all settings and P) and differ in (alpha, T,
+seed). Inside a P, cells are sorted by the expected number of SGD steps and cut into
+consecutive batches, so that members needing similar numbers of steps train together and
+a batch is not held up by one slow member. The cost model (``estimate_steps``) is rough,
+fitted to science.md "Typical costs"; it is used only for this grouping and for the
+dry-run's expected cost, never for physics (every member runs until it converges,
+diverges or reaches its budget, whatever the estimate said).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ensemble.cells import Cell, Group, Member
+from ensemble.spec import Experiment
+
+__all__ = [
+    "Batch",
+    "INPUT_SHAPES",
+    "activation_count",
+    "estimate_steps",
+    "format_plan",
+    "member_bytes",
+    "param_count",
+    "plan_batches",
+]
+
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+"""Input shape (C, H, W) of one image; the perceptron's input is (d,)."""
+
+# -- cost model (science.md "Typical costs"; rough, for grouping and dry runs only) -------
+
+LAZY_STEPS_P1024 = 1000.0
+"""Steps to zero training loss of lazy FC-5L at P = 1024 (measured 750-1,300)."""
+P_EXPONENT = 1.4
+"""Lazy steps grow like P^1.4 (4,600-5,700 at P = 4096, 26,000-50,000 at P = 16384)."""
+T_SLOW = 2.0**-12
+"""Below about this T, steps grow like T_SLOW / T at intermediate alpha (gradient flow)."""
+DIVERGE_DT = 1024.0
+"""FC diverges (NaN) within about 20 steps at dt >= 1024 at every alpha tried."""
+DIVERGE_STEPS = 20.0
+
+_ALPHA_PEAK = 8.0
+_A_PEAK = 12.0
+_A_EXPONENT = math.log(_A_PEAK / 4.5) / math.log(_ALPHA_PEAK)  # 0.47: A(1) = 4.5, A(8) = 12
+
+
+def _slowdown(alpha: float) -> float:
+    """A(alpha) in steps = lazy steps * (1 + A(alpha) T_SLOW / T).
+
+    Fitted to FC-5L at P = 1024: A is about 1.75 at alpha = 2^-3, 4.5 at alpha = 1 and 12 at
+    alpha = 8 (A = 4.5 alpha^0.47), and falls like 1/alpha above alpha = 8 towards the lazy
+    limit, where the number of steps does not depend on T.
+    """
+    if alpha <= _ALPHA_PEAK:
+        return 4.5 * alpha**_A_EXPONENT
+    return _A_PEAK * _ALPHA_PEAK / alpha
+
+
+def _perceptron_steps(P: int, chi: float) -> float:
+    """Steps of the perceptron (d = 16, B = 2), independent of T (dt is proportional to T).
+
+    At P = 8192: about 7e7 for chi = 0 (measured 2e7-2e8) and 4e5 for chi = 1 (2e5-6e5),
+    interpolated as log10 S = 3.35 + 4.5 / (1 + chi). Growth in P: P^b with
+    b = (5/6) (3 + chi) / (1 + chi), i.e. 5/6 of the scaling argument's t* exponent, which
+    matches the measured chi = 0 growth (1e5 steps at P = 512). d is not modelled.
+    """
+    at_8192 = 10.0 ** (3.35 + 4.5 / (1.0 + chi))
+    b = (5.0 / 6.0) * (3.0 + chi) / (1.0 + chi)
+    return at_8192 * (P / 8192.0) ** b
+
+
+def estimate_steps(group: Group, member: Member) -> float:
+    """Rough expected number of SGD steps of one member, capped at group.max_steps.
+
+    FC and MNAS (MNAS assumed like FC, not measured): LAZY_STEPS_P1024 (P/1024)^1.4, times
+    1 + A(alpha) T_SLOW / T (more steps at small T for alpha around 1..8, none in the lazy
+    limit); FC at dt >= DIVERGE_DT diverges in about DIVERGE_STEPS. Perceptron: see
+    ``_perceptron_steps``. Used only to group members and for the dry run's expected cost.
+    """
+    if group.arch == "perceptron":
+        steps = _perceptron_steps(group.P, group.chi)
+    elif group.arch == "fc" and group.dt(member.T) >= DIVERGE_DT:
+        steps = DIVERGE_STEPS
+    else:
+        lazy = LAZY_STEPS_P1024 * (group.P / 1024.0) ** P_EXPONENT
+        steps = lazy * (1.0 + _slowdown(member.alpha) * T_SLOW / member.T)
+    return float(min(max(steps, 1.0), group.max_steps))
+
+
+# -- sizes -------------------------------------------------------------------------------
+
+
+def _input_shape(group: Group, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if input_shape is not None:
+        return tuple(int(n) for n in input_shape)
+    if group.arch == "perceptron":
+        return (group.d,)
+    return INPUT_SHAPES[group.dataset]
+
+
+def _mnas_layers(h: int, C: int) -> list[tuple[int, int, int, bool, int]]:
+    """MNAS(h) convolutions as (C_in, C_out, kernel, depthwise, stride), science.md."""
+    layers = [(C, 4 * h, 5, False, 2), (4 * h, 4 * h, 5, True, 1), (4 * h, 2 * h, 1, False, 1)]
+    c_in = 2 * h
+    for c_out, stride in ((h, 2), (h, 1), (3 * h, 2), (3 * h, 1)):  # inverted residuals
+        e = 3 * c_in
+        layers += [(c_in, e, 1, False, 1), (e, e, 5, True, stride), (e, c_out, 1, False, 1)]
+        c_in = c_out
+    layers.append((c_in, 20 * h, 1, False, 1))
+    return layers
+
+
+def param_count(group: Group, input_shape: Sequence[int] | None = None) -> int:
+    """Number of trained parameters of one member.
+
+    input_shape : (C, H, W) of an image, default INPUT_SHAPES[dataset]; (d,) for the
+                  perceptron
+    FC-L : d_in h + (L - 1) h^2 + h (no biases; 166,016 for FC-5L h = 128 on MNIST).
+    MNAS(h) : the convolutions of science.md (no biases) + a 20h -> 1 linear with bias
+              (707,649 at h = 64 on CIFAR-10). Perceptron : d.
+    """
+    shape = _input_shape(group, input_shape)
+    if group.arch == "perceptron":
+        return group.d
+    if group.arch == "fc":
+        d_in = math.prod(shape)
+        return d_in * group.h + (group.L - 1) * group.h**2 + group.h
+    n = 0
+    for c_in, c_out, k, depthwise, _ in _mnas_layers(group.h, shape[0]):
+        n += k * k * c_out if depthwise else k * k * c_in * c_out
+    return n + 20 * group.h + 1
+
+
+def activation_count(group: Group, input_shape: Sequence[int] | None = None) -> int:
+    """Activations (floats) of one forward pass of one input, input and output included.
+
+    MNAS uses 'same' padding, so a stride-s layer maps H to ceil(H / s).
+    """
+    shape = _input_shape(group, input_shape)
+    if group.arch == "perceptron":
+        return group.d + 1
+    if group.arch == "fc":
+        return math.prod(shape) + group.L * group.h + 1
+    _, H, W = shape
+    n = math.prod(shape)
+    for _, c_out, _, _, stride in _mnas_layers(group.h, shape[0]):
+        H, W = -(-H // stride), -(-W // stride)
+        n += c_out * H * W
+    return n + 20 * group.h + 1
+
+
+WEIGHT_COPIES = 5
+"""w, w0, the gradient and two update temporaries."""
+TRAIN_ACT_COPIES = 3
+"""Per activation of the training batch: pre-activation, activation, its gradient."""
+EVAL_POINTS = 128
+"""Points per member in an evaluation chunk (forward only: pre-activation, activation)."""
+
+
+def member_bytes(group: Group) -> int:
+    """Device memory one ensemble member needs, in bytes (a simple upper estimate).
+
+    itemsize(dtype) * (WEIGHT_COPIES n_params + TRAIN_ACT_COPIES B n_act
+    + 2 EVAL_POINTS n_act + P + pte) + member data, where n_act = ``activation_count``,
+    P + pte are the cached outputs F(w0, x), and the member data are its training-set
+    indices (8 P bytes) for images or its own training points (P d floats) for the
+    perceptron. The shared dataset and the engine's own evaluation budget are not counted.
+    """
+    itemsize = {"float32": 4, "float64": 8}[group.dtype]
+    n_act = activation_count(group)
+    floats = (
+        WEIGHT_COPIES * param_count(group)
+        + TRAIN_ACT_COPIES * group.B * n_act
+        + 2 * EVAL_POINTS * n_act
+        + group.P
+        + group.pte
+    )
+    if group.arch == "perceptron":
+        floats += group.P * group.d
+        return itemsize * floats
+    return itemsize * floats + 8 * group.P
+
+
+# -- batches -----------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    """Short number for keys and tables: %g, or 2^k for a power of two %g writes long."""
+    short = f"{x:g}"
+    m, e = math.frexp(x)
+    if m == 0.5 and len(short) > 5:
+        return f"2^{e - 1}"
+    return short
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Members that train together on one device: one Group, different (alpha, T, seed).
+
+    est_steps : ``estimate_steps`` of the slowest member (the batch's sequential steps)
+    """
+
+    experiment: str
+    group: Group
+    members: tuple[Member, ...]
+    est_steps: float
+
+    @property
+    def dt_range(self) -> tuple[float, float]:
+        dts = [self.group.dt(m.T) for m in self.members]
+        return min(dts), max(dts)
+
+    @property
+    def key(self) -> str:
+        """Readable, unique Dask key: <experiment>-P<P>-dt<lo>..<hi>-K<K>-<8 hex>.
+
+        The hex digits hash the group's settings and the members, so the key is the same
+        in every process and differs for any other batch.
+        """
+        lo, hi = self.dt_range
+        dt = _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}"
+        payload = json.dumps(
+            [
+                self.experiment,
+                self.group.as_dict(),
+                [[repr(m.alpha), repr(m.T), m.seed] for m in self.members],
+            ],
+            sort_keys=True,
+        )
+        digest = hashlib.sha1(payload.encode()).hexdigest()[:8]
+        return f"{self.experiment}-P{self.group.P}-dt{dt}-K{len(self.members)}-{digest}"
+
+    def cells(self) -> list[Cell]:
+        """The cells of the members, in the batch's order."""
+        return [Cell(self.experiment, m.alpha, m.T, self.group.P, m.seed) for m in self.members]
+
+    def member_steps(self) -> float:
+        """Sum of the members' estimated steps."""
+        return sum(estimate_steps(self.group, m) for m in self.members)
+
+
+def plan_batches(
+    experiment: Experiment,
+    cells: Iterable[Cell] | None = None,
+    max_members: int = 256,
+    memory_bytes: int | None = None,
+) -> list[Batch]:
+    """Cut the cells of one experiment into ensemble batches; deterministic.
+
+    cells        : cells of ``experiment`` to plan (default: its full grid), any order;
+                   each at most once, all on the experiment's grid
+    max_members  : most members per batch
+    memory_bytes : device memory for one batch; a batch then has at most
+                   memory_bytes // member_bytes(group) members (None: no limit)
+
+    Batches are ordered by P, then by estimated steps; inside a P, cells are sorted by
+    (estimate_steps, dt, alpha, seed) and cut into consecutive batches of the largest
+    allowed size. The result does not depend on the order of ``cells``.
+    """
+    if not isinstance(max_members, int) or isinstance(max_members, bool) or max_members < 1:
+        raise ValueError(f"max_members must be an integer >= 1, got {max_members!r}")
+    if memory_bytes is not None and (not isinstance(memory_bytes, int) or memory_bytes < 1):
+        raise ValueError(f"memory_bytes must be a positive integer or None, got {memory_bytes!r}")
+    cells = experiment.cells() if cells is None else list(cells)
+    grid = {key: set(getattr(experiment, key)) for key in ("alpha", "T", "P", "seed")}
+    seen: set[Cell] = set()
+    by_P: dict[int, list[Member]] = {}
+    for c in cells:
+        if c.experiment != experiment.name:
+            raise ValueError(
+                f"cell {c.id} belongs to experiment {c.experiment!r}, not {experiment.name!r}"
+            )
+        off = [key for key in grid if getattr(c, key) not in grid[key]]
+        if off:
+            raise ValueError(f"cell {c.id} is off the grid of {experiment.name!r} in {off}")
+        if c in seen:
+            raise ValueError(f"cell {c.id} is given twice")
+        seen.add(c)
+        by_P.setdefault(c.P, []).append(c.member())
+
+    batches = []
+    for P in sorted(by_P):
+        group = experiment.group(P)
+        size = max_members
+        if memory_bytes is not None:
+            need = member_bytes(group)
+            size = min(size, memory_bytes // need)
+            if size < 1:
+                raise ValueError(
+                    f"{experiment.name} (P={P}): one member needs {need} bytes, more than"
+                    f" memory_bytes={memory_bytes}"
+                )
+        ranked = sorted(
+            ((estimate_steps(group, m), group.dt(m.T), m.alpha, m.seed, m) for m in by_P[P]),
+            key=lambda r: r[:4],
+        )
+        for i in range(0, len(ranked), size):
+            chunk = ranked[i : i + size]
+            batches.append(
+                Batch(
+                    experiment=experiment.name,
+                    group=group,
+                    members=tuple(r[4] for r in chunk),
+                    est_steps=max(r[0] for r in chunk),
+                )
+            )
+    return batches
+
+
+def format_plan(batches: Sequence[Batch]) -> str:
+    """A table of the batches for ``--dry-run``, totals at the end (estimates only)."""
+    head = ("key", "P", "K", "dt", "est steps", "est member-steps")
+    rows = []
+    for b in batches:
+        lo, hi = b.dt_range
+        rows.append(
+            (
+                b.key,
+                str(b.group.P),
+                str(len(b.members)),
+                _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}",
+                f"{b.est_steps:.3g}",
+                f"{b.member_steps():.3g}",
+            )
+        )
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
+
+    def line(cols: Sequence[str]) -> str:
+        first = cols[0].ljust(widths[0])
+        return "  ".join([first, *(c.rjust(w) for c, w in zip(cols[1:], widths[1:], strict=True))])
+
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    members = sum(len(b.members) for b in batches)
+    steps = sum(b.est_steps for b in batches)
+    longest = max((b.est_steps for b in batches), default=0.0)
+    member_steps = sum(b.member_steps() for b in batches)
+    out.append(
+        f"total: {len(batches)} batches, {members} members; est steps {steps:.3g} in all"
+        f" (one device, batches in turn), longest batch {longest:.3g};"
+        f" est member-steps {member_steps:.3g}. Estimates from plan.estimate_steps (rough)."
+    )
+    return "\n".join(out)
