@@ -38,7 +38,8 @@ from ensemble.schema import (
     checkpoint_steps,
 )
 
-LOCK_NAME = ".ensemble-lock"
+LOCK_SUFFIX = ".lock"
+"""The lock of store ``x.zarr`` is the file ``x.zarr.lock`` beside it."""
 
 
 class StoreBusyError(RuntimeError):
@@ -73,8 +74,8 @@ def store_lock(store: str | os.PathLike) -> Iterator[None]:
         yield
         return
     root = _local_path(store)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_NAME
+    root.parent.mkdir(parents=True, exist_ok=True)
+    path = root.with_name(root.name + LOCK_SUFFIX)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(2):
         try:
@@ -137,7 +138,7 @@ def empty_experiment(
         "T": np.asarray(T, dtype=np.float64),
         "P": np.asarray(P, dtype=np.int64),
         "seed": np.asarray(seed, dtype=np.int64),
-        LAYER_DIM: np.asarray(list(layers), dtype=str),
+        LAYER_DIM: np.asarray(list(layers), dtype=object),  # variable-length strings
         CHECKPOINT_DIM: np.arange(N_CHECKPOINTS),
     }
     ds = xr.Dataset(coords=coords)

@@ -27,6 +27,7 @@ weights at detection are the weights at s*.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -54,6 +55,32 @@ EVAL_BUDGET = 2**26
 """Activations (floats) held at once by an evaluation chunk; bounds evaluation memory."""
 N_CKPT_TEST = 1024
 """Checkpoints evaluate the test error on the first min(pte, N_CKPT_TEST) test points."""
+
+
+CPU_SLOTS = 64
+"""Members per ensemble on the CPU: past ~64 a step's cost grows linearly (bench)."""
+GPU_MEMORY_FRACTION = 0.7
+"""Share of the free device memory an engine's member slots may use."""
+
+
+def default_slots(group: Group, device: str | torch.device, n_members: int) -> int:
+    """Ensemble size for ``n_members`` members: from the free memory on CUDA, else CPU_SLOTS."""
+    from ensemble.plan import member_bytes
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        k = int(GPU_MEMORY_FRACTION * free) // member_bytes(group)
+    else:
+        k = CPU_SLOTS
+    return max(1, min(k, n_members))
+
+
+@functools.lru_cache(maxsize=2)
+def _device_pool(name: str, root: str | None, device: torch.device, dtype: torch.dtype):
+    """The dataset pool (x, y) resident on ``device``, loaded once per process."""
+    pool = datasets.load_pool(name, root)
+    return pool.x.to(device, dtype), pool.y.to(device, dtype)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -164,9 +191,7 @@ class _TrainingData:
             x_te, y_te = datasets.perceptron_test(group.d, group.chi, group.pte)
             self.src = torch.zeros(slots * P, group.d, dtype=dtype, device=device)
         else:
-            pool = datasets.load_pool(group.dataset, group.data_root)
-            self.src = pool.x.to(device, dtype)
-            self.pool_y = pool.y.to(device, dtype)
+            self.src, self.pool_y = _device_pool(group.dataset, group.data_root, device, dtype)
             te = torch.from_numpy(datasets.test_indices(group.dataset, group.pte)).to(device)
             x_te, y_te = self.src[te], self.pool_y[te]
         self.x_test = x_te.to(device, dtype)

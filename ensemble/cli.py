@@ -1,0 +1,208 @@
+"""Command line: argv -> spec -> library call; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _floats(name: str):
+    def parse(text: str) -> list[float]:
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--{name} takes comma-separated numbers, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from ensemble.cells import Group, Member
+    from ensemble.engine import Engine, default_slots, resolve_device
+    from ensemble.schema import OUTCOME_FLAGS
+
+    group = Group(
+        dataset=a.dataset, arch=a.arch, P=a.P, B=a.B, pte=a.pte, h=a.h, L=a.L,
+        activation=a.activation, d=a.d, chi=a.chi, max_steps=a.max_steps, dtype=a.dtype,
+        data_root=a.data_root,
+    )  # fmt: skip
+    members = [Member(alpha=al, T=T, seed=s) for al in a.alpha for T in a.T for s in a.seeds]
+    device = resolve_device(a.device)
+    engine = Engine(group, a.slots or default_slots(group, device, len(members)), device)
+    results = engine.run(members)
+    head = f"{'alpha':>10} {'T':>10} {'seed':>4} {'outcome':>10} {'steps':>8} {'t*':>10}"
+    print(head + f" {'test_err':>8} {'rel_change':>10} {'unfitted':>8}")
+    for r in results:
+        m = r.member
+        print(
+            f"{m.alpha:>10.4g} {m.T:>10.4g} {m.seed:>4d} {OUTCOME_FLAGS[r.outcome]:>10}"
+            f" {r.steps:>8d} {r.t_star:>10.4g} {r.test_error:>8.4f} {r.rel_change:>10.4g}"
+            f" {r.n_unfitted:>8.0f}"
+        )
+    s = engine.stats
+    print(
+        f"# {len(results)} members on {device} with {engine.K} slots in {s.seconds:.1f} s,"
+        f" {s.member_steps / s.seconds:.0f} network-steps/s, occupancy {s.occupancy:.0%}"
+    )
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from ensemble.launch import dry_run, launch
+
+    if a.dry_run:
+        from ensemble.cluster import default_workers
+
+        print(dry_run(a.sweep, a.store, a.workers or default_workers()))
+        return 0
+    monitor = None
+    if not a.no_monitor:
+        from ensemble.monitor import SweepMonitor as monitor  # noqa: N813
+    launch(
+        a.sweep, a.store, scheduler=a.scheduler, n_workers=a.workers, device=a.device,
+        slots=a.slots, max_members=a.max_members, data_root=a.data_root,
+        dashboard_address=a.dashboard_address, monitor=monitor,
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    from ensemble.launch import store_status
+
+    print(store_status(a.store))
+    if a.html:
+        from ensemble.monitor import write_status_html
+
+        print(f"wrote {write_status_html(a.store, a.html)}")
+    return 0
+
+
+def _cmd_fetch(a: argparse.Namespace) -> int:
+    from ensemble.data import fetch_data
+
+    names = ["mnist", "cifar10"] if a.dataset == "all" else [a.dataset]
+    for name in names:
+        print(f"{name}: {fetch_data(name, a.root)}")
+    return 0
+
+
+def _cmd_sweeps(a: argparse.Namespace) -> int:
+    from ensemble.spec import load_sweep, shipped_sweeps
+
+    for name in shipped_sweeps():
+        s = load_sweep(name)
+        print(f"{name:28s} {len(s.cells()):>7d} cells  {s.description}")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from ensemble.bench import main as bench_main
+
+    return bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ensemble",
+        description="Batched-ensemble simulator of SGD (Sclocchi, Geiger & Wyart 2023).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one ensemble and print each member's results")
+    t.add_argument("--dataset", default="mnist", help="mnist | cifar10 | perceptron")
+    t.add_argument("--arch", default="fc", help="fc | mnas | perceptron")
+    t.add_argument("--L", type=int, default=5, help="hidden layers of FC-L")
+    t.add_argument("--h", type=int, default=128, help="width (1 for the perceptron)")
+    t.add_argument("--activation", default="relu", help="relu | gelu")
+    t.add_argument("--P", type=int, default=1024, help="training set size")
+    t.add_argument("--B", type=int, default=16, help="batch size")
+    t.add_argument("--pte", type=int, default=2048, help="test set size")
+    t.add_argument("--d", type=int, default=0, help="perceptron dimension")
+    t.add_argument("--chi", type=float, default=0.0, help="perceptron depletion exponent")
+    t.add_argument("--alpha", type=_floats("alpha"), default=[2.0**15], help="e.g. 1,32768")
+    t.add_argument("--T", type=_floats("T"), default=[2.0**-8], help="e.g. 0.001,0.01")
+    t.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
+    t.add_argument("--max-steps", type=int, default=1_000_000)
+    t.add_argument("--dtype", default="float32", help="float32 | float64")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    t.add_argument("--slots", type=int, default=None, help="members trained at once")
+    t.add_argument(
+        "--data-root", default=None, help="dataset folder (default $ENSEMBLE_DATA or data/)"
+    )
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("run", help="run a sweep into a Zarr cube on Dask (resumable)")
+    r.add_argument("sweep", help="a sweep .toml file or the name of a shipped sweep")
+    r.add_argument("--store", required=False, default=None, help="Zarr store, e.g. results/x.zarr")
+    r.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
+    r.add_argument("--workers", type=int, default=None, help="workers of the embedded cluster")
+    r.add_argument("--device", default=None, help="torch device for every task (default: auto)")
+    r.add_argument("--slots", type=int, default=None, help="members trained at once per task")
+    r.add_argument("--max-members", type=int, default=None, help="most members per task")
+    r.add_argument("--data-root", default=None)
+    r.add_argument("--dashboard-address", default=":8787")
+    r.add_argument("--no-monitor", action="store_true", help="no sweep page in the dashboard")
+    r.add_argument(
+        "--dry-run", action="store_true", help="print the plan and its cost, run nothing"
+    )
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("status", help="what is done and missing in a cube")
+    s.add_argument("store")
+    s.add_argument("--html", default=None, help="also write the sweep page as a static HTML file")
+    s.set_defaults(func=_cmd_status)
+
+    f = sub.add_parser("fetch-data", help="download MNIST / CIFAR-10 into the data root")
+    f.add_argument("--dataset", default="all", choices=["mnist", "cifar10", "all"])
+    f.add_argument("--root", default=None, help="data root (default $ENSEMBLE_DATA or data/)")
+    f.set_defaults(func=_cmd_fetch)
+
+    w = sub.add_parser("sweeps", help="list the shipped sweep files")
+    w.set_defaults(func=_cmd_sweeps)
+
+    b = sub.add_parser("bench", help="network-steps/s of ensembles vs one network at a time")
+    b.add_argument("--arch", default="all", help="fc | mnas | perceptron | all")
+    b.add_argument("--K", type=_ints, default=None, help="ensemble sizes, e.g. 1,8,64,256")
+    b.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    b.add_argument("--device", default=None)
+    b.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
+    b.add_argument("--data-root", default=None)
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ensemble.cells import SpecError
+
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and not args.dry_run and not args.store:
+        print("error: run needs --store (a Zarr path) unless --dry-run", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from ensemble.cube import StoreBusyError
+        from ensemble.data import DataError
+
+        if isinstance(exc, (DataError, StoreBusyError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

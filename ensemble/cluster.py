@@ -1,0 +1,74 @@
+"""Dask: the only module that imports ``distributed``.
+
+``connect`` yields a Client: the one given, one connected to a scheduler address (any
+deployment: SSH, Kubernetes, dask-jobqueue on SLURM/PBS), or an embedded
+``LocalCluster`` sized for this machine (one worker per GPU, else one per CPU core with
+one thread each).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster, get_worker
+
+
+def default_workers() -> int:
+    """One worker per GPU if there are GPUs, else one per CPU core."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def connect(
+    client: Client | None = None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    dashboard_address: str = ":8787",
+) -> Iterator[Client]:
+    """A Client for the sweep; an embedded cluster is closed on exit, a given one is not."""
+    if client is not None:
+        yield client
+        return
+    if scheduler is not None:
+        with Client(scheduler) as c:
+            yield c
+        return
+    with (
+        LocalCluster(
+            n_workers=n_workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=dashboard_address,
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def worker_count(client: Client) -> int:
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def worker_device(device: str | None) -> str:
+    """The device a task on this worker trains on: ``device`` if given, else a GPU chosen
+    by the worker's index in its cluster (round robin), else the CPU."""
+    if device:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        name = str(get_worker().name)
+    except ValueError:  # not on a worker
+        return "cuda"
+    digits = re.findall(r"\d+", name)
+    index = int(digits[-1]) if digits else 0
+    return f"cuda:{index % torch.cuda.device_count()}"

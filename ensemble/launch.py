@@ -1,0 +1,326 @@
+"""Sweep + store + Dask client -> results cube.
+
+``launch`` validates the sweep and the data before any compute, creates or grows one
+Zarr group per experiment, plans the cells not yet done into ensemble batches, submits
+one Dask task per batch, and writes each batch's results as it arrives (values first,
+``done`` last). Rerunning the same sweep computes only the missing cells; adding grid
+values computes only the new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import xarray as xr
+
+import ensemble
+from ensemble import cube
+from ensemble.cells import Cell, Group
+from ensemble.plan import Batch, format_plan, plan_batches
+from ensemble.schema import DIMS
+from ensemble.spec import Experiment, Sweep, load_sweep
+
+TASKS_PER_WORKER = 2
+"""Cells of a P are cut into at least this many tasks per worker (load balance)."""
+
+
+@dataclasses.dataclass
+class LaunchReport:
+    """What one launch did: counts, wall time and throughput."""
+
+    cells_total: int = 0
+    cells_pending: int = 0
+    cells_done: int = 0
+    cells_failed: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    member_steps: int = 0
+    slot_steps: int = 0
+    dashboard: str | None = None
+
+    @property
+    def cells_per_minute(self) -> float:
+        return 60 * self.cells_done / self.seconds if self.seconds else math.nan
+
+    @property
+    def occupancy(self) -> float:
+        return self.member_steps / self.slot_steps if self.slot_steps else math.nan
+
+    def summary(self) -> str:
+        return (
+            f"{self.cells_done} cells trained in {self.seconds:.1f} s"
+            f" ({self.cells_per_minute:.1f} cells/min, {self.member_steps} network-steps,"
+            f" {self.member_steps / max(self.seconds, 1e-9):.0f} network-steps/s,"
+            f" slot occupancy {self.occupancy:.0%}); {self.cells_failed} failed;"
+            f" {self.cells_total - self.cells_pending} were already done"
+        )
+
+
+def _git_commit() -> str:
+    here = Path(ensemble.__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _attrs(sweep: Sweep, exp: Experiment) -> dict:
+    """Flat group attributes: the experiment's settings and the launch's provenance."""
+    import torch
+
+    settings = {k: v for k, v in exp.group(exp.P[0]).as_dict().items() if k != "P"}
+    return {
+        "experiment": exp.name,
+        **settings,
+        "sweep": sweep.name,
+        "package_version": ensemble.__version__,
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "device": _device_name(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _layers(exp: Experiment) -> list[str]:
+    from ensemble.models import build_model
+
+    return list(build_model(exp.group(exp.P[0])).shapes)
+
+
+def check_data(sweep: Sweep, data_root: str | None = None) -> None:
+    """Raise DataError before any compute when a dataset of the sweep is missing."""
+    from ensemble import data
+
+    for name in sorted({e.settings["dataset"] for e in sweep.experiments} - {"perceptron"}):
+        data.load_raw(name, data_root)
+
+
+def pending_cells(sweep: Sweep, store: str | os.PathLike) -> dict[str, list[Cell]]:
+    """Cells of each experiment not yet done in ``store`` (all of them if it is new)."""
+    out = {}
+    for exp in sweep.experiments:
+        done = cube.done_cells(store, exp.name)
+        out[exp.name] = [c for c in exp.cells() if (c.alpha, c.T, c.P, c.seed) not in done]
+    return out
+
+
+def plan(
+    sweep: Sweep, pending: dict[str, list[Cell]], n_workers: int, max_members: int | None
+) -> list[Batch]:
+    """Batches of the pending cells: at most ``max_members`` members (default 256) and
+    at least TASKS_PER_WORKER tasks per worker for each P where there are enough cells."""
+    batches = []
+    for exp in sweep.experiments:
+        cells = pending[exp.name]
+        for P in sorted({c.P for c in cells}):
+            at_P = [c for c in cells if c.P == P]
+            per_task = math.ceil(len(at_P) / (TASKS_PER_WORKER * max(n_workers, 1)))
+            size = max(1, min(max_members or 256, per_task))
+            batches += plan_batches(exp, at_P, max_members=size)
+    return batches
+
+
+def run_batch(batch: Batch, device: str | None, slots: int | None, data_root: str | None):
+    """Dask task: train one batch on this worker's device; returns plain dicts."""
+    from ensemble.cluster import worker_device
+    from ensemble.engine import Engine, default_slots
+
+    group = batch.group
+    if data_root is not None:
+        group = Group(**{**group.as_dict(), "data_root": data_root})
+    dev = worker_device(device)
+    k = slots or default_slots(group, dev, len(batch.members))
+    engine = Engine(group, min(k, len(batch.members)), dev)
+    results = engine.run(batch.members)
+    out = []
+    for r in results:
+        d = dataclasses.asdict(r)
+        d.pop("weights")
+        out.append(d)
+    return out, dataclasses.asdict(engine.stats)
+
+
+def launch(
+    spec: Sweep | str | os.PathLike,
+    store: str | os.PathLike,
+    client=None,
+    scheduler: str | None = None,
+    *,
+    n_workers: int | None = None,
+    device: str | None = None,
+    slots: int | None = None,
+    max_members: int | None = None,
+    data_root: str | None = None,
+    dashboard_address: str = ":8787",
+    progress: bool = True,
+    monitor: Callable | None = None,
+) -> xr.DataTree:
+    """Run a sweep into ``store`` and return the cube (one group per experiment).
+
+    spec        : a Sweep, a .toml path or the name of a shipped sweep
+    store       : Zarr store path (or fsspec URL); created or grown in place
+    client      : an existing distributed.Client; else ``scheduler`` (address); else an
+                  embedded LocalCluster with ``n_workers`` workers (default: one per GPU,
+                  else one per core)
+    device      : torch device for every task (default: the worker's GPU, else CPU)
+    slots       : members trained at once per task (default from device memory, CPU 64)
+    max_members : most members per task (continuous batching refills the slots)
+    monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
+                  ``started(batch)``, ``finished(batch, results)``, ``failed(batch)``
+    """
+    sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
+    check_data(sweep, data_root)
+    report = LaunchReport()
+    t0 = time.perf_counter()
+    with cube.store_lock(store):
+        cube.recover(store)
+        for exp in sweep.experiments:
+            g = exp.group(exp.P[0])
+            grid = {d: getattr(exp, d) for d in DIMS}
+            cube.ensure_experiment(
+                store, exp.name, grid, _layers(exp), g.h * g.B, _attrs(sweep, exp)
+            )
+        pending = pending_cells(sweep, store)
+        report.cells_total = len(sweep.cells())
+        report.cells_pending = sum(len(v) for v in pending.values())
+        if report.cells_pending == 0:
+            if progress:
+                print(f"{sweep.name}: all {report.cells_total} cells are already done in {store}")
+        else:
+            task = TaskOptions(device, slots, max_members, data_root)
+            cluster = dict(client=client, scheduler=scheduler, n_workers=n_workers,
+                           dashboard_address=dashboard_address)  # fmt: skip
+            _execute(sweep, store, pending, cluster, task, progress, monitor, report)
+    report.seconds = time.perf_counter() - t0
+    if progress and report.cells_pending:
+        print(report.summary())
+    launch.last_report = report  # type: ignore[attr-defined]
+    return xr.open_datatree(store, engine="zarr")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """How each Dask task trains its batch (see ``launch``)."""
+
+    device: str | None = None
+    slots: int | None = None
+    max_members: int | None = None
+    data_root: str | None = None
+
+
+def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, monitor, report):
+    from distributed import wait
+    from tqdm.auto import tqdm
+
+    from ensemble.cluster import connect, worker_count
+
+    with connect(**cluster) as c:
+        report.dashboard = c.dashboard_link
+        batches = plan(sweep, pending, worker_count(c), task.max_members)
+        report.batches = len(batches)
+        mon = monitor(c, sweep, store, batches) if monitor else None
+        if progress:
+            print(f"{sweep.name}: {report.cells_pending} cells to train in {len(batches)} tasks")
+            print(f"Dask dashboard: {c.dashboard_link}")
+            if mon is not None and getattr(mon, "url", None):
+                print(f"Sweep page:     {mon.url}")
+        writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
+        futures = {
+            c.submit(
+                run_batch, b, task.device, task.slots, task.data_root, key=b.key, pure=False
+            ): b
+            for b in batches
+        }
+        bar = tqdm(total=report.cells_pending, unit="cell", disable=not progress, smoothing=0)
+        remaining = set(futures)
+        started: set = set()
+        while remaining:
+            try:
+                finished, remaining = wait(remaining, timeout=2, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                finished = set()
+            processing = {k for keys in c.processing().values() for k in keys}
+            for f in remaining:
+                if f.key in processing and f.key not in started:
+                    started.add(f.key)
+                    if mon is not None:
+                        mon.started(futures[f])
+            for f in finished:
+                b = futures[f]
+                try:
+                    results, stats = f.result()
+                except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
+                    report.cells_failed += len(b.members)
+                    bar.write(f"batch {b.key} failed: {exc!r}; its cells stay missing")
+                    if mon is not None:
+                        mon.failed(b)
+                    continue
+                cells = [(c_.alpha, c_.T, c_.P, c_.seed) for c_ in b.cells()]
+                writers[b.experiment].write(cells, results)
+                report.cells_done += len(cells)
+                report.member_steps += stats["member_steps"]
+                report.slot_steps += stats["slot_steps"]
+                if mon is not None:
+                    mon.finished(b, results)
+                bar.update(len(cells))
+            running = sum(len(futures[f].members) for f in remaining if f.key in processing)
+            bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
+        bar.close()
+
+
+def dry_run(
+    spec: Sweep | str | os.PathLike, store: str | os.PathLike | None, n_workers: int
+) -> str:
+    """The plan of the cells still missing in ``store`` (all cells without a store)."""
+    sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
+    if store is None or not Path(str(store)).exists():
+        pending = {e.name: e.cells() for e in sweep.experiments}
+    else:
+        pending = pending_cells(sweep, store)
+    batches = plan(sweep, pending, n_workers, None)
+    return f"{sweep.name}: {sum(len(v) for v in pending.values())} cells pending\n" + format_plan(
+        batches
+    )
+
+
+def store_status(store: str | os.PathLike) -> str:
+    """Per experiment: cells done / total and counts per outcome."""
+    from ensemble.schema import OUTCOME_FLAGS
+
+    tree = xr.open_datatree(store, engine="zarr")
+    lines = [f"{store}"]
+    for name, node in sorted(tree.children.items()):
+        ds = node.to_dataset()
+        done = int(ds["done"].sum())
+        total = int(ds["done"].size)
+        counts = {OUTCOME_FLAGS[k]: int((ds["outcome"] == k).sum()) for k in OUTCOME_FLAGS if k}
+        missing = total - done
+        lines.append(
+            f"  {name}: {done}/{total} done, {missing} missing; "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f"  [sweep {ds.attrs.get('sweep')}, {dict(ds.sizes)}]"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m ensemble run ...")

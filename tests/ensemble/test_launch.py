@@ -1,0 +1,218 @@
+"""Sweeps on a real Dask cluster (worker processes on loopback) into a real Zarr store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+from ensemble.cells import SpecError
+from ensemble.cube import StoreBusyError, store_lock
+from ensemble.launch import launch, pending_cells
+from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
+from ensemble.spec import load_sweep
+
+TINY = """
+name = "tiny"
+description = "tiny test sweep"
+expected_cost = "seconds"
+
+[[experiment]]
+name = "tiny_fc"
+dataset = "mnist"
+arch = "fc"
+h = 32
+L = 2
+B = 8
+pte = 256
+max_steps = 3000
+alpha = {alpha}
+T = {T}
+P = [64]
+seed = {seeds}
+"""
+
+
+def write_sweep(path: Path, alpha="[1.0, 1024.0]", T="[0.0078125, 0.03125]", seeds=2) -> Path:
+    path.write_text(TINY.format(alpha=alpha, T=T, seeds=seeds))
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(data_root):
+    os.environ["ENSEMBLE_DATA"] = str(data_root)  # inherited by the worker processes
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+    with cluster, Client(cluster) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root):
+    """The tiny sweep run in one process (no worker processes)."""
+    os.environ["ENSEMBLE_DATA"] = str(data_root)
+    tmp = tmp_path_factory.mktemp("ref")
+    spec = write_sweep(tmp / "tiny.toml")
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as c:
+        launch(spec, tmp / "ref.zarr", client=c, progress=False)
+    return xr.open_zarr(tmp / "ref.zarr", group="tiny_fc").load()
+
+
+def assert_same_cube(a: xr.Dataset, b: xr.Dataset) -> None:
+    b = b.sel({d: a[d] for d in DIMS})
+    assert bool(a["done"].all()) and bool(b["done"].all())
+    np.testing.assert_array_equal(a["outcome"].values, b["outcome"].values)
+    for name in CELL_VARS:
+        if name == "seconds":
+            continue
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(a["dw2_layer"].values, b["dw2_layer"].values, rtol=1e-5)
+
+
+def test_cube_layout(reference):
+    ds = reference
+    assert ds["test_error"].dims == DIMS
+    assert ds["dw2_layer"].dims == DIMS + ("layer",)
+    assert ds["ckpt_test_error"].dims == DIMS + ("checkpoint",)
+    assert list(ds["layer"].values) == ["W0", "W1", "w_out"]
+    np.testing.assert_allclose(ds["dt"].values, ds["T"].values * 32 * 8)
+    assert ds["outcome"].attrs["flag_values"] == list(OUTCOME_FLAGS)
+    assert ds["outcome"].attrs["flag_meanings"].split() == list(OUTCOME_FLAGS.values())
+    for name in CELL_VARS:
+        assert ds[name].attrs["long_name"] and "units" in ds[name].attrs
+    for d in ("alpha", "T", "P", "seed", "dt"):
+        assert "units" in ds[d].attrs
+    for key in ("dataset", "arch", "h", "B", "package_version", "git_commit", "torch_version",
+                "device", "sweep"):  # fmt: skip
+        assert key in ds.attrs, key
+    assert ds.attrs["dataset"] == "mnist" and ds.attrs["h"] == 32
+
+
+def test_two_worker_processes_match_one_process(client, tmp_path, reference):
+    spec = write_sweep(tmp_path / "tiny.toml")
+    launch(spec, tmp_path / "c.zarr", client=client, progress=False, max_members=2)
+    assert_same_cube(reference, xr.open_zarr(tmp_path / "c.zarr", group="tiny_fc").load())
+
+
+def test_killed_worker_still_gives_complete_cube(client, tmp_path, reference):
+    spec = write_sweep(tmp_path / "tiny.toml")
+    pids = client.run(os.getpid)
+    victim = next(iter(pids.values()))
+
+    def kill_when_busy():
+        for _ in range(600):
+            if any(client.processing().values()):
+                time.sleep(1.0)
+                os.kill(victim, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    import threading
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    launch(spec, tmp_path / "k.zarr", client=client, progress=False, max_members=1)
+    killer.join()
+    assert victim not in client.run(os.getpid).values()  # the worker really died
+    assert_same_cube(reference, xr.open_zarr(tmp_path / "k.zarr", group="tiny_fc").load())
+
+
+def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, reference, data_root):
+    spec = write_sweep(tmp_path / "tiny.toml")
+    store = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-m", "ensemble", "run", str(spec), "--store", str(store), "--workers",
+           "1", "--max-members", "1", "--no-monitor", "--dashboard-address", ":0"]  # fmt: skip
+    env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    sweep = load_sweep(spec)
+    done = 0
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if store.exists():
+            try:
+                done = 8 - len(pending_cells(sweep, store)["tiny_fc"])
+            except Exception:  # noqa: BLE001  group not yet created
+                done = 0
+            if 1 <= done < 8:
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1 <= done < 8, f"the launch was not caught partway ({done} cells done)"
+    xr.open_zarr(store, group="tiny_fc")  # opens after kill -9
+    missing = len(pending_cells(sweep, store)["tiny_fc"])
+    launch(spec, store, client=client, progress=False)
+    assert launch.last_report.cells_pending == missing
+    assert launch.last_report.cells_done == missing
+    assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
+
+
+def test_extension_computes_only_new_cells(client, tmp_path, reference):
+    store = tmp_path / "e.zarr"
+    launch(write_sweep(tmp_path / "a.toml", seeds=1), store, client=client, progress=False)
+    assert launch.last_report.cells_done == 4
+    # one more seed
+    launch(write_sweep(tmp_path / "b.toml", seeds=2), store, client=client, progress=False)
+    assert launch.last_report.cells_done == 4 and launch.last_report.cells_pending == 4
+    assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
+    # a new T value between the old ones grows the grid in place
+    spec = write_sweep(tmp_path / "c.toml", T="[0.0078125, 0.015625, 0.03125]", seeds=2)
+    launch(spec, store, client=client, progress=False)
+    assert launch.last_report.cells_done == 4
+    ds = xr.open_zarr(store, group="tiny_fc").load()
+    assert ds.sizes["T"] == 3 and bool(ds["done"].all())
+    assert_same_cube(reference, ds)
+    # the same sweep again trains nothing
+    launch(spec, store, client=client, progress=False)
+    assert launch.last_report.cells_pending == 0
+
+
+def test_second_concurrent_launch_is_refused(tmp_path):
+    spec = write_sweep(tmp_path / "tiny.toml")
+    store = tmp_path / "busy.zarr"
+    with store_lock(store), pytest.raises(StoreBusyError, match="in use by another launch"):
+        launch(spec, store, progress=False)
+
+
+def test_changed_settings_are_refused(client, tmp_path):
+    store = tmp_path / "x.zarr"
+    launch(write_sweep(tmp_path / "a.toml", alpha="[1024.0]", T="[0.03125]", seeds=1), store,
+           client=client, progress=False)  # fmt: skip
+    text = (tmp_path / "a.toml").read_text().replace("h = 32", "h = 16")
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ValueError, match="other settings"):
+        launch(tmp_path / "b.toml", store, client=client, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("B = 8", "B = 128", "B"),
+        ("h = 32", "h = -1", "h"),
+        ('arch = "fc"', 'arch = "resnet"', "arch"),
+        ("max_steps = 3000", "max_steps = 0", "max_steps"),
+    ],
+)
+def test_invalid_sweep_refused_before_compute(tmp_path, old, new, field):
+    text = write_sweep(tmp_path / "ok.toml").read_text().replace(old, new)
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(SpecError, match=field):
+        launch(tmp_path / "bad.toml", tmp_path / "never.zarr", progress=False)
+    assert not (tmp_path / "never.zarr").exists()
+
+
+def test_cli_status_and_dry_run(tmp_path, reference, data_root):
+    spec = write_sweep(tmp_path / "tiny.toml")
+    out = subprocess.run(
+        [sys.executable, "-m", "ensemble", "run", str(spec), "--dry-run", "--workers", "2"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "8 cells pending" in out.stdout and "tiny_fc-P64" in out.stdout
