@@ -117,14 +117,13 @@ def draw_batch(key: torch.Tensor, step: torch.Tensor, P: int, B: int) -> torch.T
     are independent and do not depend on the other members of the ensemble.
     """
     base = _mix32(key ^ _mix32(step & _M32) ^ _mix32(((step >> 32) + 0x9E3779B9) & _M32))
-    out = torch.empty(key.shape[0], B, dtype=torch.int64, device=key.device)
-    for i in range(B):
-        j = P - B + i
-        t = _mix32(base ^ ((i * 0x85EBCA6B + 0x27D4EB2F) & _M32)) % (j + 1)
-        if i:
-            taken = (out[:, :i] == t[:, None]).any(dim=1)
-            t = torch.where(taken, torch.full_like(t, j), t)
-        out[:, i] = t
+    i = torch.arange(B, device=key.device)
+    j = P - B + i  # (B,) Floyd's upper ends
+    r = _mix32(base[:, None] ^ ((i * 0x85EBCA6B + 0x27D4EB2F) & _M32))  # (K, B) uniform 32-bit
+    out = r % (j + 1)  # t_i uniform in [0, j_i]
+    for k in range(1, B):  # keep t_k unless already taken, else take j_k (never taken)
+        taken = (out[:, :k] == out[:, k : k + 1]).any(dim=1)
+        out[:, k] = torch.where(taken, j[k], out[:, k])
     return out
 
 
@@ -520,7 +519,10 @@ class Engine:
                 seconds=now - filled_at[s],
                 perceptron={n: float(v[j]) for n, v in extra.items()},
                 weights=(
-                    {n: p[s].double().cpu().numpy() for n, p in self.params.items()}
+                    {
+                        n: p[s].to("cpu", torch.float64, copy=True).numpy()
+                        for n, p in self.params.items()
+                    }
                     if self.keep_weights
                     else None
                 ),

@@ -185,7 +185,8 @@ def launch(
     slots       : members trained at once per task (default from device memory, CPU 64)
     max_members : most members per task (continuous batching refills the slots)
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
-                  ``started(batch)``, ``finished(batch, results)``, ``failed(batch)``
+                  ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``
+                  (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
     """
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     check_data(sweep, data_root)
@@ -280,7 +281,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 report.member_steps += stats["member_steps"]
                 report.slot_steps += stats["slot_steps"]
                 if mon is not None:
-                    mon.finished(b, results)
+                    mon.finished(b, results, stats)
                 bar.update(len(cells))
             running = sum(len(futures[f].members) for f in remaining if f.key in processing)
             bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
