@@ -1,0 +1,158 @@
+"""Seed statistics of a cube, counting only cells of the chosen outcomes.
+
+Conventions
+-----------
+- A cell enters a statistic only if it is ``done`` and its ``outcome`` is one of the
+  ``include`` names (default: converged only). Missing, diverged and unfinished cells are
+  never averaged in unless named; non-finite values of included cells are skipped too.
+- ``n`` is the number of seeds that entered; the standard error is
+  ``std(ddof=1) / sqrt(n)`` and is NaN when ``n < 2``.
+- The bootstrap resamples seeds with replacement, jointly for every (alpha, T, P): one
+  seed index is one member (its init, training set and batch draws), so resampling the
+  same draw everywhere keeps the correlations between cells of the same seed.
+
+Every function returns lazy (dask-backed) xarray objects when given datasets from
+``xarray.open_zarr``; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from ensemble.schema import DIMS, MISSING, OUTCOME_FLAGS
+
+OUTCOME_CODES: dict[str, int] = {name: code for code, name in OUTCOME_FLAGS.items()}
+"""Outcome name -> flag value (``missing``, ``converged``, ``diverged``, ``unfinished``)."""
+
+INCLUDABLE: tuple[str, ...] = tuple(name for code, name in OUTCOME_FLAGS.items() if code)
+"""Outcomes that may be averaged (``missing`` cells have no values)."""
+
+Include = Sequence[str]
+
+
+def outcome_codes(include: Include) -> list[int]:
+    """Flag values of the outcome names in ``include``; raise naming any unknown one."""
+    if isinstance(include, str):
+        include = (include,)
+    bad = [name for name in include if name not in INCLUDABLE]
+    if bad or not include:
+        raise ValueError(
+            f"include must name one or more of {INCLUDABLE}, got {tuple(include)!r}"
+            f" (unknown: {bad})"
+        )
+    return [OUTCOME_CODES[name] for name in include]
+
+
+def effective_outcome(ds: xr.Dataset) -> xr.DataArray:
+    """``outcome`` with cells that are not ``done`` counted as missing (int8, lazy)."""
+    return ds["outcome"].where(ds["done"].astype(bool), MISSING).astype(np.int8)
+
+
+def included(ds: xr.Dataset, include: Include = ("converged",)) -> xr.DataArray:
+    """Boolean mask over the cells that are done and whose outcome is in ``include``."""
+    return effective_outcome(ds).isin(outcome_codes(include))
+
+
+def masked(
+    ds: xr.Dataset, var: str | xr.DataArray, include: Include = ("converged",)
+) -> xr.DataArray:
+    """Values of ``var`` (a name, or a DataArray derived from ``ds``) with every cell
+    outside ``include`` and every non-finite value set to NaN."""
+    values = ds[var] if isinstance(var, str) else var
+    keep = included(ds, include) & np.isfinite(values)
+    out = values.where(keep)
+    out.attrs = dict(values.attrs)
+    return out
+
+
+def mean_stderr(values: xr.DataArray, dim: str = "seed") -> xr.Dataset:
+    """Mean, standard error and count of the non-NaN ``values`` along ``dim``.
+
+    Returns a Dataset with ``mean`` (NaN where n = 0), ``stderr`` (NaN where n < 2) and
+    ``n`` (int); ``mean`` and ``stderr`` keep the units of ``values``.
+    """
+    valid = values.notnull()
+    n = valid.sum(dim)
+    total = values.fillna(0.0).sum(dim)
+    # Dividing by NaN (not 0) where no seed entered keeps dask free of 0/0 warnings.
+    mean = total / n.where(n > 0)
+    square_dev = ((values - mean) ** 2).fillna(0.0).sum(dim)
+    stderr = np.sqrt(square_dev / ((n - 1) * n).where(n >= 2))
+    attrs = dict(values.attrs)
+    mean.attrs = attrs
+    stderr.attrs = {**attrs, "long_name": f"standard error of the seed mean of {values.name}"}
+    n.attrs = {"long_name": "seeds that entered the mean", "units": "1"}
+    return xr.Dataset({"mean": mean, "stderr": stderr, "n": n})
+
+
+def seed_mean(
+    ds: xr.Dataset,
+    var: str | xr.DataArray,
+    include: Include = ("converged",),
+    dim: str = "seed",
+) -> xr.Dataset:
+    """Seed mean of ``var`` over the cells in ``include``, with stderr and count.
+
+    See `mean_stderr` for the returned Dataset (``mean``, ``stderr``, ``n``).
+    """
+    return mean_stderr(masked(ds, var, include), dim)
+
+
+def outcome_counts(ds: xr.Dataset, dims: Sequence[str] | None = ("seed",)) -> xr.DataArray:
+    """Number of cells of each outcome, summed over ``dims`` (None: over every cell dim).
+
+    Returns an int DataArray with a new leading dimension ``outcome`` labelled by the
+    outcome names (missing, converged, diverged, unfinished). Cells not ``done`` count
+    as missing.
+    """
+    dims = list(DIMS) if dims is None else list(dims)
+    flag = effective_outcome(ds)
+    names = list(OUTCOME_FLAGS.values())
+    counts = xr.concat(
+        [(flag == code).sum(dims) for code in OUTCOME_FLAGS],
+        dim=xr.DataArray(names, dims="outcome", name="outcome"),
+    )
+    counts.name = "count"
+    counts.attrs = {"long_name": "cells per outcome", "units": "cells"}
+    return counts
+
+
+def at_alpha(ds: xr.Dataset, alpha: float | None = None) -> xr.Dataset:
+    """The cells at one output scale: ``alpha`` (nearest grid value) or, when None, the
+    largest alpha of the grid (the lazy regime, where the T-sweep scaling laws hold)."""
+    if "alpha" not in ds.dims:
+        return ds
+    if alpha is None:
+        alpha = float(ds["alpha"].max())
+    return ds.sel(alpha=alpha, method="nearest")
+
+
+def resample_counts(n_seed: int, n_boot: int, rng: np.random.Generator | int | None) -> np.ndarray:
+    """(n_boot, n_seed) int array: how often each seed is drawn in each bootstrap
+    resample (multinomial, n_seed draws with replacement)."""
+    rng = np.random.default_rng(rng)
+    return rng.multinomial(n_seed, np.full(n_seed, 1.0 / n_seed), size=n_boot)
+
+
+def bootstrap_mean(
+    values: xr.DataArray,
+    n_boot: int,
+    rng: np.random.Generator | int | None = 0,
+    dim: str = "seed",
+) -> xr.DataArray:
+    """Seed means of ``values`` (NaN = excluded) for ``n_boot`` bootstrap resamples.
+
+    The same resample of seed indices is used for every cell. Returns a lazy DataArray
+    with a new dimension ``bootstrap``; a replicate is NaN where none of its drawn
+    seeds has a value.
+    """
+    counts = xr.DataArray(resample_counts(values.sizes[dim], n_boot, rng), dims=("bootstrap", dim))
+    weight = values.notnull() * counts
+    total = (values.fillna(0.0) * counts).sum(dim)
+    n = weight.sum(dim)
+    out = total / n.where(n > 0)
+    out.attrs = dict(values.attrs)
+    return out

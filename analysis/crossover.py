@@ -1,0 +1,258 @@
+r"""Crossover temperature :math:`T_c(P)` and its scaling :math:`T_c \sim P^{-a}`.
+
+Two definitions, both at one alpha (default: the largest of the grid, the lazy regime)
+and both interpolated in log T between grid points (`analysis.interpolate`):
+
+(a) ``crossover_rel_change``: the smallest T at which the seed-mean relative weight change
+    :math:`\|w - w_0\| / \|w_0\|` reaches ``level`` (interpolated in log-log). Default
+    level: the geometric mean of all seed means at that alpha, so that the crossing lies
+    inside the grid for most P. If :math:`\|w - w_0\|/\|w_0\| = A T^\delta P^\gamma`,
+    :math:`T_c = (\mathrm{level}/A)^{1/\delta} P^{-\gamma/\delta}`: the exponent a does
+    not depend on the level, its prefactor does.
+(b) ``crossover_test_error``: the smallest T at which the seed-mean test error departs
+    from its small-T plateau (mean of the ``n_plateau`` = 3 smallest T) by
+    ``rel_departure`` = 10 % of the plateau (or by ``abs_departure``), in either
+    direction (interpolated in log T, log departure).
+
+Uncertainty: the definition is re-applied to ``n_boot`` bootstrap resamples of the seeds
+(`analysis.aggregate.bootstrap_mean`); the table gives the percentile interval and the
+standard deviation of log T_c. `fit_crossover` fits :math:`T_c \sim P^{-a}` weighted by
+that standard deviation and refits every bootstrap replicate; `check_ratio` compares a
+with :math:`\gamma/\delta` of the weight-change fit (the paper's a = gamma / delta).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from analysis.aggregate import Include, at_alpha, bootstrap_mean, masked, mean_stderr
+from analysis.fits import Estimate, InsufficientData, PowerLawFit, Range, fit_power_law, ratio
+from analysis.interpolate import first_crossing, plateau_departure
+
+Curve = Callable[[np.ndarray, np.ndarray], float]
+
+
+def crossover_rel_change(
+    ds: xr.Dataset,
+    level: float | None = None,
+    *,
+    alpha: float | None = None,
+    include: Include = ("converged",),
+    n_boot: int = 200,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> xr.Dataset:
+    """T_c(P), definition (a): where ||w - w0|| / ||w0|| reaches ``level``.
+
+    Returns the Dataset described in `crossover_table`; ``attrs["level"]`` holds the level.
+    """
+    sel = at_alpha(ds, alpha)
+    values = masked(sel, "rel_change", include).compute()  # one read; the rest in memory
+    means = mean_stderr(values)["mean"].transpose("T", "P")
+    if level is None:
+        positive = means.values[np.isfinite(means.values) & (means.values > 0)]
+        if positive.size == 0:
+            raise InsufficientData("rel_change: no converged cell with a positive value")
+        level = float(np.exp(np.mean(np.log(positive))))
+
+    def curve(T: np.ndarray, y: np.ndarray) -> float:
+        return first_crossing(T, y, level)
+
+    table = crossover_table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
+    table.attrs.update(
+        definition=f"(a) T where ||w - w0|| / ||w0|| reaches {level:.4g}",
+        short_name=f"(a) rel. change = {level:.3g}",
+        level=level,
+        alpha=float(sel["alpha"]) if "alpha" in sel.coords else float("nan"),
+    )
+    return table
+
+
+def crossover_test_error(
+    ds: xr.Dataset,
+    rel_departure: float = 0.1,
+    abs_departure: float | None = None,
+    n_plateau: int = 3,
+    *,
+    alpha: float | None = None,
+    include: Include = ("converged",),
+    n_boot: int = 200,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> xr.Dataset:
+    """T_c(P), definition (b): where the test error departs from its small-T plateau.
+
+    Returns the Dataset described in `crossover_table`, plus ``plateau`` (over P, the
+    seed-mean test error on the plateau).
+    """
+    sel = at_alpha(ds, alpha)
+    values = masked(sel, "test_error", include).compute()  # one read; the rest in memory
+    means = mean_stderr(values)["mean"].transpose("T", "P")
+
+    def curve(T: np.ndarray, y: np.ndarray) -> float:
+        return plateau_departure(T, y, rel_departure, abs_departure, n_plateau)[0]
+
+    table = crossover_table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
+    T = means["T"].values
+    table["plateau"] = (
+        "P",
+        [
+            plateau_departure(T, means.values[:, j], 1.0, None, n_plateau)[1]
+            for j in range(means.sizes["P"])
+        ],
+        {"long_name": "test error on the small-T plateau", "units": "1"},
+    )
+    amount = (
+        f"{abs_departure:g} (absolute)" if abs_departure is not None else f"{rel_departure:.0%}"
+    )
+    table.attrs.update(
+        definition=f"(b) T where the test error departs by {amount} from its plateau"
+        f" (mean of the {n_plateau} smallest T)",
+        short_name=f"(b) test error {amount} off plateau",
+        rel_departure=rel_departure,
+        abs_departure=float("nan") if abs_departure is None else abs_departure,
+        n_plateau=n_plateau,
+        alpha=float(sel["alpha"]) if "alpha" in sel.coords else float("nan"),
+    )
+    return table
+
+
+def crossover_table(
+    values: xr.DataArray,
+    curve: Curve,
+    *,
+    n_boot: int,
+    seed: int,
+    ci: float,
+    means: xr.DataArray | None = None,
+) -> xr.Dataset:
+    """Apply ``curve(T, seed_mean(T))`` -> T_c to every P, and to bootstrap resamples.
+
+    values : masked per-seed values over (T, P, seed) (NaN = excluded)
+    Returns a Dataset over P with ``T_c``, ``T_c_low`` / ``T_c_high`` (percentile
+    interval of the bootstrap, level ``ci``), ``log_T_c_stderr`` (standard deviation of
+    ln T_c over the bootstrap), ``n_boot_valid`` (replicates with a crossing) and
+    ``T_c_boot`` (bootstrap, P). Computes the seed means.
+    """
+    if means is None:
+        means = mean_stderr(values)["mean"].transpose("T", "P").compute()
+    T = means["T"].values
+    n_P = means.sizes["P"]
+    T_c = np.array([curve(T, means.values[:, j]) for j in range(n_P)])
+    boot = np.full((n_boot, n_P), np.nan)
+    if n_boot:
+        reps = bootstrap_mean(values, n_boot, np.random.default_rng(seed))
+        reps = reps.transpose("bootstrap", "T", "P").compute().values
+        for b in range(n_boot):
+            boot[b] = [curve(T, reps[b, :, j]) for j in range(n_P)]
+    low, high, log_std, n_valid = (np.full(n_P, np.nan) for _ in range(4))
+    for j in range(n_P):
+        good = boot[:, j][np.isfinite(boot[:, j])]
+        n_valid[j] = good.size
+        if good.size >= 2:
+            low[j], high[j] = np.quantile(good, [(1 - ci) / 2, (1 + ci) / 2])
+            log_std[j] = np.std(np.log(good), ddof=1)
+    units = {"units": "1"}
+    return xr.Dataset(
+        {
+            "T_c": ("P", T_c, {"long_name": "crossover temperature T_c", **units}),
+            "T_c_low": (
+                "P",
+                low,
+                {"long_name": f"lower bound of the {ci:.0%} bootstrap interval", **units},
+            ),
+            "T_c_high": (
+                "P",
+                high,
+                {"long_name": f"upper bound of the {ci:.0%} bootstrap interval", **units},
+            ),
+            "log_T_c_stderr": ("P", log_std, {"long_name": "bootstrap std of ln T_c", **units}),
+            "n_boot_valid": (
+                "P",
+                n_valid.astype(int),
+                {"long_name": "bootstrap replicates with a crossing", "units": "1"},
+            ),
+            "T_c_boot": (
+                ("bootstrap", "P"),
+                boot,
+                {"long_name": "T_c of each bootstrap replicate", **units},
+            ),
+        },
+        coords={"P": means["P"].values},
+        attrs={"n_boot": n_boot, "ci": ci, "seed": seed},
+    )
+
+
+@dataclass(frozen=True)
+class CrossoverFit:
+    """T_c ~ A P^(-a): the exponent a (Estimate) and the underlying log-space fit."""
+
+    a: Estimate
+    fit: PowerLawFit
+    definition: str
+
+
+def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
+    """Fit T_c ~ P^(-a) to a crossover table (weighted by ``log_T_c_stderr``).
+
+    P where no crossover was found are left out; the bootstrap error of a comes from
+    refitting each bootstrap replicate of T_c(P). Raises InsufficientData with fewer
+    than 3 P with a crossover.
+    """
+    T_c = table["T_c"]
+    where = None
+    if P_range is not None:
+        lo, hi = P_range
+        where = (T_c["P"] >= (lo or 0)) & (T_c["P"] <= (hi or np.inf))
+    stderr = (table["T_c"] * table["log_T_c_stderr"]).rename("T_c_stderr")
+    boot = table["T_c_boot"] if table.sizes.get("bootstrap", 0) >= 2 else None
+    n_found = int(np.isfinite(T_c.values).sum())
+    if n_found < 3:
+        raise InsufficientData(
+            f"T_c found for {n_found} of {T_c.sizes['P']} P values"
+            f" (P = {T_c['P'].values.tolist()}); fitting T_c ~ P^-a needs at least 3"
+        )
+    fit = fit_power_law(
+        T_c.rename("T_c"),
+        stderr,
+        where=where,
+        symbols={"P": "-a"},
+        quantity="T_c",
+        boot_means=boot,
+        range_note=table.attrs.get("definition", ""),
+    )
+    slope = fit.exponents["P"]
+    a = Estimate(-slope.value, slope.stderr, slope.stderr_boot)
+    return CrossoverFit(a=a, fit=fit, definition=str(table.attrs.get("definition", "")))
+
+
+@dataclass(frozen=True)
+class RatioCheck:
+    """Comparison of the crossover exponent a with gamma / delta.
+
+    z : (a - gamma/delta) / sqrt(err_a^2 + err_ratio^2), with `Estimate.error`; |z| < 2
+        means consistent at about 95 %.
+    """
+
+    a: Estimate
+    ratio: Estimate
+    difference: float
+    z: float
+
+    @property
+    def consistent(self) -> bool:
+        return math.isfinite(self.z) and abs(self.z) < 2
+
+
+def check_ratio(crossover: CrossoverFit, rel_change_fit: PowerLawFit) -> RatioCheck:
+    """Check a (from T_c ~ P^-a) against gamma / delta of ||w - w0||/||w0|| ~ T^delta P^gamma."""
+    r = ratio(rel_change_fit, "gamma", "delta")
+    diff = crossover.a.value - r.value
+    err = math.hypot(crossover.a.error, r.error)
+    z = diff / err if err > 0 else float("nan")
+    return RatioCheck(a=crossover.a, ratio=r, difference=diff, z=z)

@@ -1,0 +1,223 @@
+r"""Perceptron experiments: signal, noise and t* against T and P, for each chi.
+
+One group per (chi, d) (group attrs ``chi`` and ``d``). The predictor is centred,
+f = (w - w0) . x / sqrt(d), so the quantities are those of the change w - w0:
+
+- signal :math:`s = w_\parallel - w_{\parallel,0} = (w - w_0) \cdot e_1` (``w_par - w_par0``);
+- noise :math:`n = \|(w - w_0)_\perp\| / \sqrt{d - 1}` (``sqrt(dnoise)``), a per-component
+  amplitude;
+- t*, the time to zero training loss.
+
+Predictions (science spec, "Scaling laws", noise-dominated regime):
+:math:`s \sim T P^{1/(1+\chi)}`, :math:`n \sim T P^0`, and the scaling argument
+:math:`t^* \sim T P^{(3+\chi)/(1+\chi)}` (to be checked, not assumed).
+
+Default fit range: the largest alpha and all T and P (``fit_range="all"``); pass
+``T_range`` to keep only the noise-dominated large-T part when the small-T points are
+set by the margin 1/alpha instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import xarray as xr
+
+from analysis.aggregate import Include, at_alpha, masked, mean_stderr
+from analysis.fits import InsufficientData, PowerLawFit, Range, fit_scaling
+
+QUANTITIES: dict[str, tuple[str, str]] = {
+    "signal": ("signal (w - w0) . e1", "1"),
+    "noise": ("noise ||(w - w0)_perp|| / sqrt(d - 1)", "1"),
+    "t_star": ("t = dt * steps at the first step with zero training loss", "1"),
+}
+SYMBOLS: dict[str, dict[str, str]] = {
+    "signal": {"T": "T-exponent of the signal", "P": "gamma"},
+    "noise": {"T": "T-exponent of the noise", "P": "P-exponent of the noise"},
+    "t_star": {"T": "c", "P": "b"},
+}
+
+
+def is_perceptron(ds: xr.Dataset) -> bool:
+    """True for a perceptron experiment group (attrs arch or dataset = "perceptron")."""
+    return "perceptron" in (ds.attrs.get("arch"), ds.attrs.get("dataset"))
+
+
+def predicted_exponents(chi: float) -> dict[str, dict[str, float]]:
+    """Predicted exponents {quantity: {"T": e_T, "P": e_P}} at depletion exponent chi."""
+    return {
+        "signal": {"T": 1.0, "P": 1.0 / (1.0 + chi)},
+        "noise": {"T": 1.0, "P": 0.0},
+        "t_star": {"T": 1.0, "P": (3.0 + chi) / (1.0 + chi)},
+    }
+
+
+def per_seed(ds: xr.Dataset, quantity: str) -> xr.DataArray:
+    """Per-cell values of ``quantity`` ("signal", "noise" or "t_star"), lazy."""
+    if quantity == "signal":
+        out = ds["w_par"] - ds["w_par0"]
+    elif quantity == "noise":
+        out = np.sqrt(ds["dnoise"])
+    elif quantity == "t_star":
+        out = ds["t_star"]
+    else:
+        raise ValueError(f"quantity must be one of {tuple(QUANTITIES)}, got {quantity!r}")
+    long_name, units = QUANTITIES[quantity]
+    out = out.rename(quantity)
+    out.attrs = {"long_name": long_name, "units": units}
+    return out
+
+
+def observables(
+    ds: xr.Dataset, alpha: float | None = None, include: Include = ("converged",)
+) -> xr.Dataset:
+    """Seed means over (T, P) of signal, noise and t* at one alpha (default: largest).
+
+    Returns a lazy Dataset with ``<q>``, ``<q>_stderr`` and ``<q>_n`` for each quantity.
+    """
+    sel = at_alpha(ds, alpha)
+    out = {}
+    for q in QUANTITIES:
+        stats = mean_stderr(masked(sel, per_seed(sel, q), include))
+        out[q] = stats["mean"]
+        out[f"{q}_stderr"] = stats["stderr"]
+        out[f"{q}_n"] = stats["n"]
+    return xr.Dataset(out, attrs={"chi": ds.attrs.get("chi"), "d": ds.attrs.get("d")})
+
+
+def fit_perceptron(
+    ds: xr.Dataset,
+    *,
+    alpha: float | None = None,
+    T_range: Range = None,
+    P_range: Range = None,
+    include: Include = ("converged",),
+    n_boot: int = 0,
+    seed: int = 0,
+) -> dict[str, PowerLawFit]:
+    """Power-law fits q ~ T^{e_T} P^{e_P} of signal, noise and t* (see `analysis.fits`).
+
+    Raises `analysis.fits.InsufficientData` (from the first quantity that cannot be
+    fitted) when the grid is too small.
+    """
+    sel = at_alpha(ds, alpha)
+    return {
+        q: fit_scaling(
+            sel,
+            per_seed(sel, q),
+            SYMBOLS[q],
+            fit_range="all",
+            T_range=T_range,
+            P_range=P_range,
+            include=include,
+            n_boot=n_boot,
+            seed=seed,
+            quantity=q,
+        )
+        for q in QUANTITIES
+    }
+
+
+def exponent_table(fits: Mapping[str, PowerLawFit], chi: float) -> list[dict[str, object]]:
+    """Rows (quantity, variable, fitted, stderr, predicted, z) comparing fits with the
+    predictions at chi; z = (fitted - predicted) / `Estimate.error`."""
+    predicted = predicted_exponents(chi)
+    rows = []
+    for q, fit in fits.items():
+        for var in fit.variables:
+            est = fit.exponents[var]
+            pred = predicted[q][var]
+            rows.append(
+                {
+                    "quantity": q,
+                    "variable": var,
+                    "fitted": est.value,
+                    "stderr": est.error,
+                    "predicted": pred,
+                    "z": (est.value - pred) / est.error if est.error > 0 else math.nan,
+                }
+            )
+    return rows
+
+
+def local_P_exponents(
+    ds: xr.Dataset,
+    quantity: str = "signal",
+    *,
+    alpha: float | None = None,
+    T_range: Range = None,
+    include: Include = ("converged",),
+) -> xr.Dataset:
+    """Local P-exponents of ``quantity`` between successive P, for each T and averaged.
+
+    slope(T, pair) = ln(q(P_hi) / q(P_lo)) / ln(P_hi / P_lo) from seed means, with
+    stderr sqrt((se_lo/q_lo)^2 + (se_hi/q_hi)^2) / ln(P_hi/P_lo). ``slope_mean`` is the
+    inverse-variance weighted mean over T (within ``T_range``) for each pair. Returns a
+    computed Dataset with dims (T, pair) and coords P_lo, P_hi, P_mid (geometric mean).
+    """
+    sel = at_alpha(ds, alpha)
+    stats = mean_stderr(masked(sel, per_seed(sel, quantity), include)).transpose("T", "P")
+    stats = stats.compute()
+    P = stats["P"].values.astype(float)
+    if len(P) < 2:
+        raise InsufficientData(
+            f"local P-exponents need at least 2 P values, got P = {stats['P'].values.tolist()}"
+        )
+    q = stats["mean"].values
+    rel = stats["stderr"].values / q
+    q = np.where(q > 0, q, np.nan)
+    log_ratio = np.log(P[1:] / P[:-1])
+    slope = np.log(q[:, 1:] / q[:, :-1]) / log_ratio
+    stderr = np.sqrt(rel[:, 1:] ** 2 + rel[:, :-1] ** 2) / log_ratio
+    T = stats["T"].values
+    lo, hi = T_range if T_range is not None else (None, None)
+    in_range = np.ones(len(T), bool)
+    if lo is not None:
+        in_range &= T >= lo
+    if hi is not None:
+        in_range &= T <= hi
+    weight = np.where(
+        np.isfinite(slope) & np.isfinite(stderr) & (stderr > 0) & in_range[:, None],
+        stderr**-2.0,
+        0.0,
+    )
+    total = weight.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(
+            total > 0, np.nansum(np.where(weight > 0, slope, 0.0) * weight, axis=0) / total, np.nan
+        )
+        mean_err = np.where(total > 0, total**-0.5, np.nan)
+    coords = {
+        "T": T,
+        "P_lo": ("pair", P[:-1]),
+        "P_hi": ("pair", P[1:]),
+        "P_mid": ("pair", np.sqrt(P[:-1] * P[1:])),
+    }
+    return xr.Dataset(
+        {
+            "slope": (
+                ("T", "pair"),
+                slope,
+                {"long_name": f"local P-exponent of the {quantity}", "units": "1"},
+            ),
+            "stderr": (
+                ("T", "pair"),
+                stderr,
+                {"long_name": "standard error of the local exponent", "units": "1"},
+            ),
+            "slope_mean": (
+                "pair",
+                mean,
+                {"long_name": "weighted mean over T of the local exponent", "units": "1"},
+            ),
+            "slope_mean_stderr": (
+                "pair",
+                mean_err,
+                {"long_name": "standard error of slope_mean", "units": "1"},
+            ),
+        },
+        coords=coords,
+        attrs={"quantity": quantity, "chi": ds.attrs.get("chi")},
+    )

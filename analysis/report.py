@@ -1,0 +1,395 @@
+"""``report.md`` and figures for every experiment of a cube.
+
+What applies to an experiment follows from its grid:
+
+- several alpha and several T: phase diagrams (test error, rel_change, t*) for each P;
+- several T and several P: temperature sweeps, the fits of rel_change ~ T^delta P^gamma
+  and t* ~ T^c P^b (default "lazy" range, see `analysis.fits`), T_c(P) by both
+  definitions of `analysis.crossover`, the fits T_c ~ P^-a and the check a = gamma/delta;
+- perceptron groups: signal, noise and t* figures, fitted against predicted exponents,
+  local P-exponents, and a summary across chi;
+- checkpoints with values: the dynamics at the largest alpha for each P.
+
+A step that cannot be done (one P, every cell diverged, ...) is skipped and the reason
+is written in report.md; the report never stops at one experiment's failure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from analysis import plots
+from analysis.aggregate import at_alpha, masked, outcome_counts
+from analysis.crossover import (
+    check_ratio,
+    crossover_rel_change,
+    crossover_test_error,
+    fit_crossover,
+)
+from analysis.fits import InsufficientData, PowerLawFit, fit_rel_change, fit_t_star
+from analysis.load import Store, open_cube
+from analysis.perceptron import exponent_table, fit_perceptron, is_perceptron, local_P_exponents
+from ensemble.schema import CHECKPOINT_VARS, OUTCOME_FLAGS
+
+
+class _Section:
+    """Markdown lines of one experiment, and the figures written for it."""
+
+    def __init__(self, out_dir: Path, name: str, formats: Sequence[str]) -> None:
+        self.out_dir = out_dir
+        self.formats = tuple(formats)
+        self.stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        self.lines: list[str] = []
+        self.figures: list[Path] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def figure(self, fig, suffix: str, caption: str) -> None:
+        paths = plots.save_figure(
+            fig, self.out_dir / "figures", f"{self.stem}_{suffix}", self.formats
+        )
+        self.figures += paths
+        rel = [p.relative_to(self.out_dir).as_posix() for p in paths]
+        others = ", ".join(
+            f"[{p.suffix[1:].upper()}]({r})" for p, r in zip(paths[1:], rel[1:], strict=True)
+        )
+        self.add(
+            f"![{caption}]({rel[0]})", "", f"*{caption}*" + (f" ({others})" if others else ""), ""
+        )
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        """A markdown table followed by a blank line."""
+        self.add("| " + " | ".join(header) + " |", "|---" * len(header) + "|")
+        self.add(*("| " + " | ".join(str(c) for c in row) + " |" for row in rows), "")
+
+    def attempt(self, what: str, step: Callable[[], Any]) -> Any:
+        """Run ``step``; on failure write why ``what`` was skipped and return None."""
+        try:
+            return step()
+        except InsufficientData as err:
+            self.add(f"- {what} skipped: {err}", "")
+        except Exception as err:  # noqa: BLE001 -- one failed step must not stop the report
+            warnings.warn(f"{what} failed: {traceback.format_exc()}", RuntimeWarning, stacklevel=2)
+            self.add(f"- {what} failed: {type(err).__name__}: {err}", "")
+        return None
+
+
+def write_report(
+    store: Store,
+    out_dir: str | Path,
+    *,
+    n_boot: int = 200,
+    seed: int = 0,
+    formats: Sequence[str] = ("png", "svg"),
+) -> Path:
+    """Write figures (under ``out_dir/figures``) and ``out_dir/report.md``.
+
+    n_boot  : bootstrap resamples of the seeds for the uncertainties of fits and T_c
+    seed    : seed of the bootstrap Generator
+    formats : figure file formats (matplotlib names); report.md shows the first
+    Returns the path of report.md.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cube = open_cube(store)
+    lines = [
+        f"# Analysis report: `{store}`",
+        "",
+        f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `python -m"
+        f" analysis report`; {len(cube)} experiment(s): {', '.join(f'`{n}`' for n in cube)}.",
+        "",
+        "Conventions: seed means over converged cells only (missing, diverged and"
+        " unfinished cells never enter); errors are standard errors of the seed mean;"
+        " fits are least squares in log space weighted by those errors, with the lstsq"
+        f" error and a bootstrap over seeds ({n_boot} resamples, seed {seed}); `±` gives the"
+        " larger. Exponent fits use the lazy range (largest alpha; for each P the T up to"
+        " the test-error crossover T_c^(b)(P)). T_c: (a) T where ||w - w0||/||w0|| reaches a"
+        " level (geometric mean of the data), (b) T where the test error departs by 10 % from"
+        " its small-T plateau; both interpolated in log T, with 95 % bootstrap intervals.",
+        "",
+    ]
+    perceptron_rows: list[dict[str, object]] = []
+    for name, lazy in cube.items():
+        # A group is a few MB at most: read it once, then every fit and figure works in
+        # memory instead of re-reading the store through dask.
+        ds = lazy.load()
+        section = _Section(out_dir, name, formats)
+        section.add(f"## {name}", "")
+        _experiment(section, ds, n_boot, seed, perceptron_rows)
+        lines += section.lines
+    n_perceptron = sum(is_perceptron(ds) for ds in cube.values())
+    if perceptron_rows and n_perceptron >= 2:
+        section = _Section(out_dir, "perceptron", formats)
+        section.add("## Perceptron across chi", "")
+        section.attempt(
+            "perceptron summary figure",
+            lambda: section.figure(
+                plots.perceptron_summary(perceptron_rows),
+                "summary",
+                "fitted P-exponents of the signal and of t* against chi, with the predictions",
+            ),
+        )
+        lines += section.lines
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _experiment(
+    section: _Section, ds: xr.Dataset, n_boot: int, seed: int, perceptron_rows: list
+) -> None:
+    section.add("### Settings", "")
+    section.table(["setting", "value"], [[k, _md(v)] for k, v in ds.attrs.items()])
+    grid = {d: ds[d].values for d in ("alpha", "T", "P", "seed") if d in ds.dims}
+    section.add("Grid: " + ", ".join(f"{d}: {len(v)} ({_span(v)})" for d, v in grid.items()), "")
+    n_converged = section.attempt("outcome counts", lambda: _outcomes(section, ds))
+    if n_converged == 0:
+        section.add("- figures and fits skipped: no cell converged", "")
+        return
+    n = {d: len(v) for d, v in grid.items()}
+    done_any = False
+    if n.get("alpha", 1) >= 2 and n.get("T", 1) >= 2:
+        done_any = True
+        section.add("### Phase diagrams", "")
+        for P in grid["P"]:
+            section.attempt(
+                f"phase diagrams at P = {P}",
+                lambda P=P: section.figure(
+                    plots.phase_diagrams(ds, int(P)),
+                    f"phase_P{int(P)}",
+                    f"test error, relative weight change and t* over (alpha, T) at P = {P}",
+                ),
+            )
+    if is_perceptron(ds):
+        done_any = True
+        _perceptron(section, ds, n_boot, seed, perceptron_rows)
+    elif n.get("T", 1) >= 2 and n.get("P", 1) >= 2:
+        done_any = True
+        _tsweep(section, ds, n_boot, seed)
+    elif n.get("T", 1) >= 2:
+        P_grid = grid["P"].tolist()
+        section.add(
+            f"- T-sweep figure, fits and T_c(P) skipped: they need at least 2 P, P = {P_grid}", ""
+        )
+    if set(CHECKPOINT_VARS) <= set(ds.data_vars):
+        section.attempt("dynamics", lambda: _dynamics(section, ds))
+    if not done_any:
+        section.add(f"- no phase diagram, T-sweep or perceptron figure applies to the grid {n}", "")
+
+
+def _outcomes(section: _Section, ds: xr.Dataset) -> int:
+    """Table of cells per outcome and P; returns the number of converged cells."""
+    counts = outcome_counts(ds, dims=[d for d in ("alpha", "T", "seed") if d in ds.dims])
+    counts = counts.transpose("P", "outcome").compute()
+    names = list(OUTCOME_FLAGS.values())
+    rows = [
+        [P, *row, sum(row)]
+        for P, row in zip(counts["P"].values, counts.values.tolist(), strict=True)
+    ]
+    total = counts.values.sum(axis=0).tolist()
+    section.add("### Cells per outcome", "")
+    section.table(["P", *names, "total"], [*rows, ["all", *total, sum(total)]])
+    return int(total[names.index("converged")])
+
+
+LAWS = {"rel_change": "T^delta P^gamma", "t_star": "T^c P^b"}
+
+
+def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
+    section.add("### Temperature sweeps and scaling laws", "")
+    if "alpha" in ds.dims and ds.sizes["alpha"] > 1:
+        alpha = float(at_alpha(ds)["alpha"])
+        section.add(f"Fits and T-sweeps at the largest alpha = {alpha:g} (lazy regime).", "")
+    fits: dict[str, PowerLawFit] = {}
+    for var, fitter in (("rel_change", fit_rel_change), ("t_star", fit_t_star)):
+        fit = section.attempt(f"fit of {var}", lambda f=fitter: f(ds, n_boot=n_boot, seed=seed))
+        if fit is not None:
+            fits[var] = fit
+    if fits:
+        section.table(
+            ["quantity", "law", "exponent", "value", "stderr (lstsq)", "stderr (bootstrap)"]
+            + ["points", "chi2_red", "range"],
+            [
+                [var, LAWS[var], fit.symbols[v], _num(fit.exponents[v].value)]
+                + [_num(fit.exponents[v].stderr), _num(fit.exponents[v].stderr_boot)]
+                + [fit.n_points, _num(fit.chi2_red, "{:.2f}"), fit.range_note]
+                for var, fit in fits.items()
+                for v in fit.variables
+            ],
+        )
+    tables = {}
+    for key, fn in (
+        ("a", lambda: crossover_rel_change(ds, n_boot=n_boot, seed=seed)),
+        ("b", lambda: crossover_test_error(ds, n_boot=n_boot, seed=seed)),
+    ):
+        table = section.attempt(f"T_c definition ({key})", fn)
+        if table is not None:
+            tables[key] = table
+    crossover_fits = {}
+    for key, table in tables.items():
+        fit = section.attempt(
+            f"fit T_c ~ P^-a, definition ({key})", lambda t=table: fit_crossover(t)
+        )
+        if fit is not None:
+            crossover_fits[key] = fit
+    if tables:
+        _tc_table(section, tables)
+    if crossover_fits:
+        _a_table(section, crossover_fits, fits.get("rel_change"))
+    a = _rescaling_exponent(crossover_fits, fits)
+    crossover = tables.get("b", tables.get("a"))
+    caption = (
+        "test error, rel_change and t* against T, one curve per P"
+        " (dashed: fits; triangles: T_c of the test error)"
+    )
+    if a is not None:
+        caption += f"; second row: against T P^a with a = {a:.3f}"
+    section.attempt(
+        "temperature sweep figure",
+        lambda: section.figure(
+            plots.temperature_sweeps(ds, a=a, fits=fits, crossover=crossover), "tsweep", caption
+        ),
+    )
+    if tables:
+        section.attempt(
+            "crossover figure",
+            lambda: section.figure(
+                plots.crossover_plot(
+                    list(tables.values()), [crossover_fits.get(k) for k in tables]
+                ),
+                "crossover",
+                "T_c against P with 95 % bootstrap intervals and the fits T_c ~ P^-a",
+            ),
+        )
+
+
+def _a_table(section: _Section, crossover_fits: dict, rel_fit: PowerLawFit | None) -> None:
+    rows = []
+    for key, fit in crossover_fits.items():
+        check = check_ratio(fit, rel_fit) if rel_fit is not None else None
+        row = [f"({key})", _num(fit.a.value), _num(fit.a.stderr), _num(fit.a.stderr_boot)]
+        if check is None:
+            row += ["n/a (no rel_change fit)", "n/a", "n/a"]
+        else:
+            row += [str(check.ratio), _num(check.z, "{:.2f}"), "yes" if check.consistent else "no"]
+        rows.append(row)
+    section.table(
+        ["T_c definition", "a", "stderr (lstsq)", "stderr (bootstrap)", "gamma/delta"]
+        + ["z = (a - gamma/delta)/err", "consistent (abs z < 2)"],
+        rows,
+    )
+
+
+def _rescaling_exponent(crossover_fits: dict, fits: dict) -> float | None:
+    for key in ("b", "a"):
+        if key in crossover_fits and math.isfinite(crossover_fits[key].a.value):
+            return crossover_fits[key].a.value
+    if "rel_change" in fits:
+        return fits["rel_change"]["gamma"].value / fits["rel_change"]["delta"].value
+    return None
+
+
+def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
+    for key, table in tables.items():
+        section.add(f"- T_c {table.attrs.get('definition', f'({key})')}.")
+    section.add("")
+    header = ["P"]
+    for key in tables:
+        header += [f"T_c ({key})", f"95 % interval ({key})"]
+    rows = []
+    for P in next(iter(tables.values()))["P"].values:
+        row = [P]
+        for table in tables.values():
+            T_c, low, high = (float(table[v].sel(P=P)) for v in ("T_c", "T_c_low", "T_c_high"))
+            row += [_num(T_c, "{:.4g}"), f"[{_num(low, '{:.4g}')}, {_num(high, '{:.4g}')}]"]
+        rows.append(row)
+    section.table(header, rows)
+
+
+def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows: list) -> None:
+    chi = float(ds.attrs.get("chi", float("nan")))
+    section.add(f"### Perceptron (chi = {chi:g}, d = {ds.attrs.get('d')})", "")
+    fits = section.attempt("perceptron fits", lambda: fit_perceptron(ds, n_boot=n_boot, seed=seed))
+    if fits:
+        table = exponent_table(fits, chi)
+        section.table(
+            ["quantity", "exponent of", "fitted", "±", "predicted", "z"],
+            [
+                [r["quantity"], r["variable"], _num(r["fitted"]), _num(r["stderr"])]
+                + [_num(r["predicted"]), _num(r["z"], "{:.2f}")]
+                for r in table
+            ],
+        )
+        rows += [
+            {"chi": chi, "d": ds.attrs.get("d"), **r}
+            for r in table
+            if r["variable"] == "P" and r["quantity"] in ("signal", "t_star")
+        ]
+    local = section.attempt("local P-exponents", lambda: local_P_exponents(ds, "signal"))
+    if local is not None:
+        section.add(
+            "Local P-exponents of the signal (weighted mean over T;"
+            f" predicted 1/(1+chi) = {1 / (1 + chi):.4f}):",
+            "",
+        )
+        section.table(
+            ["P pair", "exponent", "±"],
+            [
+                [f"{int(lo)}-{int(hi)}", _num(float(m)), _num(float(e))]
+                for lo, hi, m, e in zip(
+                    local["P_lo"].values,
+                    local["P_hi"].values,
+                    local["slope_mean"].values,
+                    local["slope_mean_stderr"].values,
+                    strict=True,
+                )
+            ],
+        )
+    section.attempt(
+        "perceptron figure",
+        lambda: section.figure(
+            plots.perceptron_figure(ds, fits),
+            "perceptron",
+            f"signal, noise, t* and local P-exponents at chi = {chi:g}",
+        ),
+    )
+
+
+def _dynamics(section: _Section, ds: xr.Dataset) -> None:
+    sel = at_alpha(ds)
+    if not bool(masked(sel, "ckpt_train_loss").notnull().any()):
+        section.add("- dynamics skipped: no converged cell has checkpoint values", "")
+        return
+    section.add("### Dynamics", "")
+    section.figure(
+        plots.dynamics(ds),
+        "dynamics",
+        "training loss and test error along t at the largest alpha, one curve per T",
+    )
+
+
+def _num(x: float | None, fmt: str = "{:.4f}") -> str:
+    return fmt.format(x) if x is not None and math.isfinite(x) else "n/a"
+
+
+def _md(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _span(values: np.ndarray) -> str:
+    values = np.asarray(values)
+    positive = values.dtype.kind in "fc" and len(values) and (values > 0).all()
+    if positive and values.max() != values.min():
+        return f"{values.min():.4g} .. {values.max():.4g}"
+    return ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")

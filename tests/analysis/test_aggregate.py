@@ -1,0 +1,145 @@
+"""Seed statistics count only the chosen outcomes and stay lazy."""
+
+from __future__ import annotations
+
+import dask.array as da
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from synthetic_cube import ABSURD
+
+from analysis.aggregate import (
+    bootstrap_mean,
+    included,
+    masked,
+    outcome_counts,
+    resample_counts,
+    seed_mean,
+)
+from analysis.load import open_cube
+from analysis.perceptron import observables
+from ensemble.schema import CONVERGED, DIVERGED, MISSING, UNFINISHED
+
+
+@pytest.fixture(scope="module")
+def tsweep(cube_path) -> xr.Dataset:
+    return open_cube(cube_path)["fc_mnist_tsweep"]
+
+
+def test_spoiled_cells_never_enter_the_mean(tsweep):
+    values = tsweep["rel_change"].values
+    outcome = tsweep["outcome"].values
+    assert (values[outcome != CONVERGED] == ABSURD).all()  # the absurd values are there
+    stats = seed_mean(tsweep, "rel_change").compute()
+    keep = outcome == CONVERGED
+    expected_n = keep.sum(axis=-1)
+    expected_mean = np.where(keep, values, 0).sum(axis=-1) / expected_n
+    np.testing.assert_array_equal(stats["n"].values, expected_n)
+    np.testing.assert_allclose(stats["mean"].values, expected_mean, rtol=1e-12)
+    assert stats["mean"].max() < 1.0  # the 1e6 never leaked in
+    std = np.array(
+        [
+            np.std(v[k], ddof=1)
+            for v, k in zip(values.reshape(-1, 8), keep.reshape(-1, 8), strict=True)
+        ]
+    ).reshape(expected_n.shape)
+    np.testing.assert_allclose(stats["stderr"].values, std / np.sqrt(expected_n), rtol=1e-10)
+
+
+def test_include_unfinished_adds_exactly_those_cells(tsweep):
+    both = seed_mean(tsweep, "rel_change", include=("converged", "unfinished")).compute()
+    only = seed_mean(tsweep, "rel_change").compute()
+    n_unfinished = (tsweep["outcome"] == UNFINISHED).sum("seed").values
+    np.testing.assert_array_equal(both["n"].values - only["n"].values, n_unfinished)
+    assert (both["mean"].values[n_unfinished > 0] > 1e4).all()  # absurd values now enter
+    same = n_unfinished == 0
+    np.testing.assert_allclose(both["mean"].values[same], only["mean"].values[same])
+
+
+def test_outcome_counts(tsweep):
+    counts = outcome_counts(tsweep, dims=None).compute()
+    outcome = tsweep["outcome"].values
+    for name, code in (
+        ("missing", MISSING),
+        ("converged", CONVERGED),
+        ("diverged", DIVERGED),
+        ("unfinished", UNFINISHED),
+    ):
+        assert int(counts.sel(outcome=name)) == (outcome == code).sum(), name
+    assert int(counts.sum()) == outcome.size
+    assert int(counts.sel(outcome="missing")) == 4
+    per_P = outcome_counts(tsweep, dims=("alpha", "T", "seed"))
+    assert per_P.dims == ("outcome", "P")
+
+
+def test_not_done_counts_as_missing(tsweep):
+    ds = tsweep.copy()
+    ds["done"] = ds["done"].copy(data=np.zeros(ds["done"].shape, bool))
+    assert int(outcome_counts(ds, None).sel(outcome="missing")) == ds["outcome"].size
+    assert int(seed_mean(ds, "test_error")["n"].sum()) == 0
+
+
+def test_bad_include_names_the_allowed_outcomes(tsweep):
+    with pytest.raises(ValueError, match="converged"):
+        seed_mean(tsweep, "rel_change", include=("converged", "missing"))
+    with pytest.raises(ValueError, match="convergd"):
+        included(tsweep, include=("convergd",))
+
+
+def test_bootstrap_resamples_seeds_and_is_reproducible(tsweep):
+    counts = resample_counts(8, 50, 3)
+    assert counts.shape == (50, 8) and (counts.sum(axis=1) == 8).all()
+    values = masked(tsweep, "rel_change")
+    a = bootstrap_mean(values, 50, 3).compute()
+    b = bootstrap_mean(values, 50, 3).compute()
+    assert a.dims == ("alpha", "T", "P", "bootstrap")
+    np.testing.assert_array_equal(a.values, b.values)
+    assert np.nanmax(a.values) < 1.0
+    # The bootstrap spread of the mean matches the standard error.
+    stats = seed_mean(tsweep, "rel_change").compute()
+    ratio = a.std("bootstrap") / stats["stderr"]
+    assert 0.7 < float(ratio.median()) < 1.1
+
+
+def test_aggregation_is_lazy(cube_path, raise_if_dask_computes):
+    ds = open_cube(cube_path)["fc_mnist_tsweep"]
+    stats = seed_mean(ds, "test_error", include=("converged", "diverged"))
+    counts = outcome_counts(ds)
+    boot = bootstrap_mean(masked(ds, "t_star"), 20, 0)
+    derived = seed_mean(ds, np.sqrt(ds["dw2"] / ds["w0_2"]))
+    perceptron = observables(open_cube(cube_path)["perceptron_chi1_d16"])
+    lazy = [stats["mean"], stats["stderr"], stats["n"], counts, boot, derived["mean"]]
+    for out in lazy + [perceptron[name] for name in perceptron.data_vars]:
+        assert isinstance(out.data, da.Array)
+    assert raise_if_dask_computes.total_computes == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    outcome=hnp.arrays(np.int8, (3, 2, 4), elements=st.sampled_from([0, 1, 2, 3])),
+    values=hnp.arrays(np.float64, (3, 2, 4), elements=st.floats(0.01, 10.0)),
+    junk=st.floats(-1e300, 1e300) | st.just(np.inf) | st.just(np.nan),
+)
+def test_mean_equals_the_mean_of_converged_cells(outcome, values, junk):
+    """Whatever the cells outside 'converged' hold, the mean is the converged cells' mean."""
+    dims = ("alpha", "T", "seed")
+    ds = xr.Dataset(
+        {
+            "x": (dims, np.where(outcome == CONVERGED, values, junk)),
+            "outcome": (dims, outcome),
+            "done": (dims, outcome != MISSING),
+        }
+    )
+    stats = seed_mean(ds, "x")
+    keep = outcome == CONVERGED
+    n = keep.sum(axis=-1)
+    np.testing.assert_array_equal(stats["n"].values, n)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(keep, values, 0).sum(axis=-1) / n
+    np.testing.assert_allclose(stats["mean"].values, expected, rtol=1e-12)
+    assert np.isnan(stats["stderr"].values[n < 2]).all()
+    counts = outcome_counts(ds, dims=("alpha", "T", "seed"))
+    assert counts.sel(outcome="converged") == keep.sum()

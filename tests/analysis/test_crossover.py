@@ -1,0 +1,100 @@
+"""Crossover temperatures: interpolation, T_c(P) of both definitions, T_c ~ P^-a."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from synthetic_cube import Laws, tsweep_dataset
+
+from analysis.crossover import (
+    check_ratio,
+    crossover_rel_change,
+    crossover_test_error,
+    fit_crossover,
+)
+from analysis.fits import InsufficientData, fit_rel_change
+from analysis.interpolate import first_crossing, plateau_departure
+from analysis.load import open_cube
+
+LAWS = Laws()
+
+
+@pytest.fixture(scope="module")
+def tsweep(cube_path) -> xr.Dataset:
+    return open_cube(cube_path)["fc_mnist_tsweep"]
+
+
+def test_first_crossing_is_exact_on_power_laws():
+    T = 2.0 ** np.arange(-10, 0)
+    assert first_crossing(T, 3 * T**0.7, 3 * 0.01**0.7) == pytest.approx(0.01, rel=1e-12)
+    assert math.isnan(first_crossing(T, T, 1e-6))  # below the grid
+    assert math.isnan(first_crossing(T, T, 10.0))  # above the grid
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    exponent=st.floats(0.2, 3.0),
+    prefactor=st.floats(1e-3, 1e3),
+    log2_T_c=st.floats(-9.5, -1.5),
+)
+def test_first_crossing_recovers_any_power_law_crossing(exponent, prefactor, log2_T_c):
+    T = 2.0 ** np.arange(-10, 0)
+    level = prefactor * (2.0**log2_T_c) ** exponent
+    found = first_crossing(T, prefactor * T**exponent, level)
+    assert found == pytest.approx(2.0**log2_T_c, rel=1e-9)
+
+
+def test_plateau_departure_up_and_down():
+    T = 2.0 ** np.arange(-12, 0)
+    T_c = 2.0**-5.3
+    for sign in (+1, -1):
+        y = 0.2 * (1 + sign * 0.5 * (T / T_c) ** 2)
+        found, plateau = plateau_departure(T, y, rel_departure=0.1)
+        assert plateau == pytest.approx(0.2, rel=1e-3)
+        # 0.5 (T/T_c)^2 = 0.1 up to the tiny plateau offset
+        assert found == pytest.approx(T_c * np.sqrt(0.2), rel=0.01)
+    assert math.isnan(plateau_departure(T, np.full(T.shape, 0.2))[0])
+
+
+def test_definition_a_recovers_the_known_crossover(tsweep):
+    table = crossover_rel_change(tsweep, level=0.01, n_boot=100)
+    P = table["P"].values.astype(float)
+    # ||w - w0|| / ||w0|| = A T^delta P^gamma reaches 0.01 at:
+    true = (0.01 / (LAWS.A_rel * P**LAWS.gamma)) ** (1 / LAWS.delta)
+    error = np.log(table["T_c"].values / true)
+    assert (np.abs(error) < 3 * table["log_T_c_stderr"].values + 0.02).all(), error
+    assert (table["T_c_low"] <= table["T_c"]).all() and (table["T_c"] <= table["T_c_high"]).all()
+    assert (table["n_boot_valid"] == 100).all()
+
+
+def test_definition_b_recovers_the_known_crossover(tsweep):
+    table = crossover_test_error(tsweep, n_boot=100)
+    true = LAWS.T_c(table["P"].values) * np.sqrt(0.1)
+    error = np.log(table["T_c"].values / true)
+    assert (np.abs(error) < 3 * table["log_T_c_stderr"].values + 0.02).all(), error
+    expected_plateau = LAWS.err0 * (table["P"].values / 1024.0) ** -0.3
+    np.testing.assert_allclose(table["plateau"].values, expected_plateau, rtol=0.03)
+
+
+@pytest.mark.parametrize("definition", ["a", "b"])
+def test_crossover_exponent_and_ratio_check(tsweep, definition):
+    make = crossover_rel_change if definition == "a" else crossover_test_error
+    fit = fit_crossover(make(tsweep, n_boot=100))
+    assert abs(fit.a.value - LAWS.a) < 3 * fit.a.error, fit.a
+    assert 0 < fit.a.error < 0.06
+    check = check_ratio(fit, fit_rel_change(tsweep, n_boot=50))
+    assert check.consistent, check
+    assert check.ratio.value == pytest.approx(LAWS.a, abs=3 * check.ratio.error)
+
+
+def test_too_few_P_for_the_exponent(rng):
+    ds = tsweep_dataset(rng, P=(1024, 2048), n_spoiled=0)
+    table = crossover_test_error(ds, n_boot=10)
+    assert np.isfinite(table["T_c"]).all()
+    with pytest.raises(InsufficientData, match="at least 3"):
+        fit_crossover(table)

@@ -1,0 +1,93 @@
+"""Power-law fits recover the exponents of synthetic cubes within their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from synthetic_cube import Laws, tsweep_dataset
+
+from analysis.fits import (
+    InsufficientData,
+    fit_power_law,
+    fit_rel_change,
+    fit_t_star,
+    lazy_mask,
+    ratio,
+)
+from analysis.load import open_cube
+
+LAWS = Laws()
+
+
+@pytest.fixture(scope="module")
+def tsweep(cube_path) -> xr.Dataset:
+    return open_cube(cube_path)["fc_mnist_tsweep"]
+
+
+def _close(estimate, true: float, max_error: float) -> None:
+    assert abs(estimate.value - true) < 3 * estimate.error, (estimate, true)
+    assert 0 < estimate.error < max_error, estimate
+
+
+def test_exact_power_law_is_recovered_exactly():
+    T = 2.0 ** np.arange(-8, 0)
+    P = np.array([1024.0, 2048, 4096])
+    y = 0.3 * T[:, None] ** 0.5 * P[None, :] ** -1.25
+    mean = xr.DataArray(y, dims=("T", "P"), coords={"T": T, "P": P}, name="y")
+    fit = fit_power_law(mean, 0.01 * mean)
+    assert fit["T"].value == pytest.approx(0.5, abs=1e-10)
+    assert fit["P"].value == pytest.approx(-1.25, abs=1e-10)
+    assert np.exp(fit.log_prefactor.value) == pytest.approx(0.3, rel=1e-9)
+    assert fit.n_points == 24 and fit.weighted
+    np.testing.assert_allclose(fit.predict(T=T[:, None], P=P[None, :]), y, rtol=1e-9)
+
+
+def test_rel_change_exponents(tsweep):
+    fit = fit_rel_change(tsweep, n_boot=100, seed=1)
+    _close(fit["delta"], LAWS.delta, 0.02)
+    _close(fit["gamma"], LAWS.gamma, 0.02)
+    assert np.isfinite(fit["delta"].stderr_boot) and fit.boot.shape == (100, 3)
+    assert fit.chi2_red < 3
+    r = ratio(fit, "gamma", "delta")
+    _close(r, LAWS.a, 0.05)
+
+
+def test_t_star_exponents(tsweep):
+    fit = fit_t_star(tsweep)
+    _close(fit["c"], LAWS.c, 0.03)
+    _close(fit["b"], LAWS.b, 0.03)
+
+
+def test_default_range_is_below_the_test_error_crossover(tsweep):
+    mask = lazy_mask(tsweep)
+    T_departure = LAWS.T_c(mask["P"].values) * np.sqrt(0.1)  # 10 % above the plateau
+    for j, P in enumerate(mask["P"].values):
+        kept = mask["T"].values[mask.values[:, j]]
+        assert kept.max() <= T_departure[j] * 1.2, P
+        assert kept.max() >= T_departure[j] / 2.5, P
+    fit = fit_rel_change(tsweep)
+    assert fit.used.sum() == fit.n_points < mask.size
+    assert "lazy" in fit.range_note
+
+
+def test_user_ranges(tsweep):
+    fit = fit_rel_change(tsweep, fit_range="all", T_range=(2**-10, 2**-4), P_range=(2048, None))
+    used_T = fit.used["T"].values[fit.used.any("P").values]
+    used_P = fit.used["P"].values[fit.used.any("T").values]
+    assert used_T.min() == 2**-10 and used_T.max() == 2**-4
+    assert used_P.min() == 2048
+    _close(fit["gamma"], LAWS.gamma, 0.03)
+
+
+def test_one_P_cannot_give_a_P_exponent(rng):
+    ds = tsweep_dataset(rng, P=(1024,), n_spoiled=0)
+    with pytest.raises(InsufficientData, match="single P"):
+        fit_rel_change(ds, fit_range="all")
+
+
+def test_all_diverged_gives_insufficient_data(rng):
+    ds = tsweep_dataset(rng, n_spoiled=0)
+    ds["outcome"][:] = 2
+    with pytest.raises(InsufficientData, match="0 usable points"):
+        fit_t_star(ds)

@@ -1,0 +1,138 @@
+"""The report command: files written, tables filled, degenerate cubes explained."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from PIL import Image
+from synthetic_cube import Laws, perceptron_dataset, tsweep_dataset, write_cube
+
+from analysis.report import write_report
+from ensemble.schema import DIVERGED
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def subset(cube_path: Path, out: Path, names: list[str]) -> Path:
+    """A copy of the cube with only the experiment groups ``names``."""
+    shutil.copytree(cube_path, out)
+    root = zarr.open_group(str(out), mode="a")
+    for name in root.attrs["experiments"]:
+        if name not in names:
+            shutil.rmtree(out / name)
+    root.attrs["experiments"] = names
+    return out
+
+
+def table_row(text: str, first_cells: str) -> list[str]:
+    """Cells of the markdown table row that starts with ``| first_cells |``."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {first_cells} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@pytest.fixture(scope="module")
+def report_dir(cube_path, tmp_path_factory) -> Path:
+    """The report of the T-sweep and phase-diagram groups, written by the command line."""
+    tmp = tmp_path_factory.mktemp("report")
+    store = subset(cube_path, tmp / "cube.zarr", ["fc_mnist_tsweep", "fc_mnist_phase"])
+    out = tmp / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis", "report", str(store), "--out", str(out)]
+        + ["--n-boot", "30"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out / "report.md")
+    return out
+
+
+def test_report_writes_every_figure(report_dir):
+    stems = [
+        "fc_mnist_tsweep_tsweep",
+        "fc_mnist_tsweep_crossover",
+        "fc_mnist_tsweep_dynamics",
+        "fc_mnist_phase_phase_P1024",
+    ]
+    names = {p.name for p in (report_dir / "figures").iterdir()}
+    assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}
+    for stem in stems:
+        with Image.open(report_dir / "figures" / f"{stem}.png") as image:
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert pixels.std() > 10, stem
+        assert (report_dir / "figures" / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_report_tables(report_dir):
+    laws = Laws()
+    text = (report_dir / "report.md").read_text()
+    assert "## fc_mnist_tsweep" in text and "## fc_mnist_phase" in text
+    assert table_row(text, "experiment") == ["experiment", "fc_mnist_tsweep"]
+    assert table_row(text, "all") == ["all", "4", "468", "4", "4", "480"]  # cells per outcome
+    for first, true in (
+        ("rel_change | T^delta P^gamma | delta", laws.delta),
+        ("rel_change | T^delta P^gamma | gamma", laws.gamma),
+        ("t_star | T^c P^b | b", laws.b),
+    ):
+        row = table_row(text, first)
+        value, stderr, boot = (float(x) for x in row[3:6])
+        assert abs(value - true) < 3 * max(stderr, boot), row
+    for definition in ("(a)", "(b)"):
+        row = table_row(text, definition)
+        a, stderr, boot = (float(x) for x in row[1:4])
+        assert abs(a - laws.a) < 3 * max(stderr, boot), row
+        assert row[-1] == "yes"  # consistent with gamma / delta
+    assert "| P | T_c (a) | 95 % interval (a) | T_c (b) | 95 % interval (b) |" in text
+    assert "T-sweep figure, fits and T_c(P) skipped: they need at least 2 P" in text  # phase
+    assert "failed" not in text
+    for link in ("figures/fc_mnist_tsweep_tsweep.png", "figures/fc_mnist_phase_phase_P1024.svg"):
+        assert f"({link})" in text
+
+
+def test_degenerate_cubes_are_explained_not_fatal(cube_path, tmp_path, rng):
+    all_diverged = tsweep_dataset(rng, n_spoiled=0, T=2.0 ** np.arange(-6, -2))
+    all_diverged["outcome"][:] = DIVERGED
+    one_P = tsweep_dataset(rng, P=(1024,), n_spoiled=0)
+    for name in ("ckpt_t", "ckpt_train_loss", "ckpt_test_error"):
+        one_P[name][:] = np.nan
+    chi1 = xr.open_zarr(cube_path, group="perceptron_chi1_d16", consolidated=False).load()
+    one_P_perceptron = perceptron_dataset(rng, 3.0).isel(P=[0])
+    path = write_cube(
+        tmp_path / "degenerate.zarr",
+        {
+            "all_diverged": all_diverged,
+            "one_P": one_P,
+            "perceptron_chi1_d16": chi1,
+            "perceptron_one_P": one_P_perceptron,
+        },
+    )
+    text = write_report(path, tmp_path / "out", n_boot=10, formats=("png",)).read_text()
+    assert "failed" not in text
+    assert table_row(text, "all") == ["all", "0", "0", "160", "0", "160"]
+    assert "figures and fits skipped: no cell converged" in text
+    assert "T-sweep figure, fits and T_c(P) skipped: they need at least 2 P, P = [1024]" in text
+    assert "perceptron fits skipped: signal: the fit range has a single P = 1024" in text
+    assert "local P-exponents skipped: local P-exponents need at least 2 P values" in text
+    assert "dynamics skipped: no converged cell has checkpoint values" in text
+    # The complete perceptron group: its exponents next to the predicted ones.
+    chi1_part = text[text.index("### Perceptron (chi = 1, d = 16)") :]
+    row = table_row(chi1_part, "signal | P")
+    assert float(row[4]) == 0.5 and abs(float(row[5])) < 3  # predicted 1/(1+chi), z
+    assert "## Perceptron across chi" in text
+    figures = sorted(p.name for p in (tmp_path / "out" / "figures").iterdir())
+    assert figures == [
+        "perceptron_chi1_d16_perceptron.png",
+        "perceptron_one_P_perceptron.png",
+        "perceptron_summary.png",
+    ]
