@@ -17,7 +17,12 @@ DTYPES = ("float32", "float64")
 POOL_SIZE = {"mnist": 70_000, "cifar10": 60_000}
 
 
-class SpecError(ValueError):
+class EnsembleError(Exception):
+    """A problem the user can fix (bad settings, missing data, busy store); the CLI
+    prints its message instead of a traceback."""
+
+
+class SpecError(EnsembleError, ValueError):
     """An invalid setting; the message names the field, the value and the allowed range."""
 
 

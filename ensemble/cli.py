@@ -33,10 +33,20 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from ensemble.schema import OUTCOME_FLAGS
 
     group = Group(
-        dataset=a.dataset, arch=a.arch, P=a.P, B=a.B, pte=a.pte, h=a.h, L=a.L,
-        activation=a.activation, d=a.d, chi=a.chi, max_steps=a.max_steps, dtype=a.dtype,
+        dataset=a.dataset,
+        arch=a.arch,
+        P=a.P,
+        B=a.B,
+        pte=a.pte,
+        h=a.h,
+        L=a.L,
+        activation=a.activation,
+        d=a.d,
+        chi=a.chi,
+        max_steps=a.max_steps,
+        dtype=a.dtype,
         data_root=a.data_root,
-    )  # fmt: skip
+    )
     members = [Member(alpha=al, T=T, seed=s) for al in a.alpha for T in a.T for s in a.seeds]
     device = resolve_device(a.device)
     engine = Engine(group, a.slots or default_slots(group, device, len(members)), device)
@@ -70,10 +80,17 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if not a.no_monitor:
         from ensemble.monitor import SweepMonitor as monitor  # noqa: N813
     launch(
-        a.sweep, a.store, scheduler=a.scheduler, n_workers=a.workers, device=a.device,
-        slots=a.slots, max_members=a.max_members, data_root=a.data_root,
-        dashboard_address=a.dashboard_address, monitor=monitor,
-    )  # fmt: skip
+        a.sweep,
+        a.store,
+        scheduler=a.scheduler,
+        n_workers=a.workers,
+        device=a.device,
+        slots=a.slots,
+        max_members=a.max_members,
+        data_root=a.data_root,
+        dashboard_address=a.dashboard_address,
+        monitor=monitor,
+    )
     return 0
 
 
@@ -178,12 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None)
     b.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
     b.add_argument("--data-root", default=None)
+    b.add_argument("--synthetic", action="store_true", help="random inputs of the data's shape")
+    b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
+    b.add_argument(
+        "--occupancy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare continuous and static batching on N members, then stop",
+    )
     b.set_defaults(func=_cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ensemble.cells import SpecError
+    from ensemble.cells import EnsembleError
 
     args = build_parser().parse_args(argv)
     if args.command == "run" and not args.dry_run and not args.store:
@@ -191,17 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except SpecError as exc:
+    except EnsembleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from ensemble.cube import StoreBusyError
-        from ensemble.data import DataError
-
-        if isinstance(exc, (DataError, StoreBusyError)):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ensemble.cells import EnsembleError
 from ensemble.schema import (
     CELL_VARS,
     CHECKPOINT_DIM,
@@ -42,7 +43,7 @@ LOCK_SUFFIX = ".lock"
 """The lock of store ``x.zarr`` is the file ``x.zarr.lock`` beside it."""
 
 
-class StoreBusyError(RuntimeError):
+class StoreBusyError(EnsembleError, RuntimeError):
     """Another launch holds the store."""
 
 
@@ -203,7 +204,7 @@ def _write_group(ds: xr.Dataset, store: str | os.PathLike, name: str) -> None:
 
 def _set_experiments(store: str | os.PathLike) -> None:
     with _quiet_zarr():
-        root = zarr.open_group(store, mode="a")
+        root = zarr.open_group(store, mode="a", use_consolidated=False)  # not the stale copy
         names = sorted(k for k in root.group_keys() if "." not in k)
         root.attrs["experiments"] = names
         zarr.consolidate_metadata(store)

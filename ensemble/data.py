@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ensemble.cells import POOL_SIZE
+from ensemble.cells import POOL_SIZE, EnsembleError
 
 DATASETS = ("mnist", "cifar10")
 
@@ -113,7 +113,7 @@ _FETCH_HINT = (
 )
 
 
-class DataError(RuntimeError):
+class DataError(EnsembleError, RuntimeError):
     """Any data problem; the message says what is wrong and how to fix it."""
 
 

@@ -27,7 +27,9 @@ weights at detection are the weights at s*.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import math
 import time
 from collections import deque
@@ -53,6 +55,8 @@ _FREE, _RUNNING = 0, 1
 _M32 = 0xFFFFFFFF
 EVAL_BUDGET = 2**26
 """Activations (floats) held at once by an evaluation chunk; bounds evaluation memory."""
+GRAPH_STEPS = 16
+"""SGD steps per CUDA graph replay."""
 N_CKPT_TEST = 1024
 """Checkpoints evaluate the test error on the first min(pte, N_CKPT_TEST) test points."""
 
@@ -81,6 +85,17 @@ def _device_pool(name: str, root: str | None, device: torch.device, dtype: torch
     """The dataset pool (x, y) resident on ``device``, loaded once per process."""
     pool = datasets.load_pool(name, root)
     return pool.x.to(device, dtype), pool.y.to(device, dtype)
+
+
+@contextlib.contextmanager
+def _tf32(allow: bool):
+    """Allow TF32 matmuls and convolutions (CUDA only) inside the block, if asked."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -183,14 +198,18 @@ class _TrainingData:
     the perceptron each slot owns P rows of ``src`` holding its own sampled data.
     """
 
-    def __init__(self, group: Group, slots: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, group: Group, slots: int, device: torch.device, dtype: torch.dtype, pool=None
+    ):
         self.group = group
         P = group.P
         if group.dataset == "perceptron":
             x_te, y_te = datasets.perceptron_test(group.d, group.chi, group.pte)
             self.src = torch.zeros(slots * P, group.d, dtype=dtype, device=device)
         else:
-            self.src, self.pool_y = _device_pool(group.dataset, group.data_root, device, dtype)
+            if pool is None:
+                pool = _device_pool(group.dataset, group.data_root, device, dtype)
+            self.src, self.pool_y = pool
             te = torch.from_numpy(datasets.test_indices(group.dataset, group.pte)).to(device)
             x_te, y_te = self.src[te], self.pool_y[te]
         self.x_test = x_te.to(device, dtype)
@@ -220,6 +239,8 @@ class Engine:
     slots  : K, the number of members trained at once
     device : torch device; default CUDA when available, else CPU
     keep_weights : return each member's final weights in its result (for tests, analysis)
+    pool   : (x, y) dataset pool already on the device (default: ``group.dataset``'s)
+    cuda_graph : replay the step from a CUDA graph on CUDA devices
     """
 
     def __init__(
@@ -228,6 +249,8 @@ class Engine:
         slots: int,
         device: str | torch.device | None = None,
         keep_weights: bool = False,
+        pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cuda_graph: bool = True,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -237,7 +260,9 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = torch.float64 if group.dtype == "float64" else torch.float32
         self.model: Model = build_model(group)
-        self.data = _TrainingData(group, slots, self.device, self.dtype)
+        self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
+        self.cuda_graph = cuda_graph
+        self._graph: torch.cuda.CUDAGraph | None = None
         K, dev, dt = slots, self.device, self.dtype
         self.params: Params = {
             n: torch.zeros(K, *s, dtype=dt, device=dev) for n, s in self.model.shapes.items()
@@ -279,9 +304,39 @@ class Engine:
             shape = (-1,) + (1,) * (p.dim() - 1)
             lr = torch.where(update, self.dt, 0).view(shape)
             p.sub_(torch.where(update.view(shape), lr * grads[name], 0))
-        self.last_active = torch.where(update & (loss > 0), self.step, self.last_active)
-        self.status = torch.where(running & ~finite, DIVERGED, self.status).to(torch.int8)
+        # in place, so that a CUDA graph of the step replays on the same tensors
+        self.last_active.copy_(torch.where(update & (loss > 0), self.step, self.last_active))
+        self.status.copy_(torch.where(running & ~finite, DIVERGED, self.status))
         self.step += update
+
+    def _run_steps(self, n: int) -> None:
+        """n steps of every slot. On CUDA the step is captured once in a CUDA graph of
+        GRAPH_STEPS steps and replayed (one launch for many kernels); the arithmetic is the
+        same kernels as the eager step."""
+        if self.device.type != "cuda" or not self.cuda_graph:
+            for _ in range(n):
+                self._step()
+            return
+        if self._graph is None and n >= GRAPH_STEPS + 2:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: two real steps outside the graph
+                self._step()
+                self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            n -= 2
+            gc.collect()  # a dead engine's graph freed mid-capture invalidates the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records, does not run
+                for _ in range(GRAPH_STEPS):
+                    self._step()
+            self._graph = graph
+        reps, rest = divmod(n, GRAPH_STEPS) if self._graph is not None else (0, n)
+        for _ in range(reps):
+            self._graph.replay()
+        for _ in range(rest):
+            self._step()
 
     # -- evaluation -----------------------------------------------------------------
 
@@ -454,8 +509,8 @@ class Engine:
                     self.status[s] = _FREE
                 refill()
                 continue
-            for _ in range(max(n, 1)):
-                self._step()
+            with _tf32(self.group.tf32):
+                self._run_steps(max(n, 1))
             self.stats.slot_steps += K * max(n, 1)
         self.stats.seconds += time.perf_counter() - t_start
         return [results[i] for i in sorted(results)]

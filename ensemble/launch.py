@@ -208,8 +208,12 @@ def launch(
                 print(f"{sweep.name}: all {report.cells_total} cells are already done in {store}")
         else:
             task = TaskOptions(device, slots, max_members, data_root)
-            cluster = dict(client=client, scheduler=scheduler, n_workers=n_workers,
-                           dashboard_address=dashboard_address)  # fmt: skip
+            cluster = dict(
+                client=client,
+                scheduler=scheduler,
+                n_workers=n_workers,
+                dashboard_address=dashboard_address,
+            )
             _execute(sweep, store, pending, cluster, task, progress, monitor, report)
     report.seconds = time.perf_counter() - t0
     if progress and report.cells_pending:

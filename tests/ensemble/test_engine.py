@@ -6,6 +6,7 @@ The oracle is the member trained alone: an ensemble member must reproduce it.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -23,10 +24,21 @@ from ensemble.schema import CONVERGED, DIVERGED, UNFINISHED
 @pytest.fixture
 def small_fc(data_root) -> Group:
     return Group(
-        dataset="mnist", arch="fc", P=64, B=8, pte=256, h=32, L=2, max_steps=3000,
-        dtype="float64", data_root=str(data_root),
-    )  # fmt: skip
+        dataset="mnist",
+        arch="fc",
+        P=64,
+        B=8,
+        pte=256,
+        h=32,
+        L=2,
+        max_steps=3000,
+        dtype="float64",
+        data_root=str(data_root),
+    )
 
+
+DEVICE = os.environ.get("ENSEMBLE_TEST_DEVICE", "cpu")
+"""Set ENSEMBLE_TEST_DEVICE=cuda to run these tests on a GPU."""
 
 MEMBERS = [
     Member(alpha=2.0**10, T=2.0**-6, seed=0),
@@ -48,17 +60,17 @@ def _assert_same(a, b, rtol=1e-9):
 
 
 def test_member_equals_member_trained_alone(small_fc):
-    ens = train_batch(small_fc, MEMBERS, device="cpu", keep_weights=True)
+    ens = train_batch(small_fc, MEMBERS, device=DEVICE, keep_weights=True)
     assert {r.outcome for r in ens} == {CONVERGED}
     for m, r in zip(MEMBERS, ens, strict=True):
-        alone = train_batch(small_fc, [m], device="cpu", keep_weights=True)[0]
+        alone = train_batch(small_fc, [m], device=DEVICE, keep_weights=True)[0]
         _assert_same(r, alone)
 
 
 def test_continuous_batching_gives_same_results(small_fc):
     """Two slots for four members: slots are refilled, results are unchanged."""
-    full = train_batch(small_fc, MEMBERS, device="cpu", keep_weights=True)
-    engine = Engine(small_fc, slots=2, device="cpu", keep_weights=True)
+    full = train_batch(small_fc, MEMBERS, device=DEVICE, keep_weights=True)
+    engine = Engine(small_fc, slots=2, device=DEVICE, keep_weights=True)
     refilled = engine.run(MEMBERS)
     for a, b in zip(full, refilled, strict=True):
         _assert_same(a, b)
@@ -67,9 +79,9 @@ def test_continuous_batching_gives_same_results(small_fc):
 
 def test_float32_member_matches_alone(small_fc):
     g = Group(**{**small_fc.as_dict(), "dtype": "float32", "data_root": small_fc.data_root})
-    ens = train_batch(g, MEMBERS[:2], device="cpu", keep_weights=True)
+    ens = train_batch(g, MEMBERS[:2], device=DEVICE, keep_weights=True)
     for m, r in zip(MEMBERS[:2], ens, strict=True):
-        alone = train_batch(g, [m], device="cpu", keep_weights=True)[0]
+        alone = train_batch(g, [m], device=DEVICE, keep_weights=True)[0]
         assert r.outcome == alone.outcome == CONVERGED
         assert abs(r.steps - alone.steps) <= max(2, 0.01 * alone.steps)
         assert r.test_error == pytest.approx(alone.test_error, abs=0.02)
@@ -87,7 +99,7 @@ def _reference_fc(params: dict, x: torch.Tensor, L: int, h: int) -> torch.Tensor
 def test_zero_prediction_at_init_and_first_step_matches_reference(small_fc):
     g = Group(**{**small_fc.as_dict(), "max_steps": 1, "data_root": small_fc.data_root})
     m = Member(alpha=8.0, T=0.01, seed=5)
-    engine = Engine(g, slots=1, device="cpu", keep_weights=True)
+    engine = Engine(g, slots=1, device=DEVICE, keep_weights=True)
     r = engine.run([m])[0]
     # init: reproduce w0 and the training set independently
     init_seed, key = member_streams(m.seed)
@@ -115,12 +127,19 @@ def test_zero_prediction_at_init_and_first_step_matches_reference(small_fc):
 
 def test_fc_ensemble_fits_mnist_parity(data_root):
     g = Group(
-        dataset="mnist", arch="fc", P=256, B=16, pte=2048, h=64, L=3, max_steps=20000,
+        dataset="mnist",
+        arch="fc",
+        P=256,
+        B=16,
+        pte=2048,
+        h=64,
+        L=3,
+        max_steps=20000,
         data_root=str(data_root),
-    )  # fmt: skip
+    )
     members = [Member(alpha=2.0**12, T=T, seed=s) for T in (2.0**-8, 2.0**-5) for s in (0, 1)]
     members.append(Member(alpha=1.0, T=2.0**-6, seed=0))
-    res = train_batch(g, members, device="cpu")
+    res = train_batch(g, members, device=DEVICE)
     for r in res:
         assert r.outcome == CONVERGED
         assert r.train_loss == 0 and r.n_unfitted == 0
@@ -137,11 +156,11 @@ def test_diverging_member_does_not_disturb_batch_mates(small_fc):
     g = Group(**{**small_fc.as_dict(), "L": 5, "dtype": "float32", "data_root": small_fc.data_root})
     bad = Member(alpha=1.0, T=2.0**4, seed=7)  # dt = 2^4 * 32 * 8 = 4096
     members = [MEMBERS[0], bad, MEMBERS[1]]
-    res = train_batch(g, members, device="cpu", keep_weights=True)
+    res = train_batch(g, members, device=DEVICE, keep_weights=True)
     assert res[1].outcome == DIVERGED and res[1].steps < 20
     assert math.isnan(res[1].t_star) and math.isnan(res[1].test_error)
     assert res[0].outcome == res[2].outcome == CONVERGED
-    alone = train_batch(g, [MEMBERS[0], MEMBERS[1]], device="cpu", keep_weights=True)
+    alone = train_batch(g, [MEMBERS[0], MEMBERS[1]], device=DEVICE, keep_weights=True)
     for a, b in ((res[0], alone[0]), (res[2], alone[1])):
         assert a.steps == b.steps and a.test_error == b.test_error
         for n in a.weights:
@@ -150,13 +169,13 @@ def test_diverging_member_does_not_disturb_batch_mates(small_fc):
 
 def test_budget_gives_unfinished(small_fc):
     g = Group(**{**small_fc.as_dict(), "max_steps": 20, "data_root": small_fc.data_root})
-    (r,) = train_batch(g, [MEMBERS[2]], device="cpu")
+    (r,) = train_batch(g, [MEMBERS[2]], device=DEVICE)
     assert r.outcome == UNFINISHED and r.steps == 20 and math.isnan(r.t_star)
     assert r.train_loss > 0 and r.n_unfitted > 0
 
 
 def test_checkpoints_are_log_spaced_and_frozen_after_t_star(small_fc):
-    (r,) = train_batch(small_fc, [MEMBERS[0]], device="cpu")
+    (r,) = train_batch(small_fc, [MEMBERS[0]], device=DEVICE)
     steps = np.array([16 * 4**k for k in range(len(r.ckpt_t))])
     dt = small_fc.dt(MEMBERS[0].T)
     assert r.outcome == CONVERGED
@@ -169,10 +188,19 @@ def test_checkpoints_are_log_spaced_and_frozen_after_t_star(small_fc):
 
 
 def test_perceptron_observables():
-    g = Group(dataset="perceptron", arch="perceptron", P=128, B=2, pte=1000, d=16, chi=1.0,
-              max_steps=200_000, dtype="float64")  # fmt: skip
+    g = Group(
+        dataset="perceptron",
+        arch="perceptron",
+        P=128,
+        B=2,
+        pte=1000,
+        d=16,
+        chi=1.0,
+        max_steps=200_000,
+        dtype="float64",
+    )
     members = [Member(alpha=2.0**15, T=T, seed=s) for T in (0.01, 0.1) for s in (0, 1)]
-    res = train_batch(g, members, device="cpu", keep_weights=True)
+    res = train_batch(g, members, device=DEVICE, keep_weights=True)
     for r in res:
         assert r.outcome == CONVERGED
         w, w0 = r.weights["w"], None
@@ -184,12 +212,21 @@ def test_perceptron_observables():
 
 
 def test_perceptron_member_equals_alone():
-    g = Group(dataset="perceptron", arch="perceptron", P=64, B=2, pte=200, d=8, chi=0.0,
-              max_steps=100_000, dtype="float64")  # fmt: skip
+    g = Group(
+        dataset="perceptron",
+        arch="perceptron",
+        P=64,
+        B=2,
+        pte=200,
+        d=8,
+        chi=0.0,
+        max_steps=100_000,
+        dtype="float64",
+    )
     members = [Member(alpha=2.0**15, T=0.05, seed=s) for s in range(3)]
-    ens = train_batch(g, members, device="cpu", keep_weights=True)
+    ens = train_batch(g, members, device=DEVICE, keep_weights=True)
     for m, r in zip(members, ens, strict=True):
-        _assert_same(r, train_batch(g, [m], device="cpu", keep_weights=True)[0])
+        _assert_same(r, train_batch(g, [m], device=DEVICE, keep_weights=True)[0])
 
 
 @settings(max_examples=40, deadline=None)

@@ -89,8 +89,17 @@ def test_cube_layout(reference):
         assert ds[name].attrs["long_name"] and "units" in ds[name].attrs
     for d in ("alpha", "T", "P", "seed", "dt"):
         assert "units" in ds[d].attrs
-    for key in ("dataset", "arch", "h", "B", "package_version", "git_commit", "torch_version",
-                "device", "sweep"):  # fmt: skip
+    for key in (
+        "dataset",
+        "arch",
+        "h",
+        "B",
+        "package_version",
+        "git_commit",
+        "torch_version",
+        "device",
+        "sweep",
+    ):
         assert key in ds.attrs, key
     assert ds.attrs["dataset"] == "mnist" and ds.attrs["h"] == 32
 
@@ -127,11 +136,26 @@ def test_killed_worker_still_gives_complete_cube(client, tmp_path, reference):
 def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, reference, data_root):
     spec = write_sweep(tmp_path / "tiny.toml")
     store = tmp_path / "s.zarr"
-    cmd = [sys.executable, "-m", "ensemble", "run", str(spec), "--store", str(store), "--workers",
-           "1", "--max-members", "1", "--no-monitor", "--dashboard-address", ":0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ensemble",
+        "run",
+        str(spec),
+        "--store",
+        str(store),
+        "--workers",
+        "1",
+        "--max-members",
+        "1",
+        "--no-monitor",
+        "--dashboard-address",
+        ":0",
+    ]
     env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     sweep = load_sweep(spec)
     done = 0
     deadline = time.time() + 300
@@ -184,8 +208,12 @@ def test_second_concurrent_launch_is_refused(tmp_path):
 
 def test_changed_settings_are_refused(client, tmp_path):
     store = tmp_path / "x.zarr"
-    launch(write_sweep(tmp_path / "a.toml", alpha="[1024.0]", T="[0.03125]", seeds=1), store,
-           client=client, progress=False)  # fmt: skip
+    launch(
+        write_sweep(tmp_path / "a.toml", alpha="[1024.0]", T="[0.03125]", seeds=1),
+        store,
+        client=client,
+        progress=False,
+    )
     text = (tmp_path / "a.toml").read_text().replace("h = 32", "h = 16")
     (tmp_path / "b.toml").write_text(text)
     with pytest.raises(ValueError, match="other settings"):
@@ -213,6 +241,8 @@ def test_cli_status_and_dry_run(tmp_path, reference, data_root):
     spec = write_sweep(tmp_path / "tiny.toml")
     out = subprocess.run(
         [sys.executable, "-m", "ensemble", "run", str(spec), "--dry-run", "--workers", "2"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "8 cells pending" in out.stdout and "tiny_fc-P64" in out.stdout

@@ -1,0 +1,236 @@
+"""``python -m ensemble bench``: network-steps per second, ensembles against one network
+at a time with the same code, measured in one run (medians of repeats).
+
+Per architecture (science.md settings): FC-5L h = 128, B = 16, P = 1024 on MNIST; MNAS
+h = 32, B = 64, P = 1024 on CIFAR-10; the perceptron d = 128, B = 2, P = 1024. For each
+ensemble size K the engine's hot loop (per-member batch draw, centred output, hinge loss,
+gradient, masked update) runs ``steps`` steps after a warm-up; "x one-at-a-time" is the
+ratio to K = 1, i.e. to K networks trained one after another. On CUDA the table also
+gives the ratio to a memory-bandwidth bound: copy bandwidth / (5 x weight bytes) per
+network-step (forward read, backward read, gradient write, update read and write).
+``--synthetic`` uses random inputs of the dataset's shape (throughput does not depend on
+pixel values) where the dataset files are not at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ensemble.cells import POOL_SIZE, Group, Member
+from ensemble.engine import Engine, resolve_device
+from ensemble.models import INPUT_SHAPE
+
+SETTINGS = {
+    "fc": dict(dataset="mnist", arch="fc", h=128, L=5, B=16, P=1024, pte=1024),
+    "mnas": dict(dataset="cifar10", arch="mnas", h=32, B=64, P=1024, pte=1024),
+    "perceptron": dict(dataset="perceptron", arch="perceptron", d=128, B=2, P=1024, pte=1024),
+}
+DEFAULT_K = {"cpu": [1, 8, 64, 256], "cuda": [1, 64, 512, 2048, 4096, 8192]}
+DEFAULT_STEPS = {"cpu": 30, "cuda": 200}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
+    n = 2**28 if device.type == "cuda" else 2**25
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    _sync(device)
+    return 2 * 4 * n * 5 / (time.perf_counter() - t)
+
+
+def make_engine(arch: str, K: int, device: torch.device, synthetic: bool, data_root=None):
+    """An engine of K slots filled with lazy members (alpha = 2^15, T = 2^-8)."""
+    g = Group(**SETTINGS[arch], max_steps=10**9, data_root=data_root)
+    pool = None
+    if synthetic and g.dataset != "perceptron":
+        n = POOL_SIZE[g.dataset]
+        gen = torch.Generator(device).manual_seed(0)
+        x = torch.randn(n, *INPUT_SHAPE[g.dataset], generator=gen, device=device)
+        y = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
+        pool = (x, y)
+    engine = Engine(g, K, device, pool=pool)
+    for s in range(K):
+        engine._fill(s, Member(alpha=2.0**15, T=2.0**-8, seed=s))
+    engine._init_f0(torch.arange(K, device=device))
+    return engine
+
+
+def measure(
+    arch: str,
+    K: int,
+    steps: int,
+    device: torch.device,
+    repeats: int,
+    synthetic: bool,
+    data_root=None,
+) -> float:
+    """Median network-steps/s of the hot loop for an ensemble of K."""
+    engine = make_engine(arch, K, device, synthetic, data_root)
+    engine._run_steps(min(steps, 20) + 18)  # warm-up (and CUDA graph capture)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        engine._run_steps(steps)
+        _sync(device)
+        rates.append(K * steps / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def table(
+    arch: str,
+    Ks: list[int],
+    steps: int,
+    device: torch.device,
+    repeats: int,
+    synthetic: bool,
+    data_root=None,
+) -> str:
+    g = Group(**SETTINGS[arch])
+    from ensemble.models import build_model
+
+    n_params = build_model(g).n_params
+    bound = None
+    if device.type == "cuda":
+        bound = copy_bandwidth(device) / (5 * 4 * n_params)
+    lines = [
+        f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {device}"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+        + (", synthetic inputs" if synthetic and g.dataset != "perceptron" else "")
+        + ")",
+        "",
+        "| K | network-steps/s | x one-at-a-time |" + (" x bandwidth bound |" if bound else ""),
+        "|---:|---:|---:|" + ("---:|" if bound else ""),
+    ]
+    base = None
+    for K in Ks:
+        try:
+            rate = measure(arch, K, steps, device, repeats, synthetic, data_root)
+        except torch.OutOfMemoryError:
+            lines.append(f"| {K} | out of memory | |")
+            break
+        base = base or rate
+        row = f"| {K} | {rate:,.0f} | {rate / base:.1f} |"
+        if bound:
+            row += f" {rate / bound:.2f} |"
+        lines.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if bound:
+        lines.append(f"\nbandwidth bound: {bound:,.0f} network-steps/s")
+    return "\n".join(lines)
+
+
+def check_graph_equivalence(device: torch.device, data_root=None) -> str:
+    """The CUDA-graph step against the eager step, and an ensemble member against the
+    same member alone, on ``device`` (FC-5L h = 64, P = 256, float32). Returns a summary
+    line; raises AssertionError on a mismatch."""
+    g = Group(
+        dataset="mnist",
+        arch="fc",
+        h=64,
+        L=5,
+        B=16,
+        P=256,
+        pte=1024,
+        max_steps=5000,
+        data_root=data_root,
+    )
+    members = [
+        Member(alpha=a, T=T, seed=s)
+        for a in (1.0, 2.0**12)
+        for T in (2.0**-8, 2.0**-5)
+        for s in (0, 1)
+    ]
+    graph = Engine(g, len(members), device, keep_weights=True).run(members)
+    eager = Engine(g, len(members), device, keep_weights=True, cuda_graph=False).run(members)
+    worst = 0.0
+    for a, b in zip(graph, eager, strict=True):
+        assert (a.outcome, a.steps) == (b.outcome, b.steps), (a.member, a.steps, b.steps)
+        for n in a.weights:
+            worst = max(worst, float(abs(a.weights[n] - b.weights[n]).max()))
+    alone = [Engine(g, 1, device).run([m])[0] for m in members]
+    same = sum(
+        a.outcome == b.outcome and a.steps == b.steps for a, b in zip(graph, alone, strict=True)
+    )
+    rel = max(abs(a.steps - b.steps) / b.steps for a, b in zip(graph, alone, strict=True))
+    return (
+        f"graph vs eager: same outcomes and steps for {len(members)} members, max |dw| "
+        f"{worst:.2e}; ensemble vs alone (float32): {same}/{len(members)} identical,"
+        f" largest step difference {rel:.1%}"
+    )
+
+
+def occupancy(
+    arch: str,
+    n_members: int,
+    slots: int,
+    device: torch.device,
+    data_root=None,
+    max_steps: int = 4000,
+) -> str:
+    """Continuous batching against static batches on the same cells: members whose step
+    counts differ widely (T from 2^-12 to 2^-4 at alpha = 1 and 2^12), trained through
+    ``slots`` refilled slots, then as static batches of ``slots`` members."""
+    g = Group(**{**SETTINGS[arch], "P": 256, "max_steps": max_steps, "data_root": data_root})
+    Ts = [2.0**k for k in range(-12, -3)]
+    members = [
+        Member(alpha=[1.0, 2.0**12][i % 2], T=Ts[(i // 2) % len(Ts)], seed=i)
+        for i in range(n_members)
+    ]
+    t = time.perf_counter()
+    cont = Engine(g, slots, device)
+    cont.run(members)
+    t_cont = time.perf_counter() - t
+    t = time.perf_counter()
+    member_steps = slot_steps = 0
+    for i in range(0, n_members, slots):
+        e = Engine(g, slots, device)
+        e.run(members[i : i + slots])
+        member_steps += e.stats.member_steps
+        slot_steps += e.stats.slot_steps
+    t_static = time.perf_counter() - t
+    return (
+        f"{arch}, {n_members} members, {slots} slots on {device}: continuous batching"
+        f" {t_cont:.1f} s, occupancy {cont.stats.occupancy:.0%}, checks"
+        f" {cont.stats.check_seconds / cont.stats.seconds:.0%} of the time; static batches"
+        f" {t_static:.1f} s, occupancy {member_steps / slot_steps:.0%}"
+    )
+
+
+def main(a: argparse.Namespace) -> int:
+    device = resolve_device(a.device)
+    archs = ["fc", "mnas", "perceptron"] if a.arch == "all" else [a.arch]
+    Ks = a.K or DEFAULT_K[device.type]
+    steps = a.steps or DEFAULT_STEPS[device.type]
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {steps} steps,"
+        f" median of {a.repeats}"
+    )
+    if a.check:
+        print(check_graph_equivalence(device, a.data_root), flush=True)
+    if a.occupancy:
+        print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
+        return 0
+    for arch in archs:
+        ks = [k for k in Ks if arch != "mnas" or k <= (64 if device.type == "cpu" else 4096)]
+        print(
+            table(arch, ks, steps, device, a.repeats, getattr(a, "synthetic", False), a.data_root),
+            flush=True,
+        )
+        print()
+    return 0
