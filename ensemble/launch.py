@@ -24,12 +24,14 @@ import xarray as xr
 import ensemble
 from ensemble import cube
 from ensemble.cells import Cell, Group
-from ensemble.plan import Batch, format_plan, plan_batches
+from ensemble.plan import Batch, estimate_steps, format_plan, plan_batches
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
 
-TASKS_PER_WORKER = 2
+TASKS_PER_WORKER = 4
 """Cells of a P are cut into at least this many tasks per worker (load balance)."""
+REFILL_FACTOR = 2
+"""A task's members per engine slot: the slots are refilled as members stop."""
 
 
 @dataclasses.dataclass
@@ -140,7 +142,13 @@ def plan(
 
 
 def run_batch(batch: Batch, device: str | None, slots: int | None, data_root: str | None):
-    """Dask task: train one batch on this worker's device; returns plain dicts."""
+    """Dask task: train one batch on this worker's device; returns plain dicts (in the
+    batch's member order) and the engine's counters.
+
+    Continuous batching: the engine gets fewer slots than members (half, by default,
+    within the device's memory) and refills a slot as soon as its member stops; members
+    expected to be slowest go first, so the batch does not end waiting for one of them.
+    """
     from ensemble.cluster import worker_device
     from ensemble.engine import Engine, default_slots
 
@@ -148,14 +156,16 @@ def run_batch(batch: Batch, device: str | None, slots: int | None, data_root: st
     if data_root is not None:
         group = Group(**{**group.as_dict(), "data_root": data_root})
     dev = worker_device(device)
-    k = slots or default_slots(group, dev, len(batch.members))
-    engine = Engine(group, min(k, len(batch.members)), dev)
-    results = engine.run(batch.members)
-    out = []
-    for r in results:
+    n = len(batch.members)
+    k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
+    order = sorted(range(n), key=lambda i: -estimate_steps(group, batch.members[i]))
+    engine = Engine(group, min(k, n), dev)
+    results = engine.run([batch.members[i] for i in order])
+    out: list = [None] * n
+    for r, i in zip(results, order, strict=True):
         d = dataclasses.asdict(r)
         d.pop("weights")
-        out.append(d)
+        out[i] = d
     return out, dataclasses.asdict(engine.stats)
 
 

@@ -54,7 +54,10 @@ CELL_VARS: dict[str, tuple[str, str]] = {
     "dw2": ("||w - w0||^2 summed over all layers", "1"),
     "w0_2": ("||w0||^2 summed over all layers", "1"),
     "rel_change": ("relative weight change ||w - w0|| / ||w0||", "1"),
-    "seconds": ("wall time of the member's ensemble batch per member", "s"),
+    "seconds": (
+        "wall time the member occupied an ensemble slot (shared with its batch-mates)",
+        "s",
+    ),
 }
 PERCEPTRON_VARS: dict[str, tuple[str, str]] = {
     "w_par": ("signal w . e1 at the end", "1"),
