@@ -31,6 +31,9 @@ SETTINGS = {
 }
 DEFAULT_K = {"cpu": [1, 8, 64, 256], "cuda": [1, 64, 512, 2048, 4096, 8192]}
 DEFAULT_STEPS = {"cpu": 30, "cuda": 200}
+ARCH_STEPS = {"mnas": 0.1, "perceptron": 10.0}
+"""Timed steps relative to FC when --steps is not given (MNAS steps are slow, the
+perceptron's fast)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +111,7 @@ def table(
     if device.type == "cuda":
         bound = copy_bandwidth(device) / (5 * 4 * n_params)
     lines = [
-        f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {device}"
+        f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {steps} steps, {device}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
         + (", synthetic inputs" if synthetic and g.dataset != "perceptron" else "")
         + ")",
@@ -218,8 +221,8 @@ def main(a: argparse.Namespace) -> int:
     Ks = a.K or DEFAULT_K[device.type]
     steps = a.steps or DEFAULT_STEPS[device.type]
     print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {steps} steps,"
-        f" median of {a.repeats}"
+        f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads,"
+        f" median of {a.repeats} repeats"
     )
     if a.check:
         print(check_graph_equivalence(device, a.data_root), flush=True)
@@ -227,9 +230,10 @@ def main(a: argparse.Namespace) -> int:
         print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
         return 0
     for arch in archs:
-        ks = [k for k in Ks if arch != "mnas" or k <= (64 if device.type == "cpu" else 4096)]
+        ks = [k for k in Ks if arch != "mnas" or k <= (16 if device.type == "cpu" else 4096)]
+        n = steps if a.steps or arch == "fc" else int(steps * ARCH_STEPS[arch])
         print(
-            table(arch, ks, steps, device, a.repeats, getattr(a, "synthetic", False), a.data_root),
+            table(arch, ks, max(n, 1), device, a.repeats, a.synthetic, a.data_root),
             flush=True,
         )
         print()
