@@ -30,6 +30,9 @@ from ensemble.spec import Experiment, Sweep, load_sweep
 
 TASKS_PER_WORKER = 4
 """Cells of a P are cut into at least this many tasks per worker (load balance)."""
+MIN_MEMBERS_PER_TASK = 8
+"""Load balance never cuts tasks below this many members (an ensemble of 8 is already
+about 5x as fast per network as one network on a CPU core; see the README's bench)."""
 REFILL_FACTOR = 2
 """A task's members per engine slot: the slots are refilled as members stop."""
 
@@ -129,14 +132,15 @@ def plan(
     sweep: Sweep, pending: dict[str, list[Cell]], n_workers: int, max_members: int | None
 ) -> list[Batch]:
     """Batches of the pending cells: at most ``max_members`` members (default 256) and
-    at least TASKS_PER_WORKER tasks per worker for each P where there are enough cells."""
+    at least TASKS_PER_WORKER tasks per worker for each P where there are enough cells
+    (but no fewer than MIN_MEMBERS_PER_TASK members per task)."""
     batches = []
     for exp in sweep.experiments:
         cells = pending[exp.name]
         for P in sorted({c.P for c in cells}):
             at_P = [c for c in cells if c.P == P]
             per_task = math.ceil(len(at_P) / (TASKS_PER_WORKER * max(n_workers, 1)))
-            size = max(1, min(max_members or 256, per_task))
+            size = max(1, min(max_members or 256, max(per_task, MIN_MEMBERS_PER_TASK)))
             batches += plan_batches(exp, at_P, max_members=size)
     return batches
 
