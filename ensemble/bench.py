@@ -55,7 +55,9 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 4 * n * 5 / (time.perf_counter() - t)
 
 
-def make_engine(arch: str, K: int, device: torch.device, synthetic: bool, data_root=None):
+def make_engine(
+    arch: str, K: int, device: torch.device, synthetic: bool, data_root=None, compile=False
+):
     """An engine of K slots filled with lazy members (alpha = 2^15, T = 2^-8)."""
     g = Group(**SETTINGS[arch], max_steps=10**9, data_root=data_root)
     pool = None
@@ -65,7 +67,7 @@ def make_engine(arch: str, K: int, device: torch.device, synthetic: bool, data_r
         x = torch.randn(n, *INPUT_SHAPE[g.dataset], generator=gen, device=device)
         y = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
         pool = (x, y)
-    engine = Engine(g, K, device, pool=pool)
+    engine = Engine(g, K, device, pool=pool, compile=compile)
     for s in range(K):
         engine._fill(s, Member(alpha=2.0**15, T=2.0**-8, seed=s))
     engine._init_f0(torch.arange(K, device=device))
@@ -80,9 +82,10 @@ def measure(
     repeats: int,
     synthetic: bool,
     data_root=None,
+    compile: bool = False,
 ) -> float:
     """Median network-steps/s of the hot loop for an ensemble of K."""
-    engine = make_engine(arch, K, device, synthetic, data_root)
+    engine = make_engine(arch, K, device, synthetic, data_root, compile)
     engine._run_steps(min(steps, 20) + 18)  # warm-up (and CUDA graph capture)
     rates = []
     for _ in range(repeats):
@@ -102,6 +105,7 @@ def table(
     repeats: int,
     synthetic: bool,
     data_root=None,
+    compile: bool = False,
 ) -> str:
     g = Group(**SETTINGS[arch])
     from ensemble.models import build_model
@@ -114,6 +118,7 @@ def table(
         f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {steps} steps, {device}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
         + (", synthetic inputs" if synthetic and g.dataset != "perceptron" else "")
+        + (", torch.compile" if compile else "")
         + ")",
         "",
         "| K | network-steps/s | x one-at-a-time |" + (" x bandwidth bound |" if bound else ""),
@@ -122,7 +127,7 @@ def table(
     base = None
     for K in Ks:
         try:
-            rate = measure(arch, K, steps, device, repeats, synthetic, data_root)
+            rate = measure(arch, K, steps, device, repeats, synthetic, data_root, compile)
         except torch.OutOfMemoryError:
             lines.append(f"| {K} | out of memory | |")
             break
@@ -233,7 +238,7 @@ def main(a: argparse.Namespace) -> int:
         ks = [k for k in Ks if arch != "mnas" or k <= (16 if device.type == "cpu" else 4096)]
         n = steps if a.steps or arch == "fc" else int(steps * ARCH_STEPS[arch])
         print(
-            table(arch, ks, max(n, 1), device, a.repeats, a.synthetic, a.data_root),
+            table(arch, ks, max(n, 1), device, a.repeats, a.synthetic, a.data_root, a.compile),
             flush=True,
         )
         print()

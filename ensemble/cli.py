@@ -49,7 +49,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     )
     members = [Member(alpha=al, T=T, seed=s) for al in a.alpha for T in a.T for s in a.seeds]
     device = resolve_device(a.device)
-    engine = Engine(group, a.slots or default_slots(group, device, len(members)), device)
+    k = a.slots or default_slots(group, device, len(members))
+    engine = Engine(group, k, device, compile=a.compile)
     results = engine.run(members)
     head = f"{'alpha':>10} {'T':>10} {'seed':>4} {'outcome':>10} {'steps':>8} {'t*':>10}"
     print(head + f" {'test_err':>8} {'rel_change':>10} {'unfitted':>8}")
@@ -88,6 +89,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         slots=a.slots,
         max_members=a.max_members,
         data_root=a.data_root,
+        compile=a.compile,
         dashboard_address=a.dashboard_address,
         monitor=monitor,
     )
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default="float32", help="float32 | float64")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     t.add_argument("--slots", type=int, default=None, help="members trained at once")
+    t.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")
     t.add_argument(
         "--data-root", default=None, help="dataset folder (default $ENSEMBLE_DATA or data/)"
     )
@@ -168,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--slots", type=int, default=None, help="members trained at once per task")
     r.add_argument("--max-members", type=int, default=None, help="most members per task")
     r.add_argument("--data-root", default=None)
+    r.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")
     r.add_argument("--dashboard-address", default=":8787")
     r.add_argument("--no-monitor", action="store_true", help="no sweep page in the dashboard")
     r.add_argument(
@@ -196,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
     b.add_argument("--data-root", default=None)
     b.add_argument("--synthetic", action="store_true", help="random inputs of the data's shape")
+    b.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")
     b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
     b.add_argument(
         "--occupancy",

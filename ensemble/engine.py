@@ -241,6 +241,10 @@ class Engine:
     keep_weights : return each member's final weights in its result (for tests, analysis)
     pool   : (x, y) dataset pool already on the device (default: ``group.dataset``'s)
     cuda_graph : replay the step from a CUDA graph on CUDA devices
+    compile : CPU fast path: the step compiled by ``torch.compile`` (one fused C++ kernel
+             instead of dozens of small ops; about 8x faster per step for the perceptron,
+             after a compile of 5-30 s per process and ensemble size); same trajectories up
+             to float rounding (the compiler may reassociate sums)
     """
 
     def __init__(
@@ -251,9 +255,12 @@ class Engine:
         keep_weights: bool = False,
         pool: tuple[torch.Tensor, torch.Tensor] | None = None,
         cuda_graph: bool = True,
+        compile: bool = False,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if compile and resolve_device(device).type != "cpu":
+            raise ValueError("compile is the CPU fast path; on CUDA the step replays a CUDA graph")
         self.group = group
         self.K = slots
         self.keep_weights = keep_weights
@@ -262,6 +269,7 @@ class Engine:
         self.model: Model = build_model(group)
         self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
         self.cuda_graph = cuda_graph
+        self._step_fn = torch.compile(self._step) if compile else self._step
         self._graph: torch.cuda.CUDAGraph | None = None
         K, dev, dt = slots, self.device, self.dtype
         self.params: Params = {
@@ -315,7 +323,7 @@ class Engine:
         same kernels as the eager step."""
         if self.device.type != "cuda" or not self.cuda_graph:
             for _ in range(n):
-                self._step()
+                self._step_fn()
             return
         if self._graph is None and n >= GRAPH_STEPS + 2:
             side = torch.cuda.Stream(self.device)

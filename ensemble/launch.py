@@ -145,7 +145,9 @@ def plan(
     return batches
 
 
-def run_batch(batch: Batch, device: str | None, slots: int | None, data_root: str | None):
+def run_batch(
+    batch: Batch, device: str | None, slots: int | None, data_root: str | None, compile: bool
+):
     """Dask task: train one batch on this worker's device; returns plain dicts (in the
     batch's member order) and the engine's counters.
 
@@ -163,7 +165,7 @@ def run_batch(batch: Batch, device: str | None, slots: int | None, data_root: st
     n = len(batch.members)
     k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
     order = sorted(range(n), key=lambda i: -estimate_steps(group, batch.members[i]))
-    engine = Engine(group, min(k, n), dev)
+    engine = Engine(group, min(k, n), dev, compile=compile and dev == "cpu")
     results = engine.run([batch.members[i] for i in order])
     out: list = [None] * n
     for r, i in zip(results, order, strict=True):
@@ -184,6 +186,7 @@ def launch(
     slots: int | None = None,
     max_members: int | None = None,
     data_root: str | None = None,
+    compile: bool = False,
     dashboard_address: str = ":8787",
     progress: bool = True,
     monitor: Callable | None = None,
@@ -198,6 +201,7 @@ def launch(
     device      : torch device for every task (default: the worker's GPU, else CPU)
     slots       : members trained at once per task (default from device memory, CPU 64)
     max_members : most members per task (continuous batching refills the slots)
+    compile     : CPU workers compile the step with torch.compile (see ``Engine``)
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
                   ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
@@ -221,7 +225,7 @@ def launch(
             if progress:
                 print(f"{sweep.name}: all {report.cells_total} cells are already done in {store}")
         else:
-            task = TaskOptions(device, slots, max_members, data_root)
+            task = TaskOptions(device, slots, max_members, data_root, compile)
             cluster = dict(
                 client=client,
                 scheduler=scheduler,
@@ -244,6 +248,7 @@ class TaskOptions:
     slots: int | None = None
     max_members: int | None = None
     data_root: str | None = None
+    compile: bool = False
 
 
 def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, monitor, report):
@@ -265,7 +270,14 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
         writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
         futures = {
             c.submit(
-                run_batch, b, task.device, task.slots, task.data_root, key=b.key, pure=False
+                run_batch,
+                b,
+                task.device,
+                task.slots,
+                task.data_root,
+                task.compile,
+                key=b.key,
+                pure=False,
             ): b
             for b in batches
         }

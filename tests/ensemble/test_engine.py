@@ -295,3 +295,49 @@ def test_bad_group_rejected(kwargs, field):
     base = dict(dataset="mnist", arch="fc", P=64, B=8)
     with pytest.raises(SpecError, match=field):
         Group(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("arch", ["perceptron", "fc"])
+def test_compiled_step_matches_plain_engine(arch, data_root):
+    """The CPU fast path (torch.compile of the step) follows the plain engine's
+    trajectories up to float rounding."""
+    if arch == "perceptron":
+        g = Group(
+            dataset="perceptron",
+            arch="perceptron",
+            P=64,
+            B=2,
+            pte=200,
+            d=8,
+            chi=1.0,
+            max_steps=50_000,
+            dtype="float64",
+        )
+    else:
+        g = Group(
+            dataset="mnist",
+            arch="fc",
+            P=64,
+            B=8,
+            pte=256,
+            h=16,
+            L=2,
+            max_steps=3000,
+            dtype="float64",
+            data_root=str(data_root),
+        )
+    members = [Member(alpha=2.0**10, T=T, seed=s) for T in (2.0**-6, 2.0**-4) for s in (0, 1)]
+    plain = Engine(g, 4, "cpu", keep_weights=True).run(members)
+    fast = Engine(g, 4, "cpu", keep_weights=True, compile=True).run(members)
+    for a, b in zip(plain, fast, strict=True):
+        assert a.outcome == b.outcome == CONVERGED
+        assert abs(a.steps - b.steps) <= max(2, 0.01 * a.steps)
+        assert a.test_error == pytest.approx(b.test_error, abs=0.02)
+        for n in a.weights:
+            np.testing.assert_allclose(a.weights[n], b.weights[n], rtol=1e-6, atol=1e-8)
+
+
+def test_compile_is_refused_on_cuda():
+    g = Group(dataset="perceptron", arch="perceptron", P=16, B=2, d=4)
+    with pytest.raises(ValueError, match="CPU fast path"):
+        Engine(g, 1, "cuda", compile=True)
