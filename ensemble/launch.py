@@ -191,7 +191,8 @@ def launch(
     progress: bool = True,
     monitor: Callable | None = None,
 ) -> xr.DataTree:
-    """Run a sweep into ``store`` and return the cube (one group per experiment).
+    """Run a sweep into ``store`` and return the cube (one group per experiment); the
+    returned tree's ``attrs["launch_report"]`` says what this launch did (LaunchReport).
 
     spec        : a Sweep, a .toml path or the name of a shipped sweep
     store       : Zarr store path (or fsspec URL); created or grown in place
@@ -236,8 +237,9 @@ def launch(
     report.seconds = time.perf_counter() - t0
     if progress and report.cells_pending:
         print(report.summary())
-    launch.last_report = report  # type: ignore[attr-defined]
-    return xr.open_datatree(store, engine="zarr")
+    tree = xr.open_datatree(store, engine="zarr")
+    tree.attrs["launch_report"] = {**dataclasses.asdict(report), "summary": report.summary()}
+    return tree
 
 
 @dataclasses.dataclass(frozen=True)

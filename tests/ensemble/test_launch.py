@@ -173,30 +173,31 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, reference
     assert 1 <= done < 8, f"the launch was not caught partway ({done} cells done)"
     xr.open_zarr(store, group="tiny_fc")  # opens after kill -9
     missing = len(pending_cells(sweep, store)["tiny_fc"])
-    launch(spec, store, client=client, progress=False)
-    assert launch.last_report.cells_pending == missing
-    assert launch.last_report.cells_done == missing
+    report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
+    assert report["cells_pending"] == missing
+    assert report["cells_done"] == missing
     assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
 
 
 def test_extension_computes_only_new_cells(client, tmp_path, reference):
     store = tmp_path / "e.zarr"
-    launch(write_sweep(tmp_path / "a.toml", seeds=1), store, client=client, progress=False)
-    assert launch.last_report.cells_done == 4
+
+    def run(spec):
+        return launch(spec, store, client=client, progress=False).attrs["launch_report"]
+
+    assert run(write_sweep(tmp_path / "a.toml", seeds=1))["cells_done"] == 4
     # one more seed
-    launch(write_sweep(tmp_path / "b.toml", seeds=2), store, client=client, progress=False)
-    assert launch.last_report.cells_done == 4 and launch.last_report.cells_pending == 4
+    report = run(write_sweep(tmp_path / "b.toml", seeds=2))
+    assert report["cells_done"] == 4 and report["cells_pending"] == 4
     assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
     # a new T value between the old ones grows the grid in place
     spec = write_sweep(tmp_path / "c.toml", T="[0.0078125, 0.015625, 0.03125]", seeds=2)
-    launch(spec, store, client=client, progress=False)
-    assert launch.last_report.cells_done == 4
+    assert run(spec)["cells_done"] == 4
     ds = xr.open_zarr(store, group="tiny_fc").load()
     assert ds.sizes["T"] == 3 and bool(ds["done"].all())
     assert_same_cube(reference, ds)
     # the same sweep again trains nothing
-    launch(spec, store, client=client, progress=False)
-    assert launch.last_report.cells_pending == 0
+    assert run(spec)["cells_pending"] == 0
 
 
 def test_second_concurrent_launch_is_refused(tmp_path):

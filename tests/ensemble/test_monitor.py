@@ -139,6 +139,7 @@ class LiveRun:
     views: list[dict]  # state.json views of this sweep, polled while it ran
     pages: list[tuple[int, str]]  # (HTTP status, body) of the page while it ran
     driver: object | None  # Chromium, opened on the page while the sweep ran
+    report: dict  # what launch reported (its returned tree's attrs["launch_report"])
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,7 @@ def live(client, tmp_path_factory):
     store = tmp / "tiny.zarr"
     made: list[SweepMonitor] = []
     errors: list[BaseException] = []
+    returned: list = []
 
     def monitor(*args) -> SweepMonitor:
         made.append(SweepMonitor(*args))
@@ -170,7 +172,7 @@ def live(client, tmp_path_factory):
 
     def run() -> None:
         try:
-            launch(spec, store, client=client, monitor=monitor, progress=False)
+            returned.append(launch(spec, store, client=client, monitor=monitor, progress=False))
         except BaseException as exc:  # noqa: BLE001  re-raised in the test thread
             errors.append(exc)
 
@@ -199,7 +201,7 @@ def live(client, tmp_path_factory):
             thread.join(0.5)
         if errors:
             raise errors[0]
-        yield LiveRun(store, made[0], views, pages, driver)
+        yield LiveRun(store, made[0], views, pages, driver, returned[0].attrs["launch_report"])
     finally:
         thread.join(60)
         if driver is not None:
@@ -249,7 +251,7 @@ def test_state_after_the_sweep_matches_the_cube(live, client):
             assert sq["test_error"] == pytest.approx(want, rel=1e-12)
     tp = view["throughput"]
     assert tp["cells_done"] == 8 and tp["workers"] == 2 and tp["eta_seconds"] == 0
-    assert tp["batches"]["done"] == tp["batches"]["total"] == launch.last_report.batches
+    assert tp["batches"]["done"] == tp["batches"]["total"] == live.report["batches"]
     steps = float(ds["steps"].sum())
     assert tp["steps_per_second_per_worker"] == pytest.approx(
         steps / tp["elapsed_seconds"] / 2, rel=0.05
