@@ -229,7 +229,7 @@ def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:
     """The experiment's group as a lazy Dataset, or None if the store lacks it."""
     with _quiet_zarr():
         try:
-            root = zarr.open_group(store, mode="r")
+            root = zarr.open_group(store, mode="r", use_consolidated=False)  # the truth
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return None
         if name not in root.group_keys():
