@@ -7,43 +7,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 from distributed import Client, LocalCluster
+from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
 from ensemble.cube import StoreBusyError, store_lock
 from ensemble.launch import launch, pending_cells
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
 from ensemble.spec import load_sweep
-
-TINY = """
-name = "tiny"
-description = "tiny test sweep"
-expected_cost = "seconds"
-
-[[experiment]]
-name = "tiny_fc"
-dataset = "mnist"
-arch = "fc"
-h = 32
-L = 2
-B = 8
-pte = 256
-max_steps = 3000
-alpha = {alpha}
-T = {T}
-P = [64]
-seed = {seeds}
-"""
-
-
-def write_sweep(path: Path, alpha="[1.0, 1024.0]", T="[0.0078125, 0.03125]", seeds=2) -> Path:
-    path.write_text(TINY.format(alpha=alpha, T=T, seeds=seeds))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from distributed import Client, LocalCluster
+from tiny_sweep import write_sweep
 
 from ensemble import cube
 from ensemble.launch import launch
@@ -40,26 +41,6 @@ NO_CHROMIUM = (
     f"{CHROMIUM} is absent: install Debian's chromium and chromium-driver"
     " (apt-get install -y chromium chromium-driver) to run the browser tests"
 )
-
-TINY = """
-name = "tiny"
-description = "tiny test sweep"
-expected_cost = "seconds"
-
-[[experiment]]
-name = "tiny_fc"
-dataset = "mnist"
-arch = "fc"
-h = 32
-L = 2
-B = 8
-pte = 256
-max_steps = 3000
-alpha = [1.0, 1024.0]
-T = [0.0078125, 0.03125]
-P = [64]
-seed = 2
-"""
 
 
 def chrome(user_data: Path):
@@ -159,8 +140,7 @@ def live(client, tmp_path_factory):
     """Launch the tiny sweep in a thread; poll the page over HTTP while it runs and open
     it in Chromium (when present); return after the launch ends."""
     tmp = tmp_path_factory.mktemp("live")
-    spec = tmp / "tiny.toml"
-    spec.write_text(TINY)
+    spec = write_sweep(tmp / "tiny.toml")
     store = tmp / "tiny.zarr"
     made: list[SweepMonitor] = []
     errors: list[BaseException] = []
