@@ -537,10 +537,10 @@ class Engine:
         loss, unfitted = self._train_loss(idx)
         err, err_sub = self._test_error(idx), self._test_error(idx, N_CKPT_TEST)
         dw2 = {
-            n: ((self.params[n][idx] - p0[idx]) ** 2).flatten(1).sum(1)
+            n: ((self.params[n][idx] - p0[idx]) ** 2).reshape(len(slots), -1).sum(1)
             for n, p0 in self.params0.items()
         }
-        w02 = {n: (p0[idx] ** 2).flatten(1).sum(1) for n, p0 in self.params0.items()}
+        w02 = {n: (p0[idx] ** 2).reshape(len(slots), -1).sum(1) for n, p0 in self.params0.items()}
         extra = (
             self._perceptron_observables(idx, unfitted) if self.group.arch == "perceptron" else {}
         )

@@ -341,3 +341,17 @@ def test_compile_is_refused_on_cuda():
     g = Group(dataset="perceptron", arch="perceptron", P=16, B=2, d=4)
     with pytest.raises(ValueError, match="CPU fast path"):
         Engine(g, 1, "cuda", compile=True)
+
+
+def test_mnas_trains_and_reports_every_observable(data_root):
+    """MNAS through the engine, harvest included (its readout bias is a 0-d parameter)."""
+    g = Group(
+        dataset="mnist", arch="mnas", P=32, B=8, pte=64, h=2, max_steps=40, data_root=str(data_root)
+    )
+    members = [Member(alpha=2.0**10, T=2.0**-6, seed=s) for s in (0, 1)]
+    res = train_batch(g, members, device=DEVICE, slots=1, keep_weights=True)
+    for r in res:
+        assert r.outcome in (CONVERGED, UNFINISHED)
+        assert set(r.dw2_layer) == set(build_model(g).shapes)
+        assert r.dw2 > 0 and math.isfinite(r.rel_change) and 0 <= r.test_error <= 1
+        assert r.weights["b_out"].shape == ()
