@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ensemble.cells import POOL_SIZE, Group, Member
 from ensemble.engine import Engine, resolve_device
-from ensemble.models import INPUT_SHAPE
+from ensemble.models import INPUT_SHAPE, build_model
 
 SETTINGS = {
     "fc": dict(dataset="mnist", arch="fc", h=128, L=5, B=16, P=1024, pte=1024),
@@ -55,40 +56,42 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 4 * n * 5 / (time.perf_counter() - t)
 
 
-def make_engine(
-    arch: str, K: int, device: torch.device, synthetic: bool, data_root=None, compile=False
-):
+@dataclass(frozen=True)
+class BenchOptions:
+    """How every measurement of one bench run is made."""
+
+    device: torch.device
+    repeats: int = 3
+    synthetic: bool = False
+    data_root: str | None = None
+    compile: bool = False
+
+
+def make_engine(arch: str, K: int, opt: BenchOptions) -> Engine:
     """An engine of K slots filled with lazy members (alpha = 2^15, T = 2^-8)."""
-    g = Group(**SETTINGS[arch], max_steps=10**9, data_root=data_root)
+    device = opt.device
+    g = Group(**SETTINGS[arch], max_steps=10**9, data_root=opt.data_root)
     pool = None
-    if synthetic and g.dataset != "perceptron":
+    if opt.synthetic and g.dataset != "perceptron":
         n = POOL_SIZE[g.dataset]
         gen = torch.Generator(device).manual_seed(0)
         x = torch.randn(n, *INPUT_SHAPE[g.dataset], generator=gen, device=device)
         y = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
         pool = (x, y)
-    engine = Engine(g, K, device, pool=pool, compile=compile)
+    engine = Engine(g, K, device, pool=pool, compile=opt.compile)
     for s in range(K):
         engine._fill(s, Member(alpha=2.0**15, T=2.0**-8, seed=s))
     engine._init_f0(torch.arange(K, device=device))
     return engine
 
 
-def measure(
-    arch: str,
-    K: int,
-    steps: int,
-    device: torch.device,
-    repeats: int,
-    synthetic: bool,
-    data_root=None,
-    compile: bool = False,
-) -> float:
+def measure(arch: str, K: int, steps: int, opt: BenchOptions) -> float:
     """Median network-steps/s of the hot loop for an ensemble of K."""
-    engine = make_engine(arch, K, device, synthetic, data_root, compile)
+    device = opt.device
+    engine = make_engine(arch, K, opt)
     engine._run_steps(min(steps, 20) + 18)  # warm-up (and CUDA graph capture)
     rates = []
-    for _ in range(repeats):
+    for _ in range(opt.repeats):
         _sync(device)
         t = time.perf_counter()
         engine._run_steps(steps)
@@ -97,19 +100,10 @@ def measure(
     return statistics.median(rates)
 
 
-def table(
-    arch: str,
-    Ks: list[int],
-    steps: int,
-    device: torch.device,
-    repeats: int,
-    synthetic: bool,
-    data_root=None,
-    compile: bool = False,
-) -> str:
+def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
+    """The markdown table of network-steps/s against K for one architecture."""
+    device = opt.device
     g = Group(**SETTINGS[arch])
-    from ensemble.models import build_model
-
     n_params = build_model(g).n_params
     bound = None
     if device.type == "cuda":
@@ -117,8 +111,8 @@ def table(
     lines = [
         f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {steps} steps, {device}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-        + (", synthetic inputs" if synthetic and g.dataset != "perceptron" else "")
-        + (", torch.compile" if compile else "")
+        + (", synthetic inputs" if opt.synthetic and g.dataset != "perceptron" else "")
+        + (", torch.compile" if opt.compile else "")
         + ")",
         "",
         "| K | network-steps/s | x one-at-a-time |" + (" x bandwidth bound |" if bound else ""),
@@ -127,7 +121,7 @@ def table(
     base = None
     for K in Ks:
         try:
-            rate = measure(arch, K, steps, device, repeats, synthetic, data_root, compile)
+            rate = measure(arch, K, steps, opt)
         except torch.OutOfMemoryError:
             lines.append(f"| {K} | out of memory | |")
             break
@@ -234,12 +228,10 @@ def main(a: argparse.Namespace) -> int:
     if a.occupancy:
         print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
         return 0
+    opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root, a.compile)
     for arch in archs:
         ks = [k for k in Ks if arch != "mnas" or k <= (16 if device.type == "cpu" else 4096)]
         n = steps if a.steps or arch == "fc" else int(steps * ARCH_STEPS[arch])
-        print(
-            table(arch, ks, max(n, 1), device, a.repeats, a.synthetic, a.data_root, a.compile),
-            flush=True,
-        )
+        print(table(arch, ks, max(n, 1), opt), flush=True)
         print()
     return 0

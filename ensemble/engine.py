@@ -308,10 +308,10 @@ class Engine:
         running = self.status == _RUNNING
         finite = torch.isfinite(loss)
         update = running & finite
+        lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
         for name, p in self.params.items():
             shape = (-1,) + (1,) * (p.dim() - 1)
-            lr = torch.where(update, self.dt, 0).view(shape)
-            p.sub_(torch.where(update.view(shape), lr * grads[name], 0))
+            p.sub_(torch.where(update.view(shape), lr.view(shape) * grads[name], 0))
         # in place, so that a CUDA graph of the step replays on the same tensors
         self.last_active.copy_(torch.where(update & (loss > 0), self.step, self.last_active))
         self.status.copy_(torch.where(running & ~finite, DIVERGED, self.status))

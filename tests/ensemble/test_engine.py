@@ -203,12 +203,11 @@ def test_perceptron_observables():
     res = train_batch(g, members, device=DEVICE, keep_weights=True)
     for r in res:
         assert r.outcome == CONVERGED
-        w, w0 = r.weights["w"], None
+        w = r.weights["w"]
         assert r.perceptron["w_par"] == pytest.approx(w[0])
         assert r.perceptron["noise"] == pytest.approx((w[1:] ** 2).sum() / 15)
         assert math.isnan(r.perceptron["x1_unfitted"])  # every point fitted
         assert r.test_error < 0.5
-    del w0
 
 
 def test_perceptron_member_equals_alone():
