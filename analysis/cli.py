@@ -1,8 +1,11 @@
-"""``python -m analysis report STORE --out DIR``: argv -> `analysis.report.write_report`."""
+"""``python -m analysis report|reproduce``: argv -> `analysis.report.write_report` or
+`analysis.reproduction.reproduce`."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from collections.abc import Sequence
 
 from analysis.report import write_report
@@ -17,26 +20,69 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("store", help="path of the Zarr results cube")
     report.add_argument("--out", required=True, help="output folder (created if needed)")
     report.add_argument(
-        "--n-boot", type=int, default=200, help="bootstrap resamples over seeds (default 200)"
+        "--experiments", default=None, help="groups to report, comma separated (default: all)"
     )
-    report.add_argument(
-        "--seed", type=int, default=0, help="seed of the bootstrap Generator (default 0)"
+    _fit_options(report, formats="png,svg")
+    repro = sub.add_parser(
+        "reproduce", help="reproduction.md and one report per run of a manifest (TOML)"
     )
-    report.add_argument(
-        "--formats", default="png,svg", help="figure formats, comma separated (default png,svg)"
+    repro.add_argument("manifest", help="TOML file of runs, e.g. docs/reproduction.toml")
+    repro.add_argument(
+        "--out", default="docs", help="writes OUT/reproduction.md and OUT/reproduction/<key>/"
     )
+    repro.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="note a run whose cube is absent instead of failing",
+    )
+    _fit_options(repro, formats="png")
     return p
 
 
+def _fit_options(p: argparse.ArgumentParser, formats: str) -> None:
+    p.add_argument(
+        "--n-boot", type=int, default=200, help="bootstrap resamples over seeds (default 200)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the bootstrap Generator (default 0)"
+    )
+    p.add_argument(
+        "--formats", default=formats, help=f"figure formats, comma separated (default {formats})"
+    )
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    formats = _split(args.formats)
     if args.command == "report":
         path = write_report(
             args.store,
             args.out,
+            experiments=_split(args.experiments),
             n_boot=args.n_boot,
             seed=args.seed,
-            formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+            formats=formats,
         )
-        print(path)
+    else:
+        from analysis.reproduction import ManifestError, reproduce
+
+        try:
+            path = reproduce(
+                args.manifest,
+                args.out,
+                skip_missing=args.skip_missing,
+                n_boot=args.n_boot,
+                seed=args.seed,
+                formats=formats,
+                command="python -m analysis " + shlex.join(argv),
+            )
+        except ManifestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(path)
     return 0

@@ -21,6 +21,7 @@ import re
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from analysis.crossover import (
 from analysis.fits import InsufficientData, PowerLawFit, fit_rel_change, fit_t_star
 from analysis.load import Store, open_cube
 from analysis.perceptron import exponent_table, fit_perceptron, is_perceptron, local_P_exponents
-from ensemble.schema import CHECKPOINT_VARS, OUTCOME_FLAGS
+from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
 
 
 class _Section:
@@ -51,6 +52,7 @@ class _Section:
         self.stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
         self.lines: list[str] = []
         self.figures: list[Path] = []
+        self.results: dict[str, Any] = {}
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -85,24 +87,85 @@ class _Section:
         return None
 
 
+@dataclass
+class ExperimentReport:
+    """What the report computed for one experiment group.
+
+    data    : the group, loaded in memory
+    figures : every figure file written for it (all formats)
+    results : the numbers behind its tables, by key: ``fits`` ({"rel_change", "t_star"}:
+              PowerLawFit), ``crossover_tables`` / ``crossover_fits`` / ``ratio_checks``
+              (by T_c definition "a", "b"), ``perceptron_fits``, ``exponent_table``
+              (`analysis.perceptron.exponent_table` rows), ``local_signal``
+              (`analysis.perceptron.local_P_exponents`); a key is absent when its step
+              was skipped
+    """
+
+    data: xr.Dataset
+    figures: list[Path] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """A written report: report.md, its experiments and the cross-experiment figures."""
+
+    path: Path
+    experiments: dict[str, ExperimentReport]
+    summary_figures: list[Path] = field(default_factory=list)
+
+
 def write_report(
     store: Store,
     out_dir: str | Path,
     *,
+    experiments: Sequence[str] | None = None,
     n_boot: int = 200,
     seed: int = 0,
     formats: Sequence[str] = ("png", "svg"),
 ) -> Path:
     """Write figures (under ``out_dir/figures``) and ``out_dir/report.md``.
 
-    n_boot  : bootstrap resamples of the seeds for the uncertainties of fits and T_c
-    seed    : seed of the bootstrap Generator
-    formats : figure file formats (matplotlib names); report.md shows the first
-    Returns the path of report.md.
+    experiments : the groups to report, in this order (default: every group)
+    n_boot      : bootstrap resamples of the seeds for the uncertainties of fits and T_c
+    seed        : seed of the bootstrap Generator
+    formats     : figure file formats (matplotlib names); report.md shows the first
+    Returns the path of report.md (`build_report` also returns the computed numbers).
     """
+    return build_report(
+        store, out_dir, experiments=experiments, n_boot=n_boot, seed=seed, formats=formats
+    ).path
+
+
+def select_experiments(
+    cube: dict[str, xr.Dataset], experiments: Sequence[str] | None, store: Store
+) -> dict[str, xr.Dataset]:
+    """The groups named in ``experiments`` (in that order; all when None); raises
+    ValueError naming the unknown ones and the groups the store has."""
+    if experiments is None:
+        return cube
+    unknown = [name for name in experiments if name not in cube]
+    if unknown or not experiments:
+        raise ValueError(
+            f"experiments {unknown or list(experiments)} are not groups of the cube {store!s};"
+            f" it has {list(cube)}"
+        )
+    return {name: cube[name] for name in experiments}
+
+
+def build_report(
+    store: Store,
+    out_dir: str | Path,
+    *,
+    experiments: Sequence[str] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    formats: Sequence[str] = ("png", "svg"),
+) -> Report:
+    """`write_report`, returning the `Report` (the numbers and figures of each group)."""
+    cube = select_experiments(open_cube(store), experiments, store)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cube = open_cube(store)
     lines = [
         f"# Analysis report: `{store}`",
         "",
@@ -120,6 +183,7 @@ def write_report(
         "",
     ]
     perceptron_rows: list[dict[str, object]] = []
+    report = Report(out_dir / "report.md", {})
     for name, lazy in cube.items():
         # A group is a few MB at most: read it once, then every fit and figure works in
         # memory instead of re-reading the store through dask.
@@ -128,6 +192,7 @@ def write_report(
         section.add(f"## {name}", "")
         _experiment(section, ds, n_boot, seed, perceptron_rows)
         lines += section.lines
+        report.experiments[name] = ExperimentReport(ds, section.figures, section.results)
     n_perceptron = sum(is_perceptron(ds) for ds in cube.values())
     if perceptron_rows and n_perceptron >= 2:
         section = _Section(out_dir, "perceptron", formats)
@@ -141,16 +206,19 @@ def write_report(
             ),
         )
         lines += section.lines
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        report.summary_figures = section.figures
+    report.path.write_text("\n".join(lines) + "\n")
+    return report
 
 
 def _experiment(
     section: _Section, ds: xr.Dataset, n_boot: int, seed: int, perceptron_rows: list
 ) -> None:
     section.add("### Settings", "")
-    section.table(["setting", "value"], [[k, _md(v)] for k, v in ds.attrs.items()])
+    section.table(
+        ["setting", "value"], [[k, _md(v)] for k, v in ds.attrs.items() if k != LAUNCHES_ATTR]
+    )
+    _launches(section, ds.attrs.get(LAUNCHES_ATTR))
     grid = {d: ds[d].values for d in ("alpha", "T", "P", "seed") if d in ds.dims}
     section.add("Grid: " + ", ".join(f"{d}: {len(v)} ({_span(v)})" for d, v in grid.items()), "")
     n_converged = section.attempt("outcome counts", lambda: _outcomes(section, ds))
@@ -188,6 +256,26 @@ def _experiment(
         section.add(f"- no phase diagram, T-sweep or perceptron figure applies to the grid {n}", "")
 
 
+def _launches(section: _Section, records: Sequence[dict] | None) -> None:
+    """Table of the launches that trained the group (``ensemble.schema.LAUNCHES_ATTR``)."""
+    if not records:
+        section.add("Launches: not recorded (cube written before launch records existed).", "")
+        return
+    section.add("### Launches", "")
+    section.table(
+        ["started (UTC)", "command", "device", "workers", "cells trained", "wall time (s)"],
+        [
+            [r.get("started", "?"), f"`{_md(r.get('command', '?'))}`", _md(r.get("device", "?"))]
+            + [
+                r.get("n_workers", "?"),
+                r.get("cells_trained", "?"),
+                _num(r.get("wall_s"), "{:.1f}"),
+            ]
+            for r in records
+        ],
+    )
+
+
 def _outcomes(section: _Section, ds: xr.Dataset) -> int:
     """Table of cells per outcome and P; returns the number of converged cells."""
     counts = outcome_counts(ds, dims=[d for d in ("alpha", "T", "seed") if d in ds.dims])
@@ -216,6 +304,7 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
         fit = section.attempt(f"fit of {var}", lambda f=fitter: f(ds, n_boot=n_boot, seed=seed))
         if fit is not None:
             fits[var] = fit
+    section.results["fits"] = fits
     if fits:
         section.table(
             ["quantity", "law", "exponent", "value", "stderr (lstsq)", "stderr (bootstrap)"]
@@ -243,6 +332,7 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
         )
         if fit is not None:
             crossover_fits[key] = fit
+    section.results.update(crossover_tables=tables, crossover_fits=crossover_fits)
     if tables:
         _tc_table(section, tables)
     if crossover_fits:
@@ -276,8 +366,11 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
 
 def _a_table(section: _Section, crossover_fits: dict, rel_fit: PowerLawFit | None) -> None:
     rows = []
+    section.results["ratio_checks"] = checks = {}
     for key, fit in crossover_fits.items():
         check = check_ratio(fit, rel_fit) if rel_fit is not None else None
+        if check is not None:
+            checks[key] = check
         row = [f"({key})", _num(fit.a.value), _num(fit.a.stderr), _num(fit.a.stderr_boot)]
         if check is None:
             row += ["n/a (no rel_change fit)", "n/a", "n/a"]
@@ -323,6 +416,7 @@ def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows:
     fits = section.attempt("perceptron fits", lambda: fit_perceptron(ds, n_boot=n_boot, seed=seed))
     if fits:
         table = exponent_table(fits, chi)
+        section.results.update(perceptron_fits=fits, exponent_table=table)
         section.table(
             ["quantity", "exponent of", "fitted", "±", "predicted", "z"],
             [
@@ -338,6 +432,7 @@ def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows:
         ]
     local = section.attempt("local P-exponents", lambda: local_P_exponents(ds, "signal"))
     if local is not None:
+        section.results["local_signal"] = local
         section.add(
             "Local P-exponents of the signal (weighted mean over T;"
             f" predicted 1/(1+chi) = {1 / (1 + chi):.4f}):",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -92,6 +93,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         compile=a.compile,
         dashboard_address=a.dashboard_address,
         monitor=monitor,
+        command="python -m ensemble " + shlex.join(a.argv),
     )
     return 0
 
@@ -216,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ensemble.cells import EnsembleError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded with the launch (ensemble.schema.LAUNCHES_ATTR)
     if args.command == "run" and not args.dry_run and not args.store:
         print("error: run needs --store (a Zarr path) unless --dry-run", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from ensemble.schema import (
     CHECKPOINT_VARS,
     COORDS,
     DIMS,
+    LAUNCHES_ATTR,
     LAYER_DIM,
     LAYER_VARS,
     MISSING,
@@ -273,8 +274,37 @@ def ensure_experiment(
     _write_group(new, store, name)
 
 
-PROVENANCE = ("package_version", "git_commit", "torch_version", "device", "created", "sweep")
+PROVENANCE = (
+    "package_version",
+    "git_commit",
+    "torch_version",
+    "device",
+    "created",
+    "sweep",
+    LAUNCHES_ATTR,
+)
 """Attributes that record where results came from, not what was computed."""
+
+
+def append_launch(store: str | os.PathLike, name: str, record: dict) -> None:
+    """Append ``record`` (JSON-able, see ``ensemble.schema.LAUNCHES_ATTR``) to the
+    group's launch records, then refresh the store's consolidated metadata."""
+    try:
+        record = json.loads(json.dumps(record, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"launch record of {name!r} is not JSON-able: {record!r}") from exc
+    with _quiet_zarr():
+        group = zarr.open_group(store, mode="r+", path=name, use_consolidated=False)
+        launches = list(group.attrs.get(LAUNCHES_ATTR, []))
+        group.attrs[LAUNCHES_ATTR] = [*launches, record]
+        zarr.consolidate_metadata(store)
+
+
+def launches(store: str | os.PathLike, name: str) -> list[dict]:
+    """The group's launch records, oldest first ([] when none were recorded)."""
+    with _quiet_zarr():
+        group = zarr.open_group(store, mode="r", path=name, use_consolidated=False)
+        return list(group.attrs.get(LAUNCHES_ATTR, []))
 
 
 class CubeWriter:

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class LaunchReport:
     member_steps: int = 0
     slot_steps: int = 0
     dashboard: str | None = None
+    n_workers: int = 0
+    devices: list[str] = dataclasses.field(default_factory=list)
+    """Devices the finished tasks reported (GPU name or "cpu (N cores)"), sorted."""
+    trained: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Cells written per experiment."""
+    failed: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Cells per experiment whose task failed."""
 
     @property
     def cells_per_minute(self) -> float:
@@ -97,12 +105,17 @@ def _attrs(sweep: Sweep, exp: Experiment) -> dict:
     }
 
 
-def _device_name() -> str:
+def _device_name(device: str | None = None) -> str:
+    """Human-readable ``device`` (default: the first GPU if any, else the CPU)."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores)"
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == "cpu":
+        return f"cpu ({os.cpu_count()} cores)"
+    return device
 
 
 def _layers(exp: Experiment) -> list[str]:
@@ -149,7 +162,7 @@ def run_batch(
     batch: Batch, device: str | None, slots: int | None, data_root: str | None, compile: bool
 ):
     """Dask task: train one batch on this worker's device; returns plain dicts (in the
-    batch's member order) and the engine's counters.
+    batch's member order) and the engine's counters, with ``"device"`` (readable name).
 
     Continuous batching: the engine gets fewer slots than members (half, by default,
     within the device's memory) and refills a slot as soon as its member stops; members
@@ -172,7 +185,7 @@ def run_batch(
         d = dataclasses.asdict(r)
         d.pop("weights")
         out[i] = d
-    return out, dataclasses.asdict(engine.stats)
+    return out, {**dataclasses.asdict(engine.stats), "device": _device_name(dev)}
 
 
 def launch(
@@ -190,6 +203,7 @@ def launch(
     dashboard_address: str = ":8787",
     progress: bool = True,
     monitor: Callable | None = None,
+    command: str | None = None,
 ) -> xr.DataTree:
     """Run a sweep into ``store`` and return the cube (one group per experiment); the
     returned tree's ``attrs["launch_report"]`` says what this launch did (LaunchReport).
@@ -206,10 +220,23 @@ def launch(
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
                   ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
+    command     : command line recorded in the launch records (default "python API")
+
+    Each experiment that got cells from this launch gets a launch record appended to
+    its group attribute ``launches`` after its cells were written (see
+    ``ensemble.schema.LAUNCHES_ATTR``); a launch that trains nothing records nothing.
     """
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     check_data(sweep, data_root)
     report = LaunchReport()
+    record = {
+        "id": uuid.uuid4().hex[:12],
+        "command": command or "python API",
+        "sweep": sweep.name if isinstance(spec, Sweep) else str(spec),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "compile": compile,
+        "git_commit": _git_commit(),
+    }
     t0 = time.perf_counter()
     with cube.store_lock(store):
         cube.recover(store)
@@ -233,13 +260,39 @@ def launch(
                 n_workers=n_workers,
                 dashboard_address=dashboard_address,
             )
-            _execute(sweep, store, pending, cluster, task, progress, monitor, report)
+            completed = False
+            try:
+                _execute(sweep, store, pending, cluster, task, progress, monitor, report)
+                completed = True
+            finally:
+                report.seconds = time.perf_counter() - t0
+                _record_launch(store, report, {**record, "completed": completed})
     report.seconds = time.perf_counter() - t0
     if progress and report.cells_pending:
         print(report.summary())
     tree = xr.open_datatree(store, engine="zarr")
     tree.attrs["launch_report"] = {**dataclasses.asdict(report), "summary": report.summary()}
     return tree
+
+
+def _record_launch(store: str | os.PathLike, report: LaunchReport, record: dict) -> None:
+    """Append ``record`` completed with this launch's numbers to every experiment group
+    that got cells from it (called after the cells are written, store lock held)."""
+    devices = ", ".join(report.devices) or "unknown"  # known once a batch was written
+    for name, n in report.trained.items():
+        if n > 0:
+            cube.append_launch(
+                store,
+                name,
+                {
+                    **record,
+                    "wall_s": round(report.seconds, 3),
+                    "device": devices,
+                    "n_workers": report.n_workers,
+                    "cells_trained": n,
+                    "cells_failed": report.failed.get(name, 0),
+                },
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +314,8 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
 
     with connect(**cluster) as c:
         report.dashboard = c.dashboard_link
-        batches = plan(sweep, pending, worker_count(c), task.max_members)
+        report.n_workers = worker_count(c)
+        batches = plan(sweep, pending, report.n_workers, task.max_members)
         report.batches = len(batches)
         mon = monitor(c, sweep, store, batches) if monitor else None
         if progress:
@@ -303,6 +357,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     results, stats = f.result()
                 except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
                     report.cells_failed += len(b.members)
+                    report.failed[b.experiment] = report.failed.get(b.experiment, 0) + len(
+                        b.members
+                    )
                     bar.write(f"batch {b.key} failed: {exc!r}; its cells stay missing")
                     if mon is not None:
                         mon.failed(b)
@@ -310,6 +367,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 cells = [(c_.alpha, c_.T, c_.P, c_.seed) for c_ in b.cells()]
                 writers[b.experiment].write(cells, results)
                 report.cells_done += len(cells)
+                report.trained[b.experiment] = report.trained.get(b.experiment, 0) + len(cells)
+                if stats.get("device") and stats["device"] not in report.devices:
+                    report.devices = sorted([*report.devices, stats["device"]])
                 report.member_steps += stats["member_steps"]
                 report.slot_steps += stats["slot_steps"]
                 if mon is not None:

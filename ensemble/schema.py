@@ -86,6 +86,26 @@ def checkpoint_steps() -> list[int]:
     return [16 * 4**k for k in range(N_CHECKPOINTS)]
 
 
+LAUNCHES_ATTR = "launches"
+"""Group attribute: a list with one record per launch that trained cells of the group,
+appended after its cells were written. Each record is a flat dict:
+
+- ``id``           : random hex id of the launch (the same in every group it trained)
+- ``command``      : the command line (``python -m ensemble run ...``) or ``"python API"``
+- ``sweep``        : the sweep file (path or shipped name) or the Sweep's name
+- ``started``      : UTC start time, ISO 8601
+- ``wall_s``       : wall time of the whole launch, s (shared by its groups)
+- ``device``       : devices the tasks trained on (GPU name, or ``"cpu (N cores)"``)
+- ``n_workers``    : Dask workers of the launch
+- ``cells_trained``: cells of this group written by the launch
+- ``cells_failed`` : cells of this group whose task failed
+- ``compile``      : whether CPU workers used torch.compile
+- ``git_commit``   : commit of the launching code ("unknown" outside a git checkout)
+- ``completed``    : False when the launch stopped on an error or an interrupt
+
+Cubes written before launch records existed have no such attribute."""
+
+
 def group_name(experiment: str) -> str:
     """Zarr group that holds one experiment."""
     return experiment

@@ -15,7 +15,7 @@ from distributed import Client, LocalCluster
 from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
-from ensemble.cube import StoreBusyError, store_lock
+from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import launch, pending_cells
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
 from ensemble.spec import load_sweep
@@ -171,8 +171,45 @@ def test_extension_computes_only_new_cells(client, tmp_path, reference):
     ds = xr.open_zarr(store, group="tiny_fc").load()
     assert ds.sizes["T"] == 3 and bool(ds["done"].all())
     assert_same_cube(reference, ds)
-    # the same sweep again trains nothing
+    # the same sweep again trains nothing; growing the grid kept the launch records
     assert run(spec)["cells_pending"] == 0
+    assert [r["cells_trained"] for r in launches(store, "tiny_fc")] == [4, 4, 4]
+
+
+def test_launch_records_provenance_in_the_group(client, tmp_path):
+    store = tmp_path / "p.zarr"
+    one = write_sweep(tmp_path / "one.toml", alpha="[1024.0]", T="[0.03125]", seeds=1)
+    launch(one, store, client=client, progress=False)
+    [first] = launches(store, "tiny_fc")
+    assert first["cells_trained"] == 1 and first["cells_failed"] == 0
+    assert first["wall_s"] > 0 and first["completed"] is True
+    assert first["command"] == "python API" and first["sweep"] == str(one)
+    assert first["n_workers"] == 2 and first["device"] == f"cpu ({os.cpu_count()} cores)"
+    assert first["compile"] is False and first["started"].endswith("+00:00")
+    # a resume with one more seed appends a second record for the new cell only
+    two = write_sweep(tmp_path / "two.toml", alpha="[1024.0]", T="[0.03125]", seeds=2)
+    launch(two, store, client=client, progress=False)
+    records = launches(store, "tiny_fc")
+    assert len(records) == 2 and records[0] == first
+    assert records[1]["cells_trained"] == 1 and records[1]["id"] != first["id"]
+    # the returned tree (consolidated metadata) sees them too; a rerun appends nothing
+    tree = launch(two, store, client=client, progress=False)
+    assert tree.attrs["launch_report"]["cells_pending"] == 0
+    assert tree["tiny_fc"].attrs["launches"] == records
+    assert launches(store, "tiny_fc") == records
+
+
+def test_cli_run_passes_its_command_line(tmp_path, monkeypatch):
+    import ensemble.launch
+    from ensemble.cli import main
+
+    seen = {}
+    monkeypatch.setattr(ensemble.launch, "launch", lambda *a, **kw: seen.update(kw))
+    argv = ["run", "my sweep.toml", "--store", "out.zarr", "--no-monitor", "--compile"]
+    assert main(argv) == 0
+    assert seen["command"] == "python -m ensemble run 'my sweep.toml' --store out.zarr" + (
+        " --no-monitor --compile"
+    )
 
 
 def test_second_concurrent_launch_is_refused(tmp_path):

@@ -1,0 +1,762 @@
+r"""``python -m analysis reproduce MANIFEST``: the reproduction page, written from the cubes.
+
+The manifest is a TOML file listing runs; each run is one cube (its ``store`` path is
+relative to the current directory), optionally a subset of its groups, and the sweep
+that made it. Adding a run is a five-line ``[[run]]`` table::
+
+    title = "Reproduction at reduced scale"
+    description = "optional paragraph under the title"
+
+    [[run]]
+    key = "fc_phase"                          # folder under <out>/reproduction/
+    title = "FC-5L (alpha, T) phase diagram, MNIST parity"
+    store = "results/quick.zarr"
+    experiments = ["quick_fc_phase_mnist"]    # optional; default: every group
+    sweep = "quick_fc_phase_mnist"            # optional: sweep file or shipped name
+    note = "free text shown under the run"    # optional; no hand-typed results
+
+Every store is checked before anything is written. Then each run gets the full report
+of `analysis.report` in ``<out>/reproduction/<key>/`` and ``<out>/reproduction.md``
+gathers a provenance table (from the groups' launch records,
+``ensemble.schema.LAUNCHES_ATTR``) and, per run, the key figures and a reading computed
+from the numbers of that report:
+
+- phase diagrams (several alpha and T): for each alpha whether the seed-mean test error
+  falls (noise helps) or rises (noise hurts) with T, beyond 2 combined standard errors;
+  the best cell; the diverged cells; smallest alpha (feature side) against largest
+  (lazy side);
+- lazy T-sweeps (several T and P): delta, gamma, c, b, a and the check a = gamma/delta;
+- perceptron groups: one table across (chi, d) of the signal's P-exponent against
+  1/(1+chi), its local P-exponents and the noise's P-exponent against 0, each with a
+  verdict (`verdict`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from analysis.aggregate import effective_outcome, outcome_counts, seed_mean
+from analysis.fits import Estimate, ratio
+from analysis.load import experiment_names
+from analysis.perceptron import is_perceptron
+from analysis.report import ExperimentReport, Report, build_report
+from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
+
+TOLERANCE = 0.05
+"""An exponent within this of its prediction "agrees within 0.05" (absolute)."""
+SIGNIFICANCE = 2.0
+"""A test-error change counts (noise helps / hurts) beyond this many combined stderr."""
+KEY_FIGURES = re.compile(r"_(phase_P\d+|tsweep|crossover|perceptron|summary)$")
+"""Figures (by file stem) embedded in reproduction.md; the others (dynamics) stay in the
+run's report."""
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed, or a run's cube is missing; the message says which."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``[[run]]`` of the manifest (see the module docstring)."""
+
+    key: str
+    title: str
+    store: str
+    experiments: tuple[str, ...] | None = None
+    sweep: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    title: str
+    runs: tuple[Run, ...]
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------- manifest
+
+_TOP_KEYS = {"title", "description", "run"}
+_RUN_KEYS = {"key", "title", "store", "experiments", "sweep", "note"}
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate a manifest; raises ManifestError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} not found")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"manifest {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise ManifestError(f"manifest {path}: unknown keys {unknown}; allowed {sorted(_TOP_KEYS)}")
+    tables = doc.get("run")
+    if not isinstance(tables, list) or not tables:
+        raise ManifestError(f"manifest {path} lists no runs: add [[run]] tables")
+    runs = tuple(_run(table, i, path) for i, table in enumerate(tables))
+    keys = [r.key for r in runs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ManifestError(f"manifest {path}: run keys {repeated} appear more than once")
+    return Manifest(path, str(doc.get("title", "Reproduction")), runs, doc.get("description", ""))
+
+
+def _run(table: Mapping, index: int, path: Path) -> Run:
+    where = f"manifest {path}, run {index + 1} ({table.get('key', 'no key')!r})"
+    unknown = sorted(set(table) - _RUN_KEYS)
+    missing = sorted({"key", "title", "store"} - set(table))
+    if unknown or missing:
+        raise ManifestError(
+            f"{where}: unknown keys {unknown}, missing keys {missing}; allowed {sorted(_RUN_KEYS)}"
+        )
+    key = str(table["key"])
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", key):
+        raise ManifestError(f"{where}: key {key!r} must be a folder name (letters, digits, _.-)")
+    experiments = table.get("experiments")
+    if experiments is not None and (
+        not isinstance(experiments, list) or not all(isinstance(e, str) for e in experiments)
+    ):
+        raise ManifestError(f"{where}: experiments must be a list of group names")
+    return Run(
+        key=key,
+        title=str(table["title"]),
+        store=str(table["store"]),
+        experiments=tuple(experiments) if experiments else None,
+        sweep=table.get("sweep"),
+        note=table.get("note"),
+    )
+
+
+def absent_runs(manifest: Manifest) -> dict[str, str]:
+    """{run key: why its cube cannot be read} for the runs whose store is missing,
+    unreadable or lacks a listed group."""
+    out = {}
+    for run in manifest.runs:
+        local = "://" not in run.store
+        if local and not Path(run.store).exists():
+            out[run.key] = (
+                f"store {run.store} does not exist (paths are relative to the current"
+                f" directory, {Path.cwd()})"
+            )
+            continue
+        try:
+            names = experiment_names(run.store)
+        except Exception as exc:  # noqa: BLE001 -- any failure to open means "absent"
+            out[run.key] = f"store {run.store} is not a readable cube ({type(exc).__name__}: {exc})"
+            continue
+        lacking = [e for e in run.experiments or () if e not in names]
+        if lacking or not names:
+            out[run.key] = f"store {run.store} lacks the groups {lacking or 'any'}; it has {names}"
+    return out
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def reproduce(
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike = "docs",
+    *,
+    skip_missing: bool = False,
+    n_boot: int = 200,
+    seed: int = 0,
+    formats: Sequence[str] = ("png",),
+    command: str | None = None,
+) -> Path:
+    """Write ``<out_dir>/reproduction.md`` and ``<out_dir>/reproduction/<key>/`` per run.
+
+    skip_missing : write a line for a run whose cube is absent instead of failing
+    n_boot, seed : bootstrap of the fits (see `analysis.report.write_report`)
+    formats      : figure formats; the page embeds the first
+    command      : the command line named in the page's header
+    Raises ManifestError before writing anything when a cube is absent (unless
+    ``skip_missing``). Returns the path of reproduction.md.
+    """
+    m = load_manifest(manifest)
+    formats = tuple(formats) or ("png",)
+    absent = absent_runs(m)
+    if absent and not skip_missing:
+        raise ManifestError(
+            "; ".join(f"run {key!r}: {why}" for key, why in absent.items())
+            + " -- run the sweep(s) first, fix the manifest, or pass --skip-missing"
+        )
+    out_dir = Path(out_dir)
+    reports = {
+        run.key: build_report(
+            run.store,
+            out_dir / "reproduction" / run.key,
+            experiments=run.experiments,
+            n_boot=n_boot,
+            seed=seed,
+            formats=formats,
+        )
+        for run in m.runs
+        if run.key not in absent
+    }
+    command = command or f"python -m analysis reproduce {m.path} --out {out_dir}"
+    lines = _header(m, command, n_boot, seed)
+    lines += _provenance_table(m, reports, absent, out_dir)
+    for run in m.runs:
+        if run.key in absent:
+            lines += [f"## {run.title}", "", f"Cube absent: {absent[run.key]}.", ""]
+        else:
+            lines += _run_section(run, reports[run.key], out_dir, formats[0])
+    path = out_dir / "reproduction.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# {m.title}", ""]
+    if m.description:
+        lines += [m.description.strip(), ""]
+    return lines + [
+        f"Generated {now} by `{command}` from the manifest `{m.path}`; do not edit by hand."
+        " Every number is read from the cubes; the detail of each run is in its report.",
+        "",
+        "Conventions: seed means over converged cells; `±` is the larger of the"
+        f" least-squares and bootstrap ({n_boot} resamples over seeds, seed {seed})"
+        " standard errors. Wall time: summed over a run's launches (a launch that trained"
+        " groups of several runs counts in each). Test-error trends count beyond"
+        f" {SIGNIFICANCE:g} combined standard errors. Exponent verdicts: `agrees within"
+        f" {TOLERANCE:g}` when |fitted - predicted| <= {TOLERANCE:g}, else `agrees within 1"
+        " sigma` when |fitted - predicted| <= its standard error, else `differs by X sigma`.",
+        "",
+    ]
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a run's cells came from, read from its groups' attributes.
+
+    launches : unique launch records (one launch records itself in each group it trained)
+    recorded : cells covered by launch records; done / total: cells of the groups
+    """
+
+    sweeps: list[str]
+    launches: list[dict]
+    recorded: int
+    done: int
+    total: int
+    outcomes: dict[str, int]
+    fallback_devices: list[str]
+    fallback_commits: list[str]
+
+    @property
+    def wall_s(self) -> float | None:
+        walls = [r.get("wall_s") for r in self.launches]
+        return float(sum(walls)) if walls and None not in walls else None
+
+
+def provenance(data: Mapping[str, xr.Dataset]) -> Provenance:
+    """Launch records, cell counts and outcomes over the groups ``data``."""
+    unique: dict[object, dict] = {}
+    recorded = 0
+    counts = {name: 0 for name in OUTCOME_FLAGS.values()}
+    for ds in data.values():
+        for r in ds.attrs.get(LAUNCHES_ATTR, []):
+            unique.setdefault(r.get("id") or (r.get("started"), r.get("command")), r)
+            recorded += int(r.get("cells_trained", 0))
+        per = outcome_counts(ds, dims=None)
+        for name, n in zip(per["outcome"].values, per.values, strict=True):
+            counts[str(name)] += int(n)
+
+    def attr(key: str) -> list[str]:
+        return sorted({str(ds.attrs[key]) for ds in data.values() if key in ds.attrs})
+
+    return Provenance(
+        sweeps=attr("sweep"),
+        launches=sorted(unique.values(), key=lambda r: str(r.get("started"))),
+        recorded=recorded,
+        done=sum(int(ds["done"].sum()) for ds in data.values()),
+        total=sum(int(ds["done"].size) for ds in data.values()),
+        outcomes=counts,
+        fallback_devices=attr("device"),
+        fallback_commits=attr("git_commit"),
+    )
+
+
+def _provenance_table(
+    m: Manifest, reports: Mapping[str, Report], absent: Mapping[str, str], out_dir: Path
+) -> list[str]:
+    header = ["run", "sweep", "command(s)", "device", "wall time", "cells done / total"]
+    header += ["outcomes", "code"]
+    rows = []
+    for run in m.runs:
+        if run.key in absent:
+            rows.append(
+                [f"`{run.key}`", _sweep_cell(run, None, out_dir), "cube absent"] + ["—"] * 5
+            )
+            continue
+        report = reports[run.key]
+        p = provenance({name: e.data for name, e in report.experiments.items()})
+        link = _rel(report.path, out_dir)
+        rows.append(
+            [f"[`{run.key}`]({link})", _sweep_cell(run, p, out_dir)]
+            + _launch_cells(p)
+            + [f"{p.done} / {p.total}", _outcome_text(p.outcomes)]
+            + [_commits(p)]
+        )
+    return ["## Provenance", "", *_table(header, rows)]
+
+
+def _sweep_cell(run: Run, p: Provenance | None, out_dir: Path) -> str:
+    """The manifest's sweep (linked when it is a file), and the cube's sweep names when
+    they differ from it."""
+    cube_names = p.sweeps if p else []
+    if not run.sweep:
+        return ", ".join(f"`{s}`" for s in cube_names) or "not recorded"
+    path = Path(run.sweep)
+    text = f"[`{run.sweep}`]({_rel(path, out_dir)})" if path.is_file() else f"`{run.sweep}`"
+    name = _sweep_name(path) if path.is_file() else run.sweep
+    if cube_names and cube_names != [name]:
+        text += f" (cube says {', '.join(f'`{s}`' for s in cube_names)})"
+    return text
+
+
+def _sweep_name(path: Path) -> str:
+    try:
+        return str(tomllib.loads(path.read_text()).get("name", path.stem))
+    except (OSError, tomllib.TOMLDecodeError):
+        return path.stem
+
+
+def _launch_cells(p: Provenance) -> list[str]:
+    """Command(s), device and wall time, or "not recorded" for cubes without records."""
+    if not p.launches:
+        devices = ", ".join(p.fallback_devices)
+        device = f"{devices} (at group creation)" if devices else "not recorded"
+        return ["not recorded", device, "not recorded"]
+    commands = list(dict.fromkeys(str(r.get("command", "?")) for r in p.launches))
+    devices = list(dict.fromkeys(str(r.get("device", "?")) for r in p.launches))
+    n = len(p.launches)
+    wall = p.wall_s
+    wall_text = _duration(wall) if wall is not None else "not recorded"
+    wall_text += f" ({n} launch{'es' if n > 1 else ''})"
+    if p.recorded < p.done:
+        wall_text += f"; records cover {p.recorded} of {p.done} done cells"
+    return ["<br>".join(f"`{c}`" for c in commands), ", ".join(devices), wall_text]
+
+
+def _commits(p: Provenance) -> str:
+    """Code commits of the launches, else of the groups' creation."""
+    recorded = [str(r["git_commit"]) for r in p.launches if r.get("git_commit")]
+    if recorded:
+        return ", ".join(f"`{c[:10]}`" for c in dict.fromkeys(recorded))
+    if p.fallback_commits:
+        return ", ".join(f"`{c[:10]}`" for c in p.fallback_commits) + " (at group creation)"
+    return "not recorded"
+
+
+def _outcome_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v or k == "converged")
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def _run_section(run: Run, report: Report, out_dir: Path, fmt: str) -> list[str]:
+    groups = ", ".join(f"`{n}`" for n in report.experiments)
+    lines = [
+        f"## {run.title}",
+        "",
+        f"Cube `{run.store}`, groups {groups}. Full report:"
+        f" [{_rel(report.path, out_dir)}]({_rel(report.path, out_dir)}).",
+        "",
+    ]
+    if run.note:
+        lines += [run.note.strip(), ""]
+    perceptrons = {}
+    for name, er in report.experiments.items():
+        if is_perceptron(er.data):
+            perceptrons[name] = er
+            continue
+        lines += [f"### `{name}`", ""]
+        reading = experiment_reading(er)
+        lines += reading[:2] + _figures(er.figures, out_dir, fmt) + reading[2:]
+    if perceptrons:
+        lines += ["### Perceptron: P-exponents across chi", ""]
+        for er in perceptrons.values():
+            lines += _figures(er.figures, out_dir, fmt)
+        lines += _figures(report.summary_figures, out_dir, fmt)
+        lines += perceptron_reading(perceptrons)
+    return lines
+
+
+def _figures(paths: Sequence[Path], out_dir: Path, fmt: str) -> list[str]:
+    """Image links (relative to ``out_dir``) of the key figures among ``paths``."""
+    lines = []
+    for p in paths:
+        if p.suffix == f".{fmt}" and KEY_FIGURES.search(p.stem):
+            lines += [f"![{p.stem.replace('_', ' ')}]({_rel(p, out_dir)})", ""]
+    return lines
+
+
+def experiment_reading(er: ExperimentReport) -> list[str]:
+    """The reading of a non-perceptron group: phase diagram and/or T-sweep."""
+    ds = er.data
+    n = {d: ds.sizes.get(d, 1) for d in ("alpha", "T", "P", "seed")}
+    lines = [f"Grid: {n['alpha']} alpha x {n['T']} T x {n['P']} P x {n['seed']} seeds.", ""]
+    if n["alpha"] >= 2 and n["T"] >= 2:
+        lines += phase_reading(ds)
+    if n["T"] >= 2 and n["P"] >= 2:
+        lines += tsweep_reading(er)
+    if len(lines) == 2:
+        lines += ["No phase diagram or T-sweep applies to this grid.", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------- phase diagram
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The seed-mean test error against T at one alpha.
+
+    first, best, last : (T, mean, stderr) at the smallest T, the minimum and the largest
+                        T among the temperatures with a converged mean
+    kind              : "helps" (falls with T), "optimum" (falls, then rises), "hurts"
+                        (rises with T) or "flat" (no change beyond SIGNIFICANCE)
+    text              : the change in words, with its size in combined stderr (sigma)
+    """
+
+    first: tuple[float, float, float]
+    best: tuple[float, float, float]
+    last: tuple[float, float, float]
+    kind: str
+    text: str
+
+
+def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | None:
+    """Classify the test error against T (None when fewer than 2 T have a mean).
+
+    A change counts when it exceeds SIGNIFICANCE combined standard errors; a missing
+    standard error (one seed) counts as 0, so any change counts."""
+    ok = np.flatnonzero(np.isfinite(mean))
+    if len(ok) < 2:
+        return None
+    i0, il = int(ok[0]), int(ok[-1])
+    ib = int(ok[np.argmin(mean[ok])])
+    point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
+
+    def change(i: int, j: int) -> tuple[float, float, str]:
+        """mean[j] - mean[i], in combined stderr, and in words."""
+        d = float(mean[j] - mean[i])
+        s = math.hypot(*(x if math.isfinite(x) else 0.0 for x in (stderr[i], stderr[j])))
+        z = abs(d) / s if s > 0 else math.inf if d else 0.0
+        size = f"{z:.1f} sigma" if math.isfinite(z) else "no seed error"
+        words = f"{'rises' if d > 0 else 'falls'} by {abs(d):.3f} ({size})"
+        return d, z, f"{words} from T = {_pow2(T[i])} to {_pow2(T[j])}"
+
+    _, z_best, fall = change(i0, ib)
+    _, z_last, rise_after = change(ib, il)
+    if ib != i0 and z_best > SIGNIFICANCE and il != ib and z_last > SIGNIFICANCE:
+        kind, text = "optimum", f"{fall}, then {rise_after}: optimum T = {_pow2(T[ib])}"
+    elif ib != i0 and z_best > SIGNIFICANCE:
+        kind, text = "helps", f"{fall}: noise helps"
+    else:
+        d, z, words = change(i0, il)
+        if d > 0 and z > SIGNIFICANCE:
+            kind, text = "hurts", f"{words}: noise hurts"
+        else:
+            kind, text = "flat", f"{words}: within {SIGNIFICANCE:g} sigma"
+    return Trend(point[i0], point[ib], point[il], kind, text)
+
+
+def phase_reading(ds: xr.Dataset) -> list[str]:
+    """Per P: a table over alpha (trend of the test error with T, weight change,
+    diverged cells), the best cell, and smallest against largest alpha."""
+    err = seed_mean(ds, "test_error").compute()
+    rel = seed_mean(ds, "rel_change").compute()
+    flag = effective_outcome(ds).compute()
+    T = ds["T"].values
+    lines = []
+    for P in ds["P"].values:
+        e, r, f = err.sel(P=P), rel.sel(P=P), flag.sel(P=P)
+        rows, trends = [], {}
+        for alpha in ds["alpha"].values:
+            ea = e.sel(alpha=alpha)
+            trend = error_trend(T, ea["mean"].values, ea["stderr"].values)
+            trends[float(alpha)] = trend
+            rows.append(_phase_row(float(alpha), trend, r.sel(alpha=alpha), f.sel(alpha=alpha)))
+        lines += [
+            f"Phase diagram at P = {int(P)}: seed means ± stderr; smallest and largest T are"
+            " the extreme temperatures with a converged cell; the relative weight change"
+            " ||w - w0|| / ||w0|| is at the smallest.",
+            "",
+        ]
+        lines += _table(
+            ["alpha", "rel. change", "test error at smallest T", "lowest"]
+            + ["at largest T", "test error against T", "diverged / unfinished"],
+            rows,
+        )
+        lines += _phase_summary(e, r, trends)
+    return lines
+
+
+def _phase_row(alpha: float, trend: Trend | None, rel: xr.Dataset, flag: xr.DataArray) -> list:
+    rel_means = rel["mean"].values[np.isfinite(rel["mean"].values)]
+    rel_text = f"{rel_means[0]:.3g}" if rel_means.size else "n/a"
+    bad = []
+    for T in flag["T"].values:
+        seeds = flag.sel(T=T).values
+        parts = [
+            f"{int((seeds == code).sum())}/{seeds.size} {name}"
+            for code, name in ((DIVERGED, "diverged"), (UNFINISHED, "unfinished"))
+            if (seeds == code).any()
+        ]
+        if parts:
+            bad.append(f"T = {_pow2(T)}: {', '.join(parts)}")
+    bad_text = "; ".join(bad) or "none"
+    if trend is None:
+        return [_pow2(alpha), rel_text, "n/a", "n/a", "n/a", "under 2 T converged", bad_text]
+    return [
+        _pow2(alpha),
+        rel_text,
+        f"{_pm(*trend.first[1:])} (T = {_pow2(trend.first[0])})",
+        f"{_pm(*trend.best[1:])} (T = {_pow2(trend.best[0])})",
+        f"{_pm(*trend.last[1:])} (T = {_pow2(trend.last[0])})",
+        trend.text,
+        bad_text,
+    ]
+
+
+def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Trend | None]) -> list:
+    """Best cell, where noise helps / hurts, and smallest against largest alpha."""
+    mean = err["mean"]
+    if not np.isfinite(mean.values).any():
+        return ["No cell converged at this P.", ""]
+    best = mean.where(np.isfinite(mean), np.inf).argmin(...)
+    cell = {d: float(mean[d].values[i]) for d, i in best.items()}
+    at = err.isel(best)
+    lines = [
+        f"- Lowest test error {_pm(float(at['mean']), float(at['stderr']))}"
+        f" ({int(at['n'])} seeds) at alpha = {_pow2(cell['alpha'])}, T = {_pow2(cell['T'])}."
+    ]
+    for kind, words in (
+        ("helps", "Noise helps (error falls with T)"),
+        ("optimum", "The error has an optimum T"),
+        ("hurts", "Noise hurts (error rises with T)"),
+        ("flat", f"No change beyond {SIGNIFICANCE:g} sigma"),
+    ):
+        where = [_pow2(a) for a, t in trends.items() if t is not None and t.kind == kind]
+        if where:
+            lines.append(f"- {words} at alpha = {', '.join(where)}.")
+    lines += _feature_vs_lazy(trends, rel)
+    return lines + [""]
+
+
+def _feature_vs_lazy(trends: Mapping[float, Trend | None], rel: xr.Dataset) -> list[str]:
+    """Smallest alpha (feature side) against largest (lazy side): best error and the
+    relative weight change at the smallest T."""
+    known = {a: t for a, t in trends.items() if t is not None}
+    if len(known) < 2:
+        return []
+    lo, hi = min(known), max(known)
+    (_, e_lo, s_lo), (_, e_hi, s_hi) = known[lo].best, known[hi].best
+    s = math.hypot(*(x if math.isfinite(x) else 0.0 for x in (s_lo, s_hi)))
+    diff = e_hi - e_lo
+    sigma = f", {abs(diff) / s:.1f} sigma" if s > 0 else ""
+    better = "feature side lower" if diff > 0 else "lazy side lower" if diff < 0 else "equal"
+
+    def rel_at(a: float) -> str:
+        v = rel["mean"].sel(alpha=a).values
+        v = v[np.isfinite(v)]
+        return f"{v[0]:.3g}" if v.size else "n/a"
+
+    return [
+        f"- Feature side (smallest alpha = {_pow2(lo)}, rel. change {rel_at(lo)} at its"
+        f" smallest T): best {_pm(e_lo, s_lo)} at T = {_pow2(known[lo].best[0])}; lazy side"
+        f" (largest alpha = {_pow2(hi)}, rel. change {rel_at(hi)}): best {_pm(e_hi, s_hi)}"
+        f" at T = {_pow2(known[hi].best[0])}; {better} by {abs(diff):.3f}{sigma}."
+    ]
+
+
+# ---------------------------------------------------------------------------- T-sweep
+
+_LAWS = {"delta": "rel. change ~ T^delta P^gamma", "gamma": "rel. change ~ T^delta P^gamma"}
+_LAWS |= {"c": "t* ~ T^c P^b", "b": "t* ~ T^c P^b"}
+
+
+def tsweep_reading(er: ExperimentReport) -> list[str]:
+    """Table of delta, gamma, c, b, a (both T_c definitions) from the report's fits, and
+    the check a = gamma/delta."""
+    res = er.results
+    fits, crossover_fits = res.get("fits", {}), res.get("crossover_fits", {})
+    tables, checks = res.get("crossover_tables", {}), res.get("ratio_checks", {})
+    alpha = float(er.data["alpha"].max()) if "alpha" in er.data.coords else math.nan
+    rows = []
+    for var, symbols in (("rel_change", ("delta", "gamma")), ("t_star", ("c", "b"))):
+        fit = fits.get(var)
+        for sym in symbols:
+            if fit is None:
+                rows.append([sym, _LAWS[sym], "not fitted (see the report)", "", ""])
+            else:
+                rows.append([sym, _LAWS[sym], _est(fit[sym]), fit.n_points, f"{fit.chi2_red:.2f}"])
+    for key, table in tables.items():
+        cf = crossover_fits.get(key)
+        found = int(np.isfinite(table["T_c"].values).sum())
+        law = f"T_c ~ P^-a, T_c {table.attrs.get('short_name', key)}"
+        value = _est(cf.a) if cf else f"not fitted (T_c found for {found} of {table.sizes['P']} P)"
+        rows.append([f"a ({key})", law, value, cf.fit.n_points if cf else found, ""])
+    if "rel_change" in fits:
+        gd = ratio(fits["rel_change"], "gamma", "delta")
+        rows.append(["gamma/delta", "from the rel. change fit", _est(gd), "", ""])
+    lines = [f"Lazy T-sweep at alpha = {_pow2(alpha)} (fits in the lazy range):", ""]
+    lines += _table(["exponent", "law", "value ± error", "points", "chi2_red"], rows)
+    for key, check in checks.items():
+        word = "consistent" if check.consistent else "inconsistent"
+        lines.append(
+            f"- a ({key}) = {_est(check.a)} against gamma/delta = {_est(check.ratio)}:"
+            f" z = {check.z:.2f}, {word} (|z| < 2)."
+        )
+    if not checks:
+        lines.append("- a = gamma/delta not checked: a fit it needs is missing (see the report).")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------- perceptron
+
+
+def verdict(fitted: float, error: float, predicted: float, tolerance: float = TOLERANCE) -> str:
+    """ "agrees within 0.05" when |fitted - predicted| <= tolerance, else "agrees within 1
+    sigma" when it is <= error, else "differs by X sigma" (error = standard error)."""
+    if not math.isfinite(fitted):
+        return "no estimate"
+    diff = abs(fitted - predicted)
+    if diff <= tolerance:
+        return f"agrees within {tolerance:g}"
+    if not (math.isfinite(error) and error > 0):
+        return f"differs by {diff:.3f} (no error estimate)"
+    if diff <= error:
+        return "agrees within 1 sigma"
+    return f"differs by {diff / error:.1f} sigma"
+
+
+def perceptron_rows(reports: Mapping[str, ExperimentReport]) -> tuple[list[str], list[list]]:
+    """One row per perceptron group, sorted by (chi, d): the signal's P-exponent (global
+    fit and local, between successive P) against 1/(1+chi), the noise's against 0."""
+    pairs = sorted(
+        {pair for er in reports.values() for pair in _local(er)}, key=lambda p: (p[0], p[1])
+    )
+    header = ["group", "chi", "d", "seeds", "1/(1+chi)", "signal P-exp. (fit)", "verdict"]
+    header += [f"local {lo}-{hi}" for lo, hi in pairs]
+    header += ["verdict (largest P pair)", "noise P-exp. (pred. 0)", "verdict"]
+    rows = []
+    for name, er in sorted(
+        reports.items(), key=lambda kv: (kv[1].data.attrs.get("chi"), kv[1].data.attrs.get("d"))
+    ):
+        chi = float(er.data.attrs.get("chi", math.nan))
+        predicted = 1.0 / (1.0 + chi)
+        fit = _exponent(er, "signal")
+        noise = _exponent(er, "noise")
+        local = _local(er)
+        last = local[max(local)] if local else (math.nan, math.nan)
+        rows.append(
+            [f"`{name}`", f"{chi:g}", er.data.attrs.get("d"), er.data.sizes.get("seed")]
+            + [f"{predicted:.4f}", _pm(*fit, 3), verdict(*fit, predicted)]
+            + [_pm(*local[pair], 3) if pair in local else "—" for pair in pairs]
+            + [verdict(*last, predicted), _pm(*noise, 3), verdict(*noise, 0.0)]
+        )
+    return header, rows
+
+
+def _exponent(er: ExperimentReport, quantity: str) -> tuple[float, float]:
+    """(fitted, error) of the P-exponent of ``quantity`` from the report's exponent table."""
+    for row in er.results.get("exponent_table", []):
+        if row["quantity"] == quantity and row["variable"] == "P":
+            return float(row["fitted"]), float(row["stderr"])
+    return math.nan, math.nan
+
+
+def _local(er: ExperimentReport) -> dict[tuple[int, int], tuple[float, float]]:
+    """{(P_lo, P_hi): (exponent, stderr)} of the signal's local P-exponents."""
+    local = er.results.get("local_signal")
+    if local is None:
+        return {}
+    return {
+        (int(lo), int(hi)): (float(m), float(e))
+        for lo, hi, m, e in zip(
+            local["P_lo"].values,
+            local["P_hi"].values,
+            local["slope_mean"].values,
+            local["slope_mean_stderr"].values,
+            strict=True,
+        )
+    }
+
+
+def perceptron_reading(reports: Mapping[str, ExperimentReport]) -> list[str]:
+    header, rows = perceptron_rows(reports)
+    return [
+        "Signal (w - w0) . e1 ~ T P^gamma with predicted gamma = 1/(1+chi); noise"
+        " ||(w - w0)_perp|| / sqrt(d - 1) predicted independent of P. Fits over every T and P"
+        " at the largest alpha; local exponents: slopes between successive P, weighted mean"
+        " over T.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        "",
+    ]
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _pow2(x: float) -> str:
+    """2^k for exact powers of two (k != 0), else 4 significant digits."""
+    x = float(x)
+    k = math.log2(x) if x > 0 else math.nan
+    return f"2^{int(k)}" if math.isfinite(k) and k == round(k) and k else f"{x:.4g}"
+
+
+def _pm(value: float, error: float, digits: int = 4) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text + (f" ± {error:.{digits}f}" if math.isfinite(error) else "")
+
+
+def _est(e: Estimate) -> str:
+    return _pm(e.value, e.error, 3)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s} s"
+    return f"{minutes // 60} h {minutes % 60} min"

@@ -1,0 +1,351 @@
+"""``python -m analysis reproduce``: the page, its provenance, readings and errors."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from synthetic_cube import perceptron_dataset, write_cube
+
+from analysis.cli import main
+from analysis.reproduction import (
+    ManifestError,
+    absent_runs,
+    error_trend,
+    load_manifest,
+    provenance,
+    reproduce,
+    verdict,
+)
+from ensemble.schema import CONVERGED, DIMS, LAUNCHES_ATTR, MISSING
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def manifest(path: Path, *runs: dict, title: str = "Test reproduction") -> Path:
+    """Write a manifest with one [[run]] table per dict."""
+    lines = [f'title = "{title}"']
+    for run in runs:
+        lines.append("[[run]]")
+        for k, v in run.items():
+            value = "[" + ", ".join(f'"{x}"' for x in v) + "]" if isinstance(v, list) else f'"{v}"'
+            lines.append(f"{k} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def image_links(text: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
+
+def table_row(text: str, first_cell: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def estimate(cell: str) -> tuple[float, float]:
+    value, error = cell.split("±")
+    return float(value), float(error)
+
+
+# -- the engine's cube: real launch records -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_page(real_cube: Path, tmp_path_factory) -> Path:
+    """reproduction.md of the engine-made cube (two runs), by the command line, with the
+    store path relative to the working directory."""
+    tmp = tmp_path_factory.mktemp("engine_page")
+    m = manifest(
+        tmp / "m.toml",
+        {"key": "phase", "title": "Tiny phase", "store": "cube.zarr"}
+        | {"experiments": ["tiny_phase"], "sweep": "sweep.toml"},
+        {"key": "tsweep", "title": "Tiny T-sweep", "store": "cube.zarr"}
+        | {"experiments": ["tiny_tsweep"]},
+    )
+    out = tmp / "docs"
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis", "reproduce", str(m), "--out", str(out)]
+        + ["--n-boot", "20"],
+        capture_output=True,
+        text=True,
+        cwd=real_cube.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out / "reproduction.md")
+    return out
+
+
+def test_page_states_how_it_was_made(engine_page):
+    text = (engine_page / "reproduction.md").read_text()
+    assert text.startswith("# Test reproduction\n")
+    assert "by `python -m analysis reproduce" in text and "--n-boot 20`" in text
+
+
+def test_provenance_table_reads_the_launch_records(engine_page, real_cube):
+    text = (engine_page / "reproduction.md").read_text()
+    phase = table_row(text, "[`phase`](reproduction/phase/report.md)")
+    tsweep = table_row(text, "[`tsweep`](reproduction/tsweep/report.md)")
+    # run, sweep, command(s), device, wall time, cells, outcomes, code
+    link = re.fullmatch(r"\[`sweep.toml`\]\((.+)\)", phase[1])  # the file exists: linked
+    assert link and (engine_page / link.group(1)).resolve() == real_cube.parent / "sweep.toml"
+    assert tsweep[1] == "`tiny_report`"  # no sweep in the manifest: the cube's name
+    for row, cells in ((phase, 4), (tsweep, 12)):
+        assert row[2] == "`python API`"
+        assert row[3].startswith("cpu (") and "at group creation" not in row[3]
+        wall = re.fullmatch(r"([\d.]+) s \(1 launch\)", row[4])
+        assert wall and float(wall.group(1)) > 0, row[4]
+        assert row[5] == f"{cells} / {cells}"
+        assert re.fullmatch(r"`[0-9a-f]{10}`|`unknown`", row[7]), row[7]
+    # one launch trained both groups: the same wall time in both rows
+    assert phase[4] == tsweep[4]
+
+
+def test_each_run_has_its_report_and_embedded_figures(engine_page):
+    text = (engine_page / "reproduction.md").read_text()
+    links = image_links(text)
+    for key, group, suffix in (("phase", "tiny_phase", "phase_P64"), ("tsweep", "tiny_tsweep", "")):
+        assert (engine_page / "reproduction" / key / "report.md").is_file()
+        assert f"## {group}" in (engine_page / "reproduction" / key / "report.md").read_text()
+        mine = [link for link in links if link.startswith(f"reproduction/{key}/figures/{group}")]
+        assert mine, links
+        assert all(suffix in link for link in mine)
+    for link in links:
+        assert (engine_page / link).is_file(), link
+        assert "dynamics" not in link  # detail stays in the run's report
+    assert "Phase diagram at P = 64" in text
+    assert "| delta | rel. change ~ T^delta P^gamma |" in text
+
+
+# -- synthetic cubes: readings with known answers ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_page(cube_path: Path, tmp_path_factory) -> str:
+    """The page of the session's synthetic cube (T-sweep, phase diagram, chi = 0, 1)."""
+    tmp = tmp_path_factory.mktemp("synthetic_page")
+    m = manifest(
+        tmp / "m.toml",
+        {"key": "tsweep", "title": "T-sweep", "store": str(cube_path)}
+        | {"experiments": ["fc_mnist_tsweep"]},
+        {"key": "phase", "title": "Phase", "store": str(cube_path)}
+        | {"experiments": ["fc_mnist_phase"]},
+        {"key": "perceptron", "title": "Perceptron", "store": str(cube_path)}
+        | {"experiments": ["perceptron_chi0_d16", "perceptron_chi1_d16"]},
+    )
+    return reproduce(m, tmp / "out", n_boot=20).read_text()
+
+
+def test_cube_without_launch_records_says_not_recorded(synthetic_page):
+    row = table_row(synthetic_page, "[`tsweep`](reproduction/tsweep/report.md)")
+    assert row[2] == "not recorded" and row[4] == "not recorded"
+    assert row[3] == "synthetic (at group creation)"
+    assert row[1] == "`synthetic`"
+
+
+def test_tsweep_reading_recovers_the_synthetic_laws(synthetic_page):
+    # synthetic_cube.Laws: delta 0.5, gamma 0.35, c 1, b 1.4, a = gamma/delta = 0.7
+    for symbol, truth in (("delta", 0.5), ("gamma", 0.35), ("c", 1.0), ("b", 1.4)):
+        value, error = estimate(table_row(synthetic_page, symbol)[2])
+        assert abs(value - truth) < 4 * error + 0.01, (symbol, value, error)
+    a, a_err = estimate(table_row(synthetic_page, "a (a)")[2])
+    assert abs(a - 0.7) < 4 * a_err + 0.02
+    assert re.search(r"- a \(a\) = .* z = -?\d+\.\d\d, consistent", synthetic_page)
+
+
+def test_phase_reading_of_the_synthetic_diagram(synthetic_page):
+    # phase_dataset: the error rises with T at every alpha; diverged for alpha <= 1 at
+    # T >= 2^-4; best at the largest alpha and smallest T.
+    for alpha in ("2^-4", "2^-2", "1", "2^2", "2^4", "2^6", "2^8"):
+        assert "noise hurts" in table_row(synthetic_page, alpha)[5], alpha
+    assert table_row(synthetic_page, "2^-2")[6] == "T = 2^-4: 3/3 diverged; T = 2^-2: 3/3 diverged"
+    assert table_row(synthetic_page, "2^2")[6] == "none"
+    assert "Lowest test error" in synthetic_page and "at alpha = 2^8, T = 2^-12." in synthetic_page
+    assert "- Noise hurts (error rises with T) at alpha = 2^-4, 2^-2, 1, 2^2" in synthetic_page
+
+
+def test_error_trend_classes():
+    T = 2.0 ** np.arange(-4, 0)
+    se = np.full(4, 0.001)
+    assert error_trend(T, np.array([0.2, 0.15, 0.12, 0.11]), se).kind == "helps"
+    assert error_trend(T, np.array([0.2, 0.1, 0.15, 0.2]), se).kind == "optimum"
+    assert error_trend(T, np.array([0.1, 0.11, 0.12, np.nan]), se).kind == "hurts"
+    flat = error_trend(T, np.array([0.1, 0.1005, 0.0995, 0.101]), se)
+    assert flat.kind == "flat" and flat.last[0] == T[-1]
+    assert error_trend(T, np.array([0.1, np.nan, np.nan, np.nan]), se) is None
+
+
+# -- perceptron verdicts ----------------------------------------------------------------
+
+
+def test_verdict_wording():
+    assert verdict(0.53, 0.2, 0.5) == "agrees within 0.05"
+    assert verdict(0.44, 0.01, 0.5) == "differs by 6.0 sigma"
+    assert verdict(0.40, 0.15, 0.5) == "agrees within 1 sigma"
+    assert verdict(0.40, math.nan, 0.5) == "differs by 0.100 (no error estimate)"
+    assert verdict(math.nan, 0.1, 0.5) == "no estimate"
+
+
+@pytest.fixture(scope="module")
+def perceptron_page(tmp_path_factory) -> str:
+    """Perceptron groups with known signal exponents 1/(1+chi): chi = 1 and 3 labelled
+    right, and the chi = 1 data labelled chi = 0 (predicted 1, true 0.5)."""
+    rng = np.random.default_rng(7)
+    tmp = tmp_path_factory.mktemp("perceptron_page")
+    wrong = perceptron_dataset(rng, 1.0)
+    wrong.attrs["chi"] = 0.0
+    groups = {
+        "chi1": perceptron_dataset(rng, 1.0),
+        "chi3": perceptron_dataset(rng, 3.0, d=32),
+        "mislabelled": wrong,
+    }
+    write_cube(tmp / "p.zarr", groups)
+    m = manifest(tmp / "m.toml", {"key": "p", "title": "P", "store": str(tmp / "p.zarr")})
+    return reproduce(m, tmp / "out", n_boot=20).read_text()
+
+
+def test_perceptron_table_verdicts(perceptron_page):
+    header = table_row(perceptron_page, "group")
+    rows = {name: table_row(perceptron_page, f"`{name}`") for name in ("chi1", "chi3")}
+    rows["mislabelled"] = table_row(perceptron_page, "`mislabelled`")
+    col = {name: header.index(name) for name in header}  # "verdict": the signal fit's
+    assert [r[col["chi"]] for r in rows.values()] == ["1", "3", "0"]
+    assert rows["chi3"][col["d"]] == "32"
+    # rows sorted by (chi, d)
+    order = [ln for ln in perceptron_page.splitlines() if ln.startswith("| `")]
+    assert [ln.split("`")[1] for ln in order] == ["mislabelled", "chi1", "chi3"]
+    for name in ("chi1", "chi3"):
+        row = rows[name]
+        assert row[col["verdict"]] == "agrees within 0.05", row
+        assert row[-1] == "agrees within 0.05", row  # noise, predicted 0
+    bad = rows["mislabelled"]
+    fitted, error = estimate(bad[col["signal P-exp. (fit)"]])
+    assert abs(fitted - 0.5) < 0.05 and bad[col["1/(1+chi)"]] == "1.0000"
+    sigma = float(re.fullmatch(r"differs by ([\d.]+) sigma", bad[col["verdict"]]).group(1))
+    assert sigma == pytest.approx(abs(fitted - 1.0) / error, rel=0.05, abs=0.1)
+    # local exponents: one column per successive P pair, values near 1/(1+chi)
+    pairs = [h for h in header if h.startswith("local ")]
+    assert pairs == ["local 1024-2048", "local 2048-4096", "local 4096-8192", "local 8192-16384"]
+    for pair in pairs:
+        value, error = estimate(rows["chi1"][col[pair]])
+        assert abs(value - 0.5) < 4 * error, (pair, value, error)
+    assert rows["mislabelled"][col["verdict (largest P pair)"]].startswith("differs by")
+
+
+# -- provenance from launch records -----------------------------------------------------
+
+
+def small_group(launches: list[dict] | None, n_done: int) -> xr.Dataset:
+    """A 1 x 2 x 1 x 4 group with ``n_done`` converged cells and the given records."""
+    shape = (1, 2, 1, 4)
+    done = np.zeros(shape, bool)
+    done.flat[:n_done] = True
+    outcome = np.where(done, CONVERGED, MISSING).astype(np.int8)
+    attrs = {"sweep": "s", "device": "cpu (2 cores)", "git_commit": "abc"}
+    if launches is not None:
+        attrs[LAUNCHES_ATTR] = launches
+    return xr.Dataset(
+        {"done": (DIMS, done), "outcome": (DIMS, outcome)},
+        coords={"alpha": [1.0], "T": [0.1, 0.2], "P": [64], "seed": np.arange(4)},
+        attrs=attrs,
+    )
+
+
+def test_provenance_counts_each_launch_once():
+    one = {"id": "a", "command": "python -m ensemble run s", "wall_s": 10.0, "cells_trained": 3}
+    two = {"id": "b", "command": "python API", "wall_s": 5.5, "cells_trained": 2}
+    p = provenance(
+        {
+            "g1": small_group([one, two], 5),
+            "g2": small_group([{**one, "cells_trained": 4}], 4),
+        }
+    )
+    assert [r["id"] for r in p.launches] == ["a", "b"]
+    assert p.wall_s == 15.5 and p.recorded == 9
+    assert (p.done, p.total) == (9, 16)
+    assert p.outcomes == {"missing": 7, "converged": 9, "diverged": 0, "unfinished": 0}
+
+
+def test_provenance_without_records():
+    p = provenance({"g": small_group(None, 8)})
+    assert p.launches == [] and p.wall_s is None and p.recorded == 0
+    assert p.fallback_devices == ["cpu (2 cores)"]
+
+
+# -- manifest and missing cubes -----------------------------------------------------------
+
+
+def test_missing_store_fails_before_writing(cube_path, tmp_path, capsys):
+    m = manifest(
+        tmp_path / "m.toml",
+        {"key": "here", "title": "Here", "store": str(cube_path)}
+        | {"experiments": ["fc_mnist_phase"]},
+        {"key": "gone", "title": "Gone", "store": "results/nowhere.zarr"},
+    )
+    out = tmp_path / "out"
+    assert main(["reproduce", str(m), "--out", str(out), "--n-boot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "run 'gone'" in err and "results/nowhere.zarr does not exist" in err
+    assert "--skip-missing" in err
+    assert not out.exists()  # nothing written, not even the present run's figures
+    with pytest.raises(ManifestError, match="run 'gone'"):
+        reproduce(m, out)
+
+
+def test_skip_missing_notes_the_absent_cube(cube_path, tmp_path):
+    m = manifest(
+        tmp_path / "m.toml",
+        {"key": "here", "title": "Here", "store": str(cube_path)}
+        | {"experiments": ["fc_mnist_phase"]},
+        {"key": "gone", "title": "Gone", "store": "results/nowhere.zarr", "sweep": "x"},
+    )
+    text = reproduce(m, tmp_path / "out", skip_missing=True, n_boot=5).read_text()
+    assert "Cube absent: store results/nowhere.zarr does not exist" in text
+    assert table_row(text, "`gone`")[2] == "cube absent"
+    assert (tmp_path / "out/reproduction/here/figures/fc_mnist_phase_phase_P1024.png").is_file()
+    assert not (tmp_path / "out/reproduction/gone").exists()
+
+
+def test_store_lacking_a_listed_group_is_absent(cube_path, tmp_path):
+    m = manifest(
+        tmp_path / "m.toml",
+        {"key": "typo", "title": "T", "store": str(cube_path), "experiments": ["fc_mnist_phse"]},
+    )
+    why = absent_runs(load_manifest(m))["typo"]
+    assert "['fc_mnist_phse']" in why and "fc_mnist_phase" in why
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('title = "x"\n', "lists no runs"),
+        (
+            '[[run]]\nkey = "a"\ntitle = "A"\nstore = "s"\nstroe = "s"\n',
+            r"unknown keys \['stroe'\]",
+        ),
+        ('[[run]]\nkey = "a"\ntitle = "A"\n', r"missing keys \['store'\]"),
+        ('[[run]]\nkey = "a/b"\ntitle = "A"\nstore = "s"\n', "must be a folder name"),
+        ('[[run]]\nkey = "a"\ntitle = "A"\nstore = "s"\n' * 2, r"run keys \['a'\] appear"),
+        ("title = \n", "not valid TOML"),
+    ],
+)
+def test_bad_manifests_are_refused(tmp_path, text, match):
+    (tmp_path / "m.toml").write_text(text)
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(tmp_path / "m.toml")
+
+
+def test_shipped_manifest_is_valid():
+    m = load_manifest(REPO / "docs" / "reproduction.toml")
+    assert len({r.key for r in m.runs}) == len(m.runs) >= 5
+    for run in m.runs:
+        assert not Path(run.store).is_absolute()
+        if run.sweep and run.sweep.endswith(".toml"):
+            assert (REPO / run.sweep).is_file(), run.sweep
