@@ -214,6 +214,35 @@ def occupancy(
     )
 
 
+def skipping(P: int, chi: float, K: int, opt: BenchOptions) -> str:
+    """K perceptron members (d = 16, alpha = 2^15, T = 2^-4, seeds 0..K-1) trained to
+    zero loss with quiet-step skipping and with plain steps: wall times (compile
+    included with --compile), real steps, simulated network-steps/s, and whether the
+    two runs agree member by member (steps and weights)."""
+    g = Group(
+        dataset="perceptron", arch="perceptron", d=16, chi=chi, B=2, P=P, pte=1024,
+        max_steps=10**9,
+    )  # fmt: skip
+    members = [Member(alpha=2.0**15, T=2.0**-4, seed=s) for s in range(K)]
+    runs = {}
+    for skip in (True, False):
+        e = Engine(g, K, opt.device, keep_weights=True, compile=opt.compile, skip_quiet=skip)
+        t = time.perf_counter()
+        res = e.run(members)
+        runs[skip] = (time.perf_counter() - t, e.stats.real_steps, res)
+    (t_s, n_s, a), (t_p, n_p, b) = runs[True], runs[False]
+    same = all(
+        x.steps == y.steps and bool((x.weights["w"] == y.weights["w"]).all())
+        for x, y in zip(a, b, strict=True)
+    )
+    total = sum(r.steps for r in a)
+    return (
+        f"| {P} | {chi:g} | {K} | {max(r.steps for r in a):,} | {t_p:.1f} s ({n_p:,} steps)"
+        f" | {t_s:.1f} s ({n_s:,} steps) | {t_p / t_s:.1f}x | {total / t_s:,.0f} |"
+        f" {'bitwise' if same else 'DIFFERENT'} |"
+    )
+
+
 def main(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     archs = ["fc", "mnas", "perceptron"] if a.arch == "all" else [a.arch]
@@ -229,6 +258,18 @@ def main(a: argparse.Namespace) -> int:
         print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
         return 0
     opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root, a.compile)
+    if a.skip:
+        K = (a.K or [8])[0]
+        print(
+            f"## perceptron d = 16 to zero loss, quiet-step skipping against plain steps"
+            f" ({device}{', torch.compile' if a.compile else ''})\n\n"
+            "| P | chi | K | most steps | plain | skipping | speed-up"
+            " | simulated network-steps/s | members |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        )
+        for P in a.skip:
+            print(skipping(P, a.chi, K, opt), flush=True)
+        return 0
     for arch in archs:
         ks = [k for k in Ks if arch != "mnas" or k <= (16 if device.type == "cpu" else 4096)]
         n = steps if a.steps or arch == "fc" else int(steps * ARCH_STEPS[arch])

@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="compare continuous and static batching on N members, then stop",
     )
+    b.add_argument(
+        "--skip",
+        type=_ints,
+        default=None,
+        metavar="P,P,...",
+        help="perceptron to zero loss at these P, quiet-step skipping against plain steps",
+    )
+    b.add_argument("--chi", type=float, default=0.0, help="--skip: depletion exponent")
     b.set_defaults(func=_cmd_bench)
     return p
 

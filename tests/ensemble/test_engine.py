@@ -326,7 +326,7 @@ def test_compiled_step_matches_plain_engine(arch, data_root):
             data_root=str(data_root),
         )
     members = [Member(alpha=2.0**10, T=T, seed=s) for T in (2.0**-6, 2.0**-4) for s in (0, 1)]
-    plain = Engine(g, 4, "cpu", keep_weights=True).run(members)
+    plain = Engine(g, 4, "cpu", keep_weights=True, skip_quiet=False).run(members)
     fast = Engine(g, 4, "cpu", keep_weights=True, compile=True).run(members)
     for a, b in zip(plain, fast, strict=True):
         assert a.outcome == b.outcome == CONVERGED
@@ -334,6 +334,87 @@ def test_compiled_step_matches_plain_engine(arch, data_root):
         assert a.test_error == pytest.approx(b.test_error, abs=0.02)
         for n in a.weights:
             np.testing.assert_allclose(a.weights[n], b.weights[n], rtol=1e-6, atol=1e-8)
+
+
+def _perceptron_group(chi: float, P: int, dtype: str, d: int = 8, **kw) -> Group:
+    return Group(
+        dataset="perceptron",
+        arch="perceptron",
+        P=P,
+        B=2,
+        pte=200,
+        d=d,
+        chi=chi,
+        max_steps=kw.pop("max_steps", 400_000),
+        dtype=dtype,
+        **kw,
+    )
+
+
+def _assert_bitwise(a, b):
+    assert (a.outcome, a.steps) == (b.outcome, b.steps)
+    assert a.t_star == b.t_star or (math.isnan(a.t_star) and math.isnan(b.t_star))
+    for n in a.weights:
+        np.testing.assert_array_equal(a.weights[n], b.weights[n])
+    # evaluations batch the slots due at the same time, so they may round differently
+    np.testing.assert_allclose(a.ckpt_train_loss, b.ckpt_train_loss, rtol=1e-5)
+    np.testing.assert_array_equal(a.ckpt_test_error, b.ckpt_test_error)
+    assert a.test_error == b.test_error or math.isnan(a.test_error)
+
+
+@pytest.mark.parametrize("chi,dtype", [(0.0, "float32"), (1.0, "float64"), (3.0, "float32")])
+def test_skipping_quiet_steps_gives_the_plain_trajectory_bit_for_bit(chi, dtype):
+    """The look-ahead only jumps over steps whose gradient is exactly zero, so every
+    member's steps, t*, weights and checkpoints equal the plain engine's exactly,
+    with continuous batching (3 slots for 6 members) too."""
+    g = _perceptron_group(chi, 128, dtype)
+    members = [Member(alpha=2.0**15, T=T, seed=s) for T in (2.0**-8, 2.0**-2) for s in range(3)]
+    plain = Engine(g, 6, DEVICE, keep_weights=True, skip_quiet=False)
+    skip = Engine(g, 3, DEVICE, keep_weights=True, skip_quiet=True)
+    for a, b in zip(plain.run(members), skip.run(members), strict=True):
+        assert a.outcome == CONVERGED
+        _assert_bitwise(a, b)
+    if chi == 0:  # the slowest case, where nearly every late step is a no-op
+        assert skip.stats.real_steps * skip.K < plain.stats.real_steps * plain.K / 4
+
+
+def test_skipping_stops_exactly_at_the_step_budget():
+    g = _perceptron_group(0.0, 512, "float32", max_steps=1000)
+    members = [Member(alpha=2.0**15, T=2.0**-4, seed=s) for s in range(2)]
+    plain = Engine(g, 2, DEVICE, keep_weights=True, skip_quiet=False).run(members)
+    skip = Engine(g, 2, DEVICE, keep_weights=True, skip_quiet=True).run(members)
+    for a, b in zip(plain, skip, strict=True):
+        assert a.outcome == UNFINISHED and a.steps == 1000
+        _assert_bitwise(a, b)
+
+
+def test_skipping_works_for_deep_networks(small_fc):
+    """Skipping is on by default only for the perceptron, but it is exact for any model:
+    FC members (one of them diverging) follow the plain engine bit for bit."""
+    g = Group(**{**small_fc.as_dict(), "L": 5, "dtype": "float32", "data_root": small_fc.data_root})
+    members = [MEMBERS[0], Member(alpha=1.0, T=2.0**4, seed=7), MEMBERS[1], MEMBERS[3]]
+    plain = Engine(g, 4, DEVICE, keep_weights=True).run(members)
+    skip = Engine(g, 4, DEVICE, keep_weights=True, skip_quiet=True).run(members)
+    assert plain[1].outcome == DIVERGED
+    for a, b in zip(plain, skip, strict=True):
+        assert (a.outcome, a.steps) == (b.outcome, b.steps)
+        if a.outcome == CONVERGED:
+            _assert_bitwise(a, b)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    chi=st.sampled_from([0.0, 1.0, 3.0]),
+    P=st.integers(8, 64),
+    seed=st.integers(0, 2**20),
+    log2_dt=st.integers(-10, 2),
+)
+def test_skipping_is_exact_for_any_member(chi, P, seed, log2_dt):
+    g = _perceptron_group(chi, P, "float32", d=4)
+    m = [Member(alpha=2.0**15, T=2.0**log2_dt / 2, seed=seed)]
+    a = Engine(g, 1, DEVICE, keep_weights=True, skip_quiet=False).run(m)[0]
+    b = Engine(g, 1, DEVICE, keep_weights=True, skip_quiet=True).run(m)[0]
+    _assert_bitwise(a, b)
 
 
 def test_compile_is_refused_on_cuda():
