@@ -72,3 +72,13 @@ def worker_device(device: str | None) -> str:
     digits = re.findall(r"\d+", name)
     index = int(digits[-1]) if digits else 0
     return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def executing_keys(client: Client) -> set[str]:
+    """Keys of the tasks the workers are executing now (the scheduler's ``processing``
+    also counts tasks merely assigned to a worker and waiting there)."""
+
+    def executing(dask_worker) -> list[str]:
+        return [str(ts.key) for ts in dask_worker.state.executing]
+
+    return {k for keys in client.run(executing).values() for k in keys}

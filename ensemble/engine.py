@@ -81,6 +81,11 @@ SKIP_ROUNDS = 2 * GRAPH_STEPS
 """Most look-ahead rounds between host synchronisations of the skipping engine."""
 
 
+MEMBER_CHUNK = {"mnas": 1}
+"""Members per vmap chunk of the gradient on the CPU (default: all at once). Batched
+convolutions become grouped ones, whose backward in oneDNN made an MNAS ensemble slower
+per network than one network alone (0.5-0.6x at K = 4-8); one member per chunk runs the
+plain convolutions (1.0-1.15x), and the rest of the step stays batched."""
 CPU_SLOTS = 64
 """Members per ensemble on the CPU: past ~64 a step's cost grows linearly (bench)."""
 GPU_MEMORY_FRACTION = 0.7
@@ -314,7 +319,8 @@ class Engine:
         self.limit = torch.full((K,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
         self.skip_quiet = group.arch == "perceptron" if skip_quiet is None else skip_quiet
         self._window = 8  # look-ahead steps per member, adapted in _advance_skipping
-        self._grad = vmap(grad_and_value(self._member_loss))
+        chunk = MEMBER_CHUNK.get(group.arch) if self.device.type == "cpu" else None
+        self._grad = vmap(grad_and_value(self._member_loss), chunk_size=chunk)
         self._fwd_own = vmap(self.model.forward)  # per-slot inputs
         self._fwd_shared = vmap(self.model.forward, in_dims=(0, None))  # shared inputs
         self.quiet_steps = math.ceil(group.P / group.B)  # one epoch

@@ -310,7 +310,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
     from distributed import wait
     from tqdm.auto import tqdm
 
-    from ensemble.cluster import connect, worker_count
+    from ensemble.cluster import connect, executing_keys, worker_count
 
     with connect(**cluster) as c:
         report.dashboard = c.dashboard_link
@@ -345,7 +345,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 finished, remaining = wait(remaining, timeout=2, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 finished = set()
-            processing = {k for keys in c.processing().values() for k in keys}
+            processing = executing_keys(c)
             for f in remaining:
                 if f.key in processing and f.key not in started:
                     started.add(f.key)

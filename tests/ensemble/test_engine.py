@@ -428,8 +428,12 @@ def test_mnas_trains_and_reports_every_observable(data_root):
     g = Group(
         dataset="mnist", arch="mnas", P=32, B=8, pte=64, h=2, max_steps=40, data_root=str(data_root)
     )
-    members = [Member(alpha=2.0**10, T=2.0**-6, seed=s) for s in (0, 1)]
-    res = train_batch(g, members, device=DEVICE, slots=1, keep_weights=True)
+    members = [Member(alpha=2.0**10, T=2.0**-6, seed=s) for s in (0, 1, 2)]
+    res = train_batch(g, members, device=DEVICE, slots=2, keep_weights=True)
+    alone = train_batch(g, members[1:2], device=DEVICE, keep_weights=True)[0]
+    assert (res[1].outcome, res[1].steps) == (alone.outcome, alone.steps)
+    for n in alone.weights:  # the CPU gradient runs member by member (MEMBER_CHUNK)
+        np.testing.assert_allclose(res[1].weights[n], alone.weights[n], rtol=1e-5, atol=1e-6)
     for r in res:
         assert r.outcome in (CONVERGED, UNFINISHED)
         assert set(r.dw2_layer) == set(build_model(g).shapes)
