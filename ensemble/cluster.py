@@ -76,9 +76,14 @@ def worker_device(device: str | None) -> str:
 
 def executing_keys(client: Client) -> set[str]:
     """Keys of the tasks the workers are executing now (the scheduler's ``processing``
-    also counts tasks merely assigned to a worker and waiting there)."""
+    also counts tasks merely assigned to a worker and waiting there). A worker that dies
+    or does not answer meanwhile counts as executing nothing."""
 
     def executing(dask_worker) -> list[str]:
         return [str(ts.key) for ts in dask_worker.state.executing]
 
-    return {k for keys in client.run(executing).values() for k in keys}
+    try:
+        answers = client.run(executing, on_error="ignore")
+    except OSError:  # the scheduler itself went away; the launch notices elsewhere
+        return set()
+    return {k for keys in answers.values() if isinstance(keys, list) for k in keys}
