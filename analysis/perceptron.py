@@ -142,6 +142,20 @@ def exponent_table(fits: Mapping[str, PowerLawFit], chi: float) -> list[dict[str
     return rows
 
 
+def local_exponent_pairs(local: xr.Dataset) -> list[tuple[int, int, float, float]]:
+    """(P_lo, P_hi, weighted-mean exponent, stderr) per P pair of `local_P_exponents`."""
+    return [
+        (int(lo), int(hi), float(m), float(e))
+        for lo, hi, m, e in zip(
+            local["P_lo"].values,
+            local["P_hi"].values,
+            local["slope_mean"].values,
+            local["slope_mean_stderr"].values,
+            strict=True,
+        )
+    ]
+
+
 def local_P_exponents(
     ds: xr.Dataset,
     quantity: str = "signal",

@@ -39,7 +39,13 @@ from analysis.crossover import (
 )
 from analysis.fits import InsufficientData, PowerLawFit, fit_rel_change, fit_t_star
 from analysis.load import Store, open_cube
-from analysis.perceptron import exponent_table, fit_perceptron, is_perceptron, local_P_exponents
+from analysis.perceptron import (
+    exponent_table,
+    fit_perceptron,
+    is_perceptron,
+    local_exponent_pairs,
+    local_P_exponents,
+)
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
 
 
@@ -440,16 +446,7 @@ def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows:
         )
         section.table(
             ["P pair", "exponent", "±"],
-            [
-                [f"{int(lo)}-{int(hi)}", _num(float(m)), _num(float(e))]
-                for lo, hi, m, e in zip(
-                    local["P_lo"].values,
-                    local["P_hi"].values,
-                    local["slope_mean"].values,
-                    local["slope_mean_stderr"].values,
-                    strict=True,
-                )
-            ],
+            [[f"{lo}-{hi}", _num(m), _num(e)] for lo, hi, m, e in local_exponent_pairs(local)],
         )
     section.attempt(
         "perceptron figure",

@@ -52,7 +52,7 @@ except ModuleNotFoundError:  # pragma: no cover - python 3.10
 from analysis.aggregate import effective_outcome, outcome_counts, seed_mean
 from analysis.fits import Estimate, ratio
 from analysis.load import experiment_names
-from analysis.perceptron import is_perceptron
+from analysis.perceptron import is_perceptron, local_exponent_pairs
 from analysis.report import ExperimentReport, Report, build_report
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
@@ -695,16 +695,7 @@ def _local(er: ExperimentReport) -> dict[tuple[int, int], tuple[float, float]]:
     local = er.results.get("local_signal")
     if local is None:
         return {}
-    return {
-        (int(lo), int(hi)): (float(m), float(e))
-        for lo, hi, m, e in zip(
-            local["P_lo"].values,
-            local["P_hi"].values,
-            local["slope_mean"].values,
-            local["slope_mean_stderr"].values,
-            strict=True,
-        )
-    }
+    return {(lo, hi): (m, e) for lo, hi, m, e in local_exponent_pairs(local)}
 
 
 def perceptron_reading(reports: Mapping[str, ExperimentReport]) -> list[str]:

@@ -37,6 +37,23 @@ def small_fc(data_root) -> Group:
     )
 
 
+def _perceptron_group(
+    chi: float, P: int, dtype: str, d: int = 8, max_steps: int = 400_000
+) -> Group:
+    """Perceptron data, B = 2, pte = 200."""
+    return Group(
+        dataset="perceptron",
+        arch="perceptron",
+        P=P,
+        B=2,
+        pte=200,
+        d=d,
+        chi=chi,
+        max_steps=max_steps,
+        dtype=dtype,
+    )
+
+
 DEVICE = os.environ.get("ENSEMBLE_TEST_DEVICE", "cpu")
 """Set ENSEMBLE_TEST_DEVICE=cuda to run these tests on a GPU."""
 
@@ -211,17 +228,7 @@ def test_perceptron_observables():
 
 
 def test_perceptron_member_equals_alone():
-    g = Group(
-        dataset="perceptron",
-        arch="perceptron",
-        P=64,
-        B=2,
-        pte=200,
-        d=8,
-        chi=0.0,
-        max_steps=100_000,
-        dtype="float64",
-    )
+    g = _perceptron_group(0.0, 64, "float64", max_steps=100_000)
     members = [Member(alpha=2.0**15, T=0.05, seed=s) for s in range(3)]
     ens = train_batch(g, members, device=DEVICE, keep_weights=True)
     for m, r in zip(members, ens, strict=True):
@@ -301,17 +308,7 @@ def test_compiled_step_matches_plain_engine(arch, data_root):
     """The CPU fast path (torch.compile of the step) follows the plain engine's
     trajectories up to float rounding."""
     if arch == "perceptron":
-        g = Group(
-            dataset="perceptron",
-            arch="perceptron",
-            P=64,
-            B=2,
-            pte=200,
-            d=8,
-            chi=1.0,
-            max_steps=50_000,
-            dtype="float64",
-        )
+        g = _perceptron_group(1.0, 64, "float64", max_steps=50_000)
     else:
         g = Group(
             dataset="mnist",
@@ -334,21 +331,6 @@ def test_compiled_step_matches_plain_engine(arch, data_root):
         assert a.test_error == pytest.approx(b.test_error, abs=0.02)
         for n in a.weights:
             np.testing.assert_allclose(a.weights[n], b.weights[n], rtol=1e-6, atol=1e-8)
-
-
-def _perceptron_group(chi: float, P: int, dtype: str, d: int = 8, **kw) -> Group:
-    return Group(
-        dataset="perceptron",
-        arch="perceptron",
-        P=P,
-        B=2,
-        pte=200,
-        d=d,
-        chi=chi,
-        max_steps=kw.pop("max_steps", 400_000),
-        dtype=dtype,
-        **kw,
-    )
 
 
 def _assert_bitwise(a, b):
