@@ -6,11 +6,18 @@ f = (w - w0) . x / sqrt(d), so the quantities are those of the change w - w0:
 - signal :math:`s = w_\parallel - w_{\parallel,0} = (w - w_0) \cdot e_1` (``w_par - w_par0``);
 - noise :math:`n = \|(w - w_0)_\perp\| / \sqrt{d - 1}` (``sqrt(dnoise)``), a per-component
   amplitude;
-- t*, the time to zero training loss.
+- t*, the time to zero training loss;
+- the signal-to-noise ratio s / n (``snr``, per cell), the quantity the scaling argument
+  is about: a point at distance |x_1| from the boundary is fitted once s |x_1| beats the
+  noise's O(n) contribution to f, and the smallest |x_1| among P points is
+  ~ P^{-1/(1+chi)}, so s / n ~ P^{1/(1+chi)}. With n independent of P the signal itself
+  follows; at finite d the noise still drifts with P, and s / n separates that drift
+  from the signal's exponent.
 
 Predictions (science spec, "Scaling laws", noise-dominated regime):
 :math:`s \sim T P^{1/(1+\chi)}`, :math:`n \sim T P^0`, and the scaling argument
-:math:`t^* \sim T P^{(3+\chi)/(1+\chi)}` (to be checked, not assumed).
+:math:`t^* \sim T P^{(3+\chi)/(1+\chi)}` (to be checked, not assumed), hence
+:math:`s / n \sim T^0 P^{1/(1+\chi)}`.
 
 Default fit range: the largest alpha and all T and P (``fit_range="all"``); pass
 ``T_range`` to keep only the noise-dominated large-T part when the small-T points are
@@ -33,6 +40,10 @@ QUANTITIES: dict[str, tuple[str, str]] = {
     "noise": ("noise ||(w - w0)_perp|| / sqrt(d - 1)", "1"),
     "t_star": ("t = dt * steps at the first step with zero training loss", "1"),
 }
+DERIVED: dict[str, tuple[str, str]] = {
+    "snr": ("signal-to-noise ratio s / n per network", "1"),
+}
+"""Per-cell quantities of `per_seed` beyond `QUANTITIES` (not fitted by `fit_perceptron`)."""
 SYMBOLS: dict[str, dict[str, str]] = {
     "signal": {"T": "T-exponent of the signal", "P": "gamma"},
     "noise": {"T": "T-exponent of the noise", "P": "P-exponent of the noise"},
@@ -51,20 +62,23 @@ def predicted_exponents(chi: float) -> dict[str, dict[str, float]]:
         "signal": {"T": 1.0, "P": 1.0 / (1.0 + chi)},
         "noise": {"T": 1.0, "P": 0.0},
         "t_star": {"T": 1.0, "P": (3.0 + chi) / (1.0 + chi)},
+        "snr": {"T": 0.0, "P": 1.0 / (1.0 + chi)},
     }
 
 
 def per_seed(ds: xr.Dataset, quantity: str) -> xr.DataArray:
-    """Per-cell values of ``quantity`` ("signal", "noise" or "t_star"), lazy."""
+    """Per-cell values of ``quantity`` ("signal", "noise", "t_star" or "snr"), lazy."""
     if quantity == "signal":
         out = ds["w_par"] - ds["w_par0"]
     elif quantity == "noise":
         out = np.sqrt(ds["dnoise"])
     elif quantity == "t_star":
         out = ds["t_star"]
+    elif quantity == "snr":
+        out = per_seed(ds, "signal") / per_seed(ds, "noise")
     else:
-        raise ValueError(f"quantity must be one of {tuple(QUANTITIES)}, got {quantity!r}")
-    long_name, units = QUANTITIES[quantity]
+        raise ValueError(f"quantity must be one of {(*QUANTITIES, *DERIVED)}, got {quantity!r}")
+    long_name, units = (QUANTITIES | DERIVED)[quantity]
     out = out.rename(quantity)
     out.attrs = {"long_name": long_name, "units": units}
     return out
@@ -154,6 +168,11 @@ def local_exponent_pairs(local: xr.Dataset) -> list[tuple[int, int, float, float
             strict=True,
         )
     ]
+
+
+def local_exponent_map(local: xr.Dataset) -> dict[tuple[int, int], tuple[float, float]]:
+    """{(P_lo, P_hi): (weighted-mean exponent, stderr)} of `local_P_exponents`."""
+    return {(lo, hi): (m, e) for lo, hi, m, e in local_exponent_pairs(local)}
 
 
 def local_P_exponents(

@@ -379,7 +379,8 @@ def perceptron_figure(
     include: Include = ("converged",),
 ) -> Figure:
     """Signal, noise and t* against T (one curve per P) with the predicted laws, and the
-    local P-exponents of the signal against P with the prediction 1/(1 + chi).
+    local P-exponents of the signal (per T and weighted mean) and of the ratio s / n
+    (weighted mean) against P with the prediction 1/(1 + chi).
 
     Predicted lines (grey dashed) use the predicted exponents and the prefactor that
     best matches the data in log space; each panel's title gives the fitted exponents
@@ -435,15 +436,21 @@ def perceptron_figure(
                 alpha=0.5,
                 ms=4,
             )
-        ax.errorbar(
-            local["P_mid"].values,
-            local["slope_mean"].values,
-            yerr=np.nan_to_num(local["slope_mean_stderr"].values),
-            color="black",
-            marker="o",
-            capsize=3,
-            label="weighted mean over T",
-        )
+        snr = local_P_exponents(ds, "snr", alpha=alpha, include=include)
+        for loc, name, colour, shift in (
+            (local, "signal s", "black", 1.0),
+            (snr, "ratio s / n", "tab:red", 1.04),
+        ):
+            ax.errorbar(
+                loc["P_mid"].values * shift,
+                loc["slope_mean"].values,
+                yerr=np.nan_to_num(loc["slope_mean_stderr"].values),
+                color=colour,
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=f"{name}, weighted mean over T",
+            )
     ax.axhline(
         predicted["signal"]["P"],
         color="0.4",
@@ -453,7 +460,7 @@ def perceptron_figure(
     ax.set_xscale("log", base=2)
     ax.set_xlabel(label("P"))
     ax.set_ylabel(label("local_P_exponent"))
-    ax.set_title(f"local P-exponent of the signal (chi = {chi:g})", fontsize=8)
+    ax.set_title(f"local P-exponents of s and s / n (chi = {chi:g})", fontsize=8)
     _legend(ax, fontsize=6)
     fig.suptitle(
         f"{ds.attrs.get('experiment', '')}: perceptron chi = {chi:g}, d = {ds.attrs.get('d')}",
@@ -487,6 +494,45 @@ def perceptron_summary(rows: Sequence[Mapping[str, object]]) -> Figure:
         ax.set_xlabel(r"depletion exponent $\chi$ (dimensionless)")
         ax.set_ylabel(names[q] + " (dimensionless)")
         _legend(ax, fontsize=7)
+    return fig
+
+
+def perceptron_finite_d(rows: Sequence[Mapping[str, object]]) -> Figure:
+    """Local P-exponent at the largest P pair against d, one colour per chi, for the
+    signal (filled) and the ratio s / n (open), with 1/(1+chi) dashed.
+
+    rows : dicts with keys chi, d, quantity ("signal" / "snr"), P_lo, P_hi, fitted, stderr
+    """
+    fig, axes = new_figure(1, 1)
+    ax = axes[0, 0]
+    chis = sorted({float(r["chi"]) for r in rows})
+    colours = dict(zip(chis, _P_colours(chis), strict=True))
+    for chi in chis:
+        for q, fill, shift in (("signal", True, 1.0), ("snr", False, 1.06)):
+            sel = sorted(
+                (r for r in rows if float(r["chi"]) == chi and r["quantity"] == q),
+                key=lambda r: float(r["d"]),
+            )
+            if not sel:
+                continue
+            pairs = sorted({f"{r['P_lo']}-{r['P_hi']}" for r in sel})
+            name = "s" if q == "signal" else "s / n"
+            ax.errorbar(
+                [float(r["d"]) * shift for r in sel],
+                [r["fitted"] for r in sel],
+                yerr=[r["stderr"] for r in sel],
+                marker="o",
+                mfc=colours[chi] if fill else "white",
+                color=colours[chi],
+                capsize=3,
+                label=rf"$\chi$ = {chi:g}, {name} (P {', '.join(pairs)})",
+            )
+        ax.axhline(1 / (1 + chi), color=colours[chi], ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(r"input dimension $d$ (dimensionless)")
+    ax.set_ylabel(r"local $P$-exponent, largest $P$ pair (dimensionless)")
+    ax.set_title(r"finite $d$: dashed lines are the predictions $1/(1+\chi)$", fontsize=8)
+    _legend(ax, fontsize=6)
     return fig
 
 

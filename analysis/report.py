@@ -43,6 +43,7 @@ from analysis.perceptron import (
     exponent_table,
     fit_perceptron,
     is_perceptron,
+    local_exponent_map,
     local_exponent_pairs,
     local_P_exponents,
 )
@@ -211,10 +212,39 @@ def build_report(
                 "fitted P-exponents of the signal and of t* against chi, with the predictions",
             ),
         )
+        finite_d = _finite_d_rows(report)
+        if len({(r["chi"], r["d"]) for r in finite_d}) > len({r["chi"] for r in finite_d}):
+            section.attempt(
+                "finite-d figure",
+                lambda: section.figure(
+                    plots.perceptron_finite_d(finite_d),
+                    "finite_d",
+                    "local P-exponents of s and s / n at the largest P pair against d",
+                ),
+            )
         lines += section.lines
         report.summary_figures = section.figures
     report.path.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _finite_d_rows(report: Report) -> list[dict[str, object]]:
+    """Largest-pair local P-exponents of the signal and of s / n of each perceptron group
+    (rows for `plots.perceptron_finite_d`)."""
+    rows = []
+    for er in report.experiments.values():
+        for q in ("signal", "snr"):
+            local = er.results.get(f"local_{q}")
+            if local is None or not is_perceptron(er.data):
+                continue
+            (lo, hi), (m, e) = max(local_exponent_map(local).items())
+            if math.isfinite(m):
+                attrs = er.data.attrs
+                rows.append(
+                    {"chi": attrs.get("chi"), "d": attrs.get("d"), "quantity": q}
+                    | {"P_lo": lo, "P_hi": hi, "fitted": m, "stderr": e}
+                )
+    return rows
 
 
 def _experiment(
@@ -436,17 +466,27 @@ def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows:
             for r in table
             if r["variable"] == "P" and r["quantity"] in ("signal", "t_star")
         ]
-    local = section.attempt("local P-exponents", lambda: local_P_exponents(ds, "signal"))
-    if local is not None:
-        section.results["local_signal"] = local
+    local = {
+        q: section.attempt(f"local P-exponents of {q}", lambda q=q: local_P_exponents(ds, q))
+        for q in ("signal", "snr")
+    }
+    if local["signal"] is not None:
+        section.results["local_signal"] = local["signal"]
+        section.results["local_snr"] = local["snr"]
         section.add(
-            "Local P-exponents of the signal (weighted mean over T;"
-            f" predicted 1/(1+chi) = {1 / (1 + chi):.4f}):",
+            "Local P-exponents of the signal s and of the signal-to-noise ratio s / n"
+            " (weighted mean over T; both predicted 1/(1+chi) ="
+            f" {1 / (1 + chi):.4f}, s / n because the scaling argument balances s against n):",
             "",
         )
+        snr = {} if local["snr"] is None else local_exponent_map(local["snr"])
         section.table(
-            ["P pair", "exponent", "±"],
-            [[f"{lo}-{hi}", _num(m), _num(e)] for lo, hi, m, e in local_exponent_pairs(local)],
+            ["P pair", "signal", "±", "s / n", "±"],
+            [
+                [f"{lo}-{hi}", _num(m), _num(e)]
+                + [_num(x) for x in snr.get((lo, hi), (math.nan, math.nan))]
+                for lo, hi, m, e in local_exponent_pairs(local["signal"])
+            ],
         )
     section.attempt(
         "perceptron figure",

@@ -52,7 +52,7 @@ except ModuleNotFoundError:  # pragma: no cover - python 3.10
 from analysis.aggregate import effective_outcome, outcome_counts, seed_mean
 from analysis.fits import Estimate, ratio
 from analysis.load import experiment_names
-from analysis.perceptron import is_perceptron, local_exponent_pairs
+from analysis.perceptron import is_perceptron, local_exponent_map
 from analysis.report import ExperimentReport, Report, build_report
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
@@ -60,7 +60,7 @@ TOLERANCE = 0.05
 """An exponent within this of its prediction "agrees within 0.05" (absolute)."""
 SIGNIFICANCE = 2.0
 """A test-error change counts (noise helps / hurts) beyond this many combined stderr."""
-KEY_FIGURES = re.compile(r"_(phase_P\d+|tsweep|crossover|perceptron|summary)$")
+KEY_FIGURES = re.compile(r"_(phase_P\d+|tsweep|crossover|perceptron|summary|finite_d)$")
 """Figures (by file stem) embedded in reproduction.md; the others (dynamics) stay in the
 run's report."""
 
@@ -656,13 +656,15 @@ def verdict(fitted: float, error: float, predicted: float, tolerance: float = TO
 
 def perceptron_rows(reports: Mapping[str, ExperimentReport]) -> tuple[list[str], list[list]]:
     """One row per perceptron group, sorted by (chi, d): the signal's P-exponent (global
-    fit and local, between successive P) against 1/(1+chi), the noise's against 0."""
+    fit and local, between successive P) and the local exponent of s / n at the largest P
+    pair against 1/(1+chi), the noise's against 0."""
     pairs = sorted(
         {pair for er in reports.values() for pair in _local(er)}, key=lambda p: (p[0], p[1])
     )
     header = ["group", "chi", "d", "seeds", "1/(1+chi)", "signal P-exp. (fit)", "verdict"]
     header += [f"local {lo}-{hi}" for lo, hi in pairs]
-    header += ["verdict (largest P pair)", "noise P-exp. (pred. 0)", "verdict"]
+    header += ["verdict (largest P pair)", "s / n, largest P pair", "verdict"]
+    header += ["noise P-exp. (pred. 0)", "verdict"]
     rows = []
     for name, er in sorted(
         reports.items(), key=lambda kv: (kv[1].data.attrs.get("chi"), kv[1].data.attrs.get("d"))
@@ -673,11 +675,14 @@ def perceptron_rows(reports: Mapping[str, ExperimentReport]) -> tuple[list[str],
         noise = _exponent(er, "noise")
         local = _local(er)
         last = local[max(local)] if local else (math.nan, math.nan)
+        snr = _local(er, "snr")
+        snr_last = snr[max(snr)] if snr else (math.nan, math.nan)
         rows.append(
             [f"`{name}`", f"{chi:g}", er.data.attrs.get("d"), er.data.sizes.get("seed")]
             + [f"{predicted:.4f}", _pm(*fit, 3), verdict(*fit, predicted)]
             + [_pm(*local[pair], 3) if pair in local else "—" for pair in pairs]
-            + [verdict(*last, predicted), _pm(*noise, 3), verdict(*noise, 0.0)]
+            + [verdict(*last, predicted), _pm(*snr_last, 3), verdict(*snr_last, predicted)]
+            + [_pm(*noise, 3), verdict(*noise, 0.0)]
         )
     return header, rows
 
@@ -690,12 +695,13 @@ def _exponent(er: ExperimentReport, quantity: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def _local(er: ExperimentReport) -> dict[tuple[int, int], tuple[float, float]]:
-    """{(P_lo, P_hi): (exponent, stderr)} of the signal's local P-exponents."""
-    local = er.results.get("local_signal")
-    if local is None:
-        return {}
-    return {(lo, hi): (m, e) for lo, hi, m, e in local_exponent_pairs(local)}
+def _local(
+    er: ExperimentReport, quantity: str = "signal"
+) -> dict[tuple[int, int], tuple[float, float]]:
+    """{(P_lo, P_hi): (exponent, stderr)} of the local P-exponents of ``quantity``
+    ("signal" or "snr")."""
+    local = er.results.get(f"local_{quantity}")
+    return {} if local is None else local_exponent_map(local)
 
 
 def perceptron_reading(reports: Mapping[str, ExperimentReport]) -> list[str]:
@@ -704,7 +710,9 @@ def perceptron_reading(reports: Mapping[str, ExperimentReport]) -> list[str]:
         "Signal (w - w0) . e1 ~ T P^gamma with predicted gamma = 1/(1+chi); noise"
         " ||(w - w0)_perp|| / sqrt(d - 1) predicted independent of P. Fits over every T and P"
         " at the largest alpha; local exponents: slopes between successive P, weighted mean"
-        " over T.",
+        " over T. The scaling argument balances the signal against the noise, so it"
+        " predicts s / n ~ P^(1/(1+chi)) directly; the signal follows only where the noise"
+        " is flat in P.",
         "",
         *_table(header, rows),
     ]

@@ -240,9 +240,10 @@ def perceptron_dataset(
     *,
     n_seed: int = 5,
     sigma: float = 0.1,
+    noise_P: float = 0.0,
 ) -> xr.Dataset:
     """Perceptron group at alpha = 2^15 with signal w_par - w_par0 = 0.1 T P^(1/(1+chi)),
-    noise sqrt(dnoise) = 0.5 T (independent of P), t* = 0.01 T P^((3+chi)/(1+chi))."""
+    noise sqrt(dnoise) = 0.5 T (P/1024)^noise_P, t* = 0.01 T P^((3+chi)/(1+chi))."""
     alpha = (2.0**15,)
     T = 2.0 ** np.arange(-12, 1, 2)
     P = (1024, 2048, 4096, 8192, 16384)
@@ -252,7 +253,7 @@ def perceptron_dataset(
     w_par0 = rng.standard_normal(shape)
     noise0 = np.ones(shape) + 0.1 * rng.standard_normal(shape)
     signal = 0.1 * T_ * P_ ** (1 / (1 + chi)) * lognormal(rng, sigma, shape)
-    dnoise = (0.5 * T_ * lognormal(rng, sigma, shape)) ** 2
+    dnoise = (0.5 * T_ * (P_ / 1024) ** noise_P * lognormal(rng, sigma, shape)) ** 2
     t_star = 0.01 * T_ * P_ ** ((3 + chi) / (1 + chi)) * lognormal(rng, sigma, shape)
     values = {
         "w_par": w_par0 + signal,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic_cube import perceptron_dataset
 
 from analysis.load import open_cube
 from analysis.perceptron import (
@@ -12,6 +13,7 @@ from analysis.perceptron import (
     is_perceptron,
     local_P_exponents,
     observables,
+    per_seed,
     predicted_exponents,
 )
 
@@ -19,6 +21,7 @@ from analysis.perceptron import (
 def test_predicted_exponents():
     p = predicted_exponents(1.0)
     assert p["signal"] == {"T": 1.0, "P": 0.5}
+    assert p["snr"] == {"T": 0.0, "P": 0.5}
     assert p["noise"] == {"T": 1.0, "P": 0.0}
     assert p["t_star"]["P"] == pytest.approx(2.0)
     assert predicted_exponents(0.0)["t_star"]["P"] == pytest.approx(3.0)
@@ -59,3 +62,19 @@ def test_local_P_exponents(cube_path):
     assert (local["slope_mean_stderr"] < 0.05).all()
     noise = local_P_exponents(ds, "noise")
     assert abs(float(noise["slope_mean"].mean())) < 0.05
+
+
+def test_signal_to_noise_ratio_separates_a_drifting_noise(rng):
+    """Noise ~ P^-0.1 (a finite-d drift): the signal's local exponent is 1/(1+chi) and the
+    ratio s / n carries the extra 0.1, per network and per pair."""
+    ds = perceptron_dataset(rng, 1.0, n_seed=40, sigma=0.05, noise_P=-0.1)
+    snr = per_seed(ds, "snr")
+    np.testing.assert_allclose(snr, per_seed(ds, "signal") / per_seed(ds, "noise"))
+    assert snr.attrs["long_name"] == "signal-to-noise ratio s / n per network"
+    for quantity, expected in (("signal", 0.5), ("noise", -0.1), ("snr", 0.6)):
+        local = local_P_exponents(ds, quantity)
+        z = (local["slope_mean"] - expected) / local["slope_mean_stderr"]
+        assert (np.abs(z) < 4).all() and (local["slope_mean_stderr"] < 0.02).all(), local
+        assert local.attrs["quantity"] == quantity
+    with pytest.raises(ValueError, match="'snr'"):
+        per_seed(ds, "ratio")

@@ -15,7 +15,7 @@ import zarr
 from PIL import Image
 from synthetic_cube import Laws, perceptron_dataset, tsweep_dataset, write_cube
 
-from analysis.report import write_report
+from analysis.report import build_report, write_report
 from ensemble.schema import DIVERGED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +123,8 @@ def test_degenerate_cubes_are_explained_not_fatal(cube_path, tmp_path, rng):
     assert "figures and fits skipped: no cell converged" in text
     assert "T-sweep figure, fits and T_c(P) skipped: they need at least 2 P, P = [1024]" in text
     assert "perceptron fits skipped: signal: the fit range has a single P = 1024" in text
-    assert "local P-exponents skipped: local P-exponents need at least 2 P values" in text
+    for q in ("signal", "snr"):
+        assert f"local P-exponents of {q} skipped: local P-exponents need at least 2 P" in text
     assert "dynamics skipped: no converged cell has checkpoint values" in text
     # The complete perceptron group: its exponents next to the predicted ones.
     chi1_part = text[text.index("### Perceptron (chi = 1, d = 16)") :]
@@ -136,3 +137,21 @@ def test_degenerate_cubes_are_explained_not_fatal(cube_path, tmp_path, rng):
         "perceptron_one_P_perceptron.png",
         "perceptron_summary.png",
     ]
+
+
+def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
+    groups = {
+        "chi1_d16": perceptron_dataset(rng, 1.0, d=16, noise_P=-0.1),
+        "chi1_d64": perceptron_dataset(rng, 1.0, d=64),
+        "chi3_d16": perceptron_dataset(rng, 3.0, d=16),
+    }
+    path = write_cube(tmp_path / "d.zarr", groups)
+    report = build_report(path, tmp_path / "out", n_boot=10, formats=("png",))
+    text = report.path.read_text()
+    assert "failed" not in text
+    assert [f.stem for f in report.summary_figures] == ["perceptron_summary", "perceptron_finite_d"]
+    # the local table of chi1_d16: signal near 0.5, s / n near 0.6 (noise ~ P^-0.1)
+    part = text[text.index("## chi1_d16") : text.index("## chi1_d64")]
+    row = table_row(part, "8192-16384")
+    assert abs(float(row[1]) - 0.5) < 4 * float(row[2]), row
+    assert abs(float(row[3]) - 0.6) < 4 * float(row[4]), row

@@ -237,6 +237,12 @@ def test_perceptron_table_verdicts(perceptron_page):
         value, error = estimate(rows["chi1"][col[pair]])
         assert abs(value - 0.5) < 4 * error, (pair, value, error)
     assert rows["mislabelled"][col["verdict (largest P pair)"]].startswith("differs by")
+    # s / n at the largest pair: the noise is flat here, so it agrees like the signal
+    snr = col["s / n, largest P pair"]
+    value, error = estimate(rows["chi1"][snr])
+    assert abs(value - 0.5) < 4 * error and error < 0.1
+    assert rows["chi1"][snr + 1] in ("agrees within 0.05", "agrees within 1 sigma")
+    assert rows["mislabelled"][snr + 1].startswith("differs by")
 
 
 # -- provenance from launch records -----------------------------------------------------
