@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, at_alpha, masked, mean_stderr
+from analysis.aggregate import Include, at_alpha, bootstrap_mean, masked, mean_stderr
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_scaling
 
 QUANTITIES: dict[str, tuple[str, str]] = {
@@ -182,28 +182,47 @@ def local_P_exponents(
     alpha: float | None = None,
     T_range: Range = None,
     include: Include = ("converged",),
+    n_boot: int = 500,
+    seed: int = 0,
 ) -> xr.Dataset:
     """Local P-exponents of ``quantity`` between successive P, for each T and averaged.
 
-    slope(T, pair) = ln(q(P_hi) / q(P_lo)) / ln(P_hi / P_lo) from seed means, with
-    stderr sqrt((se_lo/q_lo)^2 + (se_hi/q_hi)^2) / ln(P_hi/P_lo). ``slope_mean`` is the
-    inverse-variance weighted mean over T (within ``T_range``) for each pair. Returns a
-    computed Dataset with dims (T, pair) and coords P_lo, P_hi, P_mid (geometric mean).
+    slope(T, pair) = ln(q(P_hi) / q(P_lo)) / ln(P_hi / P_lo) from seed means.
+    ``slope_mean`` is the weighted mean over T (within ``T_range``) for each pair, with
+    weights 1 / e^2, e = sqrt((se_lo/q_lo)^2 + (se_hi/q_hi)^2) / ln(P_hi/P_lo) from the
+    cells' standard errors. Errors (``stderr``, ``slope_mean_stderr``) come from a bootstrap
+    over seeds (``n_boot`` resamples, generator ``seed``, variance scaled by n/(n-1) for n
+    seeds) that draws the same seeds in every cell: a seed fixes the
+    initialisation, the batch draws and (for the perceptron) the nested training sets at
+    every T and P, so cells of one seed are correlated and only a joint resample gives the
+    right error of a slope or of a mean over T. Returns a computed Dataset with dims
+    (T, pair) and coords P_lo, P_hi, P_mid (geometric mean).
     """
     sel = at_alpha(ds, alpha)
-    stats = mean_stderr(masked(sel, per_seed(sel, quantity), include)).transpose("T", "P")
-    stats = stats.compute()
+    values = masked(sel, per_seed(sel, quantity), include)
+    stats = mean_stderr(values).transpose("T", "P").compute()
     P = stats["P"].values.astype(float)
     if len(P) < 2:
         raise InsufficientData(
             f"local P-exponents need at least 2 P values, got P = {stats['P'].values.tolist()}"
         )
-    q = stats["mean"].values
-    rel = stats["stderr"].values / q
-    q = np.where(q > 0, q, np.nan)
+    boot = bootstrap_mean(values, n_boot, seed).transpose("bootstrap", "T", "P").values
     log_ratio = np.log(P[1:] / P[:-1])
-    slope = np.log(q[:, 1:] / q[:, :-1]) / log_ratio
-    stderr = np.sqrt(rel[:, 1:] ** 2 + rel[:, :-1] ** 2) / log_ratio
+
+    def slopes(q: np.ndarray) -> np.ndarray:
+        q = np.where(q > 0, q, np.nan)
+        return np.log(q[..., 1:] / q[..., :-1]) / log_ratio
+
+    slope, boot_slope = slopes(stats["mean"].values), slopes(boot)
+    n = max(values.sizes["seed"], 2)
+    inflate = math.sqrt(n / (n - 1))  # the bootstrap variance of a mean has ddof = 0
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(boot_slope).mean(axis=0) > 0.9  # (T, pair)
+        stderr = np.where(usable, inflate * np.nanstd(boot_slope, axis=0), np.nan)
+        rel = stats["stderr"].values / stats["mean"].values
+        # weights from the per-cell standard errors, which few seeds estimate better
+        # than a bootstrap of a ratio does
+        weight_err = np.sqrt(rel[:, 1:] ** 2 + rel[:, :-1] ** 2) / log_ratio
     T = stats["T"].values
     lo, hi = T_range if T_range is not None else (None, None)
     in_range = np.ones(len(T), bool)
@@ -212,16 +231,21 @@ def local_P_exponents(
     if hi is not None:
         in_range &= T <= hi
     weight = np.where(
-        np.isfinite(slope) & np.isfinite(stderr) & (stderr > 0) & in_range[:, None],
-        stderr**-2.0,
+        np.isfinite(slope)
+        & np.isfinite(weight_err)
+        & (weight_err > 0)
+        & usable
+        & in_range[:, None],
+        weight_err**-2.0,
         0.0,
     )
     total = weight.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(
+        mean_slope = np.where(
             total > 0, np.nansum(np.where(weight > 0, slope, 0.0) * weight, axis=0) / total, np.nan
         )
-        mean_err = np.where(total > 0, total**-0.5, np.nan)
+        boot_mean = np.nansum(np.where(weight > 0, boot_slope, 0.0) * weight, axis=1) / total
+        mean_err = np.where(total > 0, inflate * np.nanstd(boot_mean, axis=0), np.nan)
     coords = {
         "T": T,
         "P_lo": ("pair", P[:-1]),
@@ -238,19 +262,19 @@ def local_P_exponents(
             "stderr": (
                 ("T", "pair"),
                 stderr,
-                {"long_name": "standard error of the local exponent", "units": "1"},
+                {"long_name": "standard error of the local exponent (bootstrap)", "units": "1"},
             ),
             "slope_mean": (
                 "pair",
-                mean,
+                mean_slope,
                 {"long_name": "weighted mean over T of the local exponent", "units": "1"},
             ),
             "slope_mean_stderr": (
                 "pair",
                 mean_err,
-                {"long_name": "standard error of slope_mean", "units": "1"},
+                {"long_name": "standard error of slope_mean (bootstrap)", "units": "1"},
             ),
         },
         coords=coords,
-        attrs={"quantity": quantity, "chi": ds.attrs.get("chi")},
+        attrs={"quantity": quantity, "chi": ds.attrs.get("chi"), "n_boot": n_boot},
     )

@@ -467,7 +467,10 @@ def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows:
             if r["variable"] == "P" and r["quantity"] in ("signal", "t_star")
         ]
     local = {
-        q: section.attempt(f"local P-exponents of {q}", lambda q=q: local_P_exponents(ds, q))
+        q: section.attempt(
+            f"local P-exponents of {q}",
+            lambda q=q: local_P_exponents(ds, q, n_boot=max(n_boot, 100), seed=seed),
+        )
         for q in ("signal", "snr")
     }
     if local["signal"] is not None:

@@ -78,3 +78,22 @@ def test_signal_to_noise_ratio_separates_a_drifting_noise(rng):
         assert local.attrs["quantity"] == quantity
     with pytest.raises(ValueError, match="'snr'"):
         per_seed(ds, "ratio")
+
+
+def test_local_exponent_errors_see_that_cells_of_one_seed_are_correlated(rng):
+    """A seed fixes init, draws and data at every T: here every T repeats the first T's
+    networks scaled by T, so averaging over T adds no information and the T-mean's error
+    must stay that of one T (an independent-cells formula would divide it by sqrt(n_T))."""
+    ds = perceptron_dataset(rng, 1.0, n_seed=30)
+    ds["outcome"][:] = 1
+    T = ds["T"]
+    for name in ("w_par", "dnoise"):
+        first = (ds[name] - ds["w_par0"] if name == "w_par" else ds[name]).isel(T=0)
+        scale = (T / T[0]) ** (1 if name == "w_par" else 2)
+        ds[name] = first * scale + (ds["w_par0"] if name == "w_par" else 0)
+    local = local_P_exponents(ds, "signal")
+    np.testing.assert_allclose(
+        local["slope"], local["slope"].isel(T=0).broadcast_like(local["slope"])
+    )
+    np.testing.assert_allclose(local["slope_mean_stderr"], local["stderr"].isel(T=0), rtol=1e-6)
+    assert local.sizes["T"] == 7 and (local["stderr"] > 0.005).all()

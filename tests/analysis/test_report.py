@@ -146,7 +146,7 @@ def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
         "chi3_d16": perceptron_dataset(rng, 3.0, d=16),
     }
     path = write_cube(tmp_path / "d.zarr", groups)
-    report = build_report(path, tmp_path / "out", n_boot=10, formats=("png",))
+    report = build_report(path, tmp_path / "out", n_boot=100, formats=("png",))
     text = report.path.read_text()
     assert "failed" not in text
     assert [f.stem for f in report.summary_figures] == ["perceptron_summary", "perceptron_finite_d"]
