@@ -381,15 +381,19 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
 
 
 def dry_run(
-    spec: Sweep | str | os.PathLike, store: str | os.PathLike | None, n_workers: int
+    spec: Sweep | str | os.PathLike,
+    store: str | os.PathLike | None,
+    n_workers: int,
+    max_members: int | None = None,
 ) -> str:
-    """The plan of the cells still missing in ``store`` (all cells without a store)."""
+    """The plan of the cells still missing in ``store`` (all cells without a store), as
+    ``launch`` with the same ``n_workers`` and ``max_members`` would cut it."""
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     if store is None or not Path(str(store)).exists():
         pending = {e.name: e.cells() for e in sweep.experiments}
     else:
         pending = pending_cells(sweep, store)
-    batches = plan(sweep, pending, n_workers, None)
+    batches = plan(sweep, pending, n_workers, max_members)
     return f"{sweep.name}: {sum(len(v) for v in pending.values())} cells pending\n" + format_plan(
         batches
     )

@@ -259,3 +259,11 @@ def test_cli_status_and_dry_run(tmp_path, reference, data_root):
         check=True,
     )
     assert "8 cells pending" in out.stdout and "tiny_fc-P64" in out.stdout
+    # --max-members cuts the dry run's plan as it cuts the launch's
+    capped = subprocess.run(
+        [sys.executable, "-m", "ensemble", "run", str(spec), "--dry-run", "--max-members", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "total: 8 batches, 8 members" in capped.stdout, capped.stdout
