@@ -15,6 +15,8 @@ pixel values) where the dataset files are not at hand.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -137,6 +139,24 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
     return "\n".join(lines)
 
 
+def compile_cost(arch: str, K: int, steps: int, opt: BenchOptions) -> str:
+    """One markdown row: the first compiled step's wall time (tracing and compiling the
+    step for this process and shapes), eager and compiled network-steps/s, and the
+    break-even work N = C r_e r_c / (r_c - r_e) in member-steps above which a task gains
+    from compiling (C compile seconds, r_e and r_c the two rates)."""
+    eager = measure(arch, K, steps, dataclasses.replace(opt, compile=False))
+    engine = make_engine(arch, K, dataclasses.replace(opt, compile=True))
+    t = time.perf_counter()
+    engine._run_steps(1)
+    first = time.perf_counter() - t
+    compiled = measure(arch, K, steps, dataclasses.replace(opt, compile=True))
+    even = first * eager * compiled / (compiled - eager) if compiled > eager else math.inf
+    return (
+        f"| {arch} | {K} | {first:.1f} s | {eager:,.0f} | {compiled:,.0f}"
+        f" | {compiled / eager:.1f}x | {even:,.0f} |"
+    )
+
+
 def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     """The CUDA-graph step against the eager step, and an ensemble member against the
     same member alone, on ``device`` (FC-5L h = 64, P = 256, float32). Returns a summary
@@ -248,6 +268,8 @@ def skipping(P: int, chi: float, K: int, opt: BenchOptions) -> str:
 
 def main(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     archs = ["fc", "mnas", "perceptron"] if a.arch == "all" else [a.arch]
     Ks = a.K or DEFAULT_K[device.type]
     steps = a.steps or DEFAULT_STEPS[device.type]
@@ -261,6 +283,18 @@ def main(a: argparse.Namespace) -> int:
         print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
         return 0
     opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root, a.compile)
+    if a.compile_cost:
+        K = (a.K or [8])[0]
+        print(
+            f"## torch.compile: cost and gain per task ({device}, K = {K}, a fresh process)\n\n"
+            "| arch | K | first compiled step | eager network-steps/s"
+            " | compiled network-steps/s | gain | break-even member-steps |\n"
+            "|---|---:|---:|---:|---:|---:|---:|"
+        )
+        for arch in archs:
+            n = steps if a.steps or arch == "fc" else int(steps * ARCH_STEPS[arch])
+            print(compile_cost(arch, K, max(n, 1), opt), flush=True)
+        return 0
     if a.skip:
         K = (a.K or [8])[0]
         print(

@@ -203,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", default=None)
     b.add_argument("--synthetic", action="store_true", help="random inputs of the data's shape")
     b.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")
+    b.add_argument(
+        "--compile-cost",
+        action="store_true",
+        help="CPU: time the first compiled step and the break-even work of --compile",
+    )
+    b.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (Dask workers use 1)"
+    )
     b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
     b.add_argument(
         "--occupancy",

@@ -269,10 +269,12 @@ class Engine:
     keep_weights : return each member's final weights in its result (for tests, analysis)
     pool   : (x, y) dataset pool already on the device (default: ``group.dataset``'s)
     cuda_graph : replay the step from a CUDA graph on CUDA devices
-    compile : CPU fast path: the step compiled by ``torch.compile`` (one fused C++ kernel
-             instead of dozens of small ops; about 8x faster per step for the perceptron,
-             after a compile of 5-30 s per process and ensemble size); same trajectories up
-             to float rounding (the compiler may reassociate sums)
+    compile : CPU fast path: the step compiled by ``torch.compile`` with dynamic shapes
+             (fused C++ instead of dozens of small ops; measured 7.3x per step for the
+             perceptron, 2.6x for FC, 1.7x for MNAS, after a first compiled step of about
+             20 s, 50 s and 6 min per process and group, any ensemble size: see
+             ``bench --compile-cost``); same trajectories up to float rounding (the
+             compiler may reassociate sums)
     skip_quiet : jump over steps whose drawn batch certainly has zero loss (see the
              module docstring); default on for the perceptron only, where the look-ahead
              is cheap next to the steps it saves; same trajectories bit for bit
@@ -301,7 +303,8 @@ class Engine:
         self.model: Model = build_model(group)
         self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
         self.cuda_graph = cuda_graph
-        self._step_fn = torch.compile(self._step) if compile else self._step
+        # dynamic shapes: one compile serves every ensemble size K of a process
+        self._step_fn = torch.compile(self._step, dynamic=True) if compile else self._step
         self._skip_fn = torch.compile(self._skip, dynamic=True) if compile else self._skip
         self._graph: torch.cuda.CUDAGraph | None = None
         K, dev, dt = slots, self.device, self.dtype

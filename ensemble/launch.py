@@ -36,6 +36,30 @@ MIN_MEMBERS_PER_TASK = 8
 about 5x as fast per network as one network on a CPU core; see the README's bench)."""
 REFILL_FACTOR = 2
 """A task's members per engine slot: the slots are refilled as members stop."""
+COMPILE_BREAK_EVEN = {"fc": 25_000, "perceptron": 100_000, "mnas": 1_000}
+"""Planned member-steps (``plan.estimate_steps`` summed over a task's members) above which
+``compile`` repays the first compiled step of a process, per architecture: C r_e r_c /
+(r_c - r_e) from ``python -m ensemble bench --compile-cost --threads 1 --K 8`` (K = 4 for
+MNAS) on this project's 2-core CPU, 2026-11-26: FC 49 s, 291 -> 743 network-steps/s
+(23,500); perceptron 20 s, 4,151 -> 30,417 (98,000); MNAS 359 s, 1 -> 2 (860, rough)."""
+
+_compiled: set[tuple] = set()
+"""Groups (settings) whose step this worker process has already compiled."""
+
+
+def compile_task(batch: Batch, compile: bool) -> bool:
+    """Whether a CPU task of ``batch`` compiles its step under ``--compile``: when this
+    process already compiled the group's step (free), or when the planned work of the
+    batch is at least `COMPILE_BREAK_EVEN` of its architecture. Small tasks run eager, so
+    a sweep of many short tasks is not spent compiling."""
+    if not compile:
+        return False
+    key = tuple(sorted(batch.group.as_dict().items()))
+    work = sum(estimate_steps(batch.group, m) for m in batch.members)
+    if key in _compiled or work >= COMPILE_BREAK_EVEN[batch.group.arch]:
+        _compiled.add(key)
+        return True
+    return False
 
 
 @dataclasses.dataclass
@@ -58,6 +82,8 @@ class LaunchReport:
     """Cells written per experiment."""
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
     """Cells per experiment whose task failed."""
+    compiled_tasks: int = 0
+    """Finished tasks that compiled their step (``compile_task``)."""
 
     @property
     def cells_per_minute(self) -> float:
@@ -74,6 +100,11 @@ class LaunchReport:
             f" {self.member_steps / max(self.seconds, 1e-9):.0f} network-steps/s,"
             f" slot occupancy {self.occupancy:.0%}); {self.cells_failed} failed;"
             f" {self.cells_total - self.cells_pending} were already done"
+            + (
+                f"; {self.compiled_tasks} of {self.batches} tasks compiled"
+                if self.compiled_tasks
+                else ""
+            )
         )
 
 
@@ -178,14 +209,16 @@ def run_batch(
     n = len(batch.members)
     k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
     order = sorted(range(n), key=lambda i: -estimate_steps(group, batch.members[i]))
-    engine = Engine(group, min(k, n), dev, compile=compile and dev == "cpu")
+    compiled = dev == "cpu" and compile_task(batch, compile)
+    engine = Engine(group, min(k, n), dev, compile=compiled)
     results = engine.run([batch.members[i] for i in order])
     out: list = [None] * n
     for r, i in zip(results, order, strict=True):
         d = dataclasses.asdict(r)
         d.pop("weights")
         out[i] = d
-    return out, {**dataclasses.asdict(engine.stats), "device": _device_name(dev)}
+    stats = dataclasses.asdict(engine.stats)
+    return out, {**stats, "device": _device_name(dev), "compiled": compiled}
 
 
 def launch(
@@ -216,7 +249,8 @@ def launch(
     device      : torch device for every task (default: the worker's GPU, else CPU)
     slots       : members trained at once per task (default from device memory, CPU 64)
     max_members : most members per task (continuous batching refills the slots)
-    compile     : CPU workers compile the step with torch.compile (see ``Engine``)
+    compile     : CPU workers compile the step with torch.compile (see ``Engine``) in the
+                  tasks whose planned work repays it (`compile_task`)
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
                   ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
@@ -372,6 +406,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     report.devices = sorted([*report.devices, stats["device"]])
                 report.member_steps += stats["member_steps"]
                 report.slot_steps += stats["slot_steps"]
+                report.compiled_tasks += bool(stats.get("compiled"))
                 if mon is not None:
                     mon.finished(b, results, stats)
                 bar.update(len(cells))

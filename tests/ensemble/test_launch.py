@@ -16,7 +16,8 @@ from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
 from ensemble.cube import StoreBusyError, launches, store_lock
-from ensemble.launch import launch, pending_cells
+from ensemble.launch import COMPILE_BREAK_EVEN, compile_task, launch, pending_cells
+from ensemble.plan import estimate_steps, plan_batches
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
 from ensemble.spec import load_sweep
 
@@ -267,3 +268,25 @@ def test_cli_status_and_dry_run(tmp_path, reference, data_root):
         check=True,
     )
     assert "total: 8 batches, 8 members" in capped.stdout, capped.stdout
+
+
+def test_compile_only_where_the_planned_work_repays_it():
+    """--compile compiles a task whose planned member-steps reach the break-even of its
+    architecture, and every later task of a group this process has compiled."""
+    exp = load_sweep("fc_tsweep_mnist").experiments[0]
+    batches = plan_batches(exp, max_members=8)
+    even = COMPILE_BREAK_EVEN["fc"]
+
+    def work(b) -> float:
+        return sum(estimate_steps(b.group, m) for m in b.members)
+
+    at = {P: [b for b in batches if b.group.P == P] for P in (1024, 4096)}
+    large = max(at[4096], key=work)  # lazy cells at P = 4096: ~56,000 member-steps
+    small_same = min(at[4096], key=work)  # diverging cells: a few hundred
+    small_other = max(at[1024], key=work)  # ~8,000
+    assert work(small_same) < even and work(small_other) < even <= work(large)
+    assert not compile_task(large, compile=False)
+    assert not compile_task(small_same, compile=True)
+    assert compile_task(large, compile=True)
+    assert compile_task(small_same, compile=True)  # this process compiled its group
+    assert not compile_task(small_other, compile=True)
