@@ -536,6 +536,81 @@ def perceptron_finite_d(rows: Sequence[Mapping[str, object]]) -> Figure:
     return fig
 
 
+def optimal_temperature_figure(
+    ds: xr.Dataset,
+    table: xr.Dataset,
+    fit: PowerLawFit | None = None,
+    P: int | None = None,
+    include: Include = ("converged",),
+) -> Figure:
+    """Left: seed-mean test error against T for each alpha, with T_opt (star) and its 68 %
+    bootstrap interval. Right: T_opt against alpha; filled circles are interior optima,
+    triangles edges (up: stability edge, a lower bound; down: small-T edge, an upper
+    bound); the fit T_opt ~ alpha^k over the interior optima, when given, dashed.
+
+    table : `analysis.optimal.optimal_temperature` of ``ds``
+    """
+    P = int(table["P"].max()) if P is None else int(P)
+    tab = table.sel(P=P)
+    err = seed_mean(ds.sel(P=P), "test_error", include).transpose("alpha", "T").compute()
+    fig, axes = new_figure(1, 2)
+    ax, ax_opt = axes[0]
+    alpha, T = err["alpha"].values, err["T"].values
+    colours = _P_colours(alpha)
+    for i, (a, colour) in enumerate(zip(alpha, colours, strict=True)):
+        m, e = err["mean"].values[i], err["stderr"].values[i]
+        ok = np.isfinite(m)
+        if not ok.any():
+            continue
+        ax.errorbar(T[ok], m[ok], yerr=np.nan_to_num(e[ok]), color=colour, marker="o", ms=3,
+                    lw=1, capsize=2, label=rf"$\alpha$ = {pow2_text(a)}")  # fmt: skip
+        t_opt = float(tab["T_opt"].values[i])
+        if np.isfinite(t_opt):
+            lo, hi = float(tab["T_lo"].values[i]), float(tab["T_hi"].values[i])
+            xerr = None
+            if np.isfinite(lo) and np.isfinite(hi):
+                xerr = [[max(t_opt - lo, 0.0)], [max(hi - t_opt, 0.0)]]
+            y = float(tab["error_min"].values[i])
+            ax.errorbar([t_opt], [y], xerr=xerr, color=colour, marker="*", ms=10, capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(label("T"))
+    ax.set_ylabel(label("test_error"))
+    ax.set_title(f"test error along T at P = {P}; stars: T_opt", fontsize=8)
+    _legend(ax, fontsize=6)
+    markers = {0: ("o", "interior optimum"), 1: ("^", "stability edge (lower bound)"),
+               2: ("v", "small-T edge (upper bound)")}  # fmt: skip
+    for code, (marker, name) in markers.items():
+        sel = tab["where"].values == code
+        if not sel.any():
+            continue
+        t_opt = tab["T_opt"].values[sel]
+        lo, hi = tab["T_lo"].values[sel], tab["T_hi"].values[sel]
+        yerr = np.nan_to_num([np.maximum(t_opt - lo, 0), np.maximum(hi - t_opt, 0)])
+        ax_opt.errorbar(tab["alpha"].values[sel], t_opt, yerr=yerr, marker=marker, ls="none",
+                        capsize=3, color=colormaps[CMAP](0.3), mfc="white" if code else None,
+                        label=name)  # fmt: skip
+    if fit is not None:
+        a_fit = fit.used["alpha"].values[fit.used.values]
+        grid = np.geomspace(a_fit.min(), a_fit.max(), 50)
+        ax_opt.plot(grid, fit.predict(alpha=grid), "--", color="0.4",
+                    label=f"fit: T_opt ~ alpha^({fit['k']})")  # fmt: skip
+    ax_opt.set_xscale("log", base=2)
+    ax_opt.set_yscale("log", base=2)
+    ax_opt.set_xlabel(label("alpha"))
+    ax_opt.set_ylabel(r"optimal temperature $T_{\mathrm{opt}}$ (dimensionless)")
+    ax_opt.set_title(f"optimal T against alpha at P = {P} (68 % bootstrap intervals)", fontsize=8)
+    _legend(ax_opt, fontsize=6)
+    fig.suptitle(f"{ds.attrs.get('experiment', '')}: optimal temperature", fontsize=9)
+    return fig
+
+
+def pow2_text(x: float) -> str:
+    """2^k for exact powers of two (k != 0), else 4 significant digits."""
+    x = float(x)
+    k = np.log2(x) if x > 0 else np.nan
+    return f"2^{int(k)}" if np.isfinite(k) and k == round(k) and k else f"{x:.4g}"
+
+
 def dynamics(
     ds: xr.Dataset,
     *,

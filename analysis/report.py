@@ -3,6 +3,8 @@
 What applies to an experiment follows from its grid:
 
 - several alpha and several T: phase diagrams (test error, rel_change, t*) for each P;
+  with 3 T or more, the optimal temperature T_opt(alpha) (`analysis.optimal`) and the fit
+  T_opt ~ alpha^k over the interior optima on the feature side (alpha <= 1);
 - several T and several P: temperature sweeps, the fits of rel_change ~ T^delta P^gamma
   and t* ~ T^c P^b (default "lazy" range, see `analysis.fits`), T_c(P) by both
   definitions of `analysis.crossover`, the fits T_c ~ P^-a and the check a = gamma/delta;
@@ -39,6 +41,7 @@ from analysis.crossover import (
 )
 from analysis.fits import InsufficientData, PowerLawFit, fit_rel_change, fit_t_star
 from analysis.load import Store, open_cube
+from analysis.optimal import CLASSES, fit_optimal_temperature, optimal_temperature
 from analysis.perceptron import (
     exponent_table,
     fit_perceptron,
@@ -228,6 +231,70 @@ def build_report(
     return report
 
 
+FEATURE_SIDE = 1.0
+"""T_opt ~ alpha^k is fitted over the interior optima with alpha <= FEATURE_SIDE (the
+feature-learning side; lazy when alpha >> 1)."""
+
+
+def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
+    section.add("### Optimal temperature against alpha", "")
+    table = section.attempt(
+        "optimal temperature", lambda: optimal_temperature(ds, n_boot=n_boot, seed=seed)
+    )
+    if table is None:
+        return
+    section.results["optimal_T"] = table
+    section.add(
+        "T_opt: lowest seed-mean test error along T, refined by a parabola in log T through"
+        " the grid minimum and its neighbours; interval: 16th-84th percentile of a bootstrap"
+        " over seeds. Class: interior (a true optimum), stability edge (the largest T that"
+        " still trains: a lower bound), small-T edge (the smallest T: an upper bound).",
+        "",
+    )
+    fits = {}
+    for P in table["P"].values:
+        tab = table.sel(P=P)
+        rows = []
+        for i, a in enumerate(tab["alpha"].values):
+            code = int(tab["where"].values[i])
+            if code < 0:
+                rows.append([plots.pow2_text(a), "n/a", "", "no T trained", ""])
+                continue
+            lo, hi = tab["T_lo"].values[i], tab["T_hi"].values[i]
+            t_opt = tab["T_opt"].values[i]
+            rows.append(
+                [plots.pow2_text(a), f"{t_opt:.3g} (2^{np.log2(t_opt):.2f})"]
+                + [f"{lo:.3g} - {hi:.3g}" if np.isfinite(lo) else "n/a", CLASSES[code]]
+                + [
+                    _num(tab["error_min"].values[i])
+                    + " ± "
+                    + _num(tab["error_min_stderr"].values[i])
+                ]
+            )
+        section.add(f"P = {int(P)}:", "")
+        section.table(["alpha", "T_opt", "68 % interval", "class", "lowest test error"], rows)
+        fit = section.attempt(
+            f"T_opt ~ alpha^k at P = {int(P)}",
+            lambda P=P: fit_optimal_temperature(table, int(P), (None, FEATURE_SIDE)),
+        )
+        if fit is not None:
+            fits[int(P)] = fit
+            section.add(
+                f"- T_opt ~ alpha^k over the {fit.n_points} interior optima with alpha <="
+                f" {FEATURE_SIDE:g}: k = {fit['k']} (chi2_red {fit.chi2_red:.2f}).",
+                "",
+            )
+        section.attempt(
+            f"optimal-T figure at P = {int(P)}",
+            lambda P=P: section.figure(
+                plots.optimal_temperature_figure(ds, table, fits.get(int(P)), int(P)),
+                f"optimal_T_P{int(P)}",
+                f"test error along T and the optimal temperature against alpha at P = {P}",
+            ),
+        )
+    section.results["optimal_T_fits"] = fits
+
+
 def _finite_d_rows(report: Report) -> list[dict[str, object]]:
     """Largest-pair local P-exponents of the signal and of s / n of each perceptron group
     (rows for `plots.perceptron_finite_d`)."""
@@ -275,6 +342,8 @@ def _experiment(
                     f"test error, relative weight change and t* over (alpha, T) at P = {P}",
                 ),
             )
+        if n.get("T", 1) >= 3:
+            _optimal_T(section, ds, n_boot, seed)
     if is_perceptron(ds):
         done_any = True
         _perceptron(section, ds, n_boot, seed, perceptron_rows)

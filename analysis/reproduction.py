@@ -52,15 +52,19 @@ except ModuleNotFoundError:  # pragma: no cover - python 3.10
 from analysis.aggregate import effective_outcome, outcome_counts, seed_mean
 from analysis.fits import Estimate, ratio
 from analysis.load import experiment_names
+from analysis.optimal import CLASSES
 from analysis.perceptron import is_perceptron, local_exponent_map
-from analysis.report import ExperimentReport, Report, build_report
+from analysis.plots import pow2_text
+from analysis.report import FEATURE_SIDE, ExperimentReport, Report, build_report
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
 TOLERANCE = 0.05
 """An exponent within this of its prediction "agrees within 0.05" (absolute)."""
 SIGNIFICANCE = 2.0
 """A test-error change counts (noise helps / hurts) beyond this many combined stderr."""
-KEY_FIGURES = re.compile(r"_(phase_P\d+|tsweep|crossover|perceptron|summary|finite_d)$")
+KEY_FIGURES = re.compile(
+    r"_(phase_P\d+|optimal_T_P\d+|tsweep|crossover|perceptron|summary|finite_d)$"
+)
 """Figures (by file stem) embedded in reproduction.md; the others (dynamics) stay in the
 run's report."""
 
@@ -420,6 +424,7 @@ def experiment_reading(er: ExperimentReport) -> list[str]:
     lines = [f"Grid: {n['alpha']} alpha x {n['T']} T x {n['P']} P x {n['seed']} seeds.", ""]
     if n["alpha"] >= 2 and n["T"] >= 2:
         lines += phase_reading(ds)
+        lines += optimal_T_reading(er)
     if n["T"] >= 2 and n["P"] >= 2:
         lines += tsweep_reading(er)
     if len(lines) == 2:
@@ -467,12 +472,12 @@ def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | 
         z = abs(d) / s if s > 0 else math.inf if d else 0.0
         size = f"{z:.1f} sigma" if math.isfinite(z) else "no seed error"
         words = f"{'rises' if d > 0 else 'falls'} by {abs(d):.3f} ({size})"
-        return d, z, f"{words} from T = {_pow2(T[i])} to {_pow2(T[j])}"
+        return d, z, f"{words} from T = {pow2_text(T[i])} to {pow2_text(T[j])}"
 
     _, z_best, fall = change(i0, ib)
     _, z_last, rise_after = change(ib, il)
     if ib != i0 and z_best > SIGNIFICANCE and il != ib and z_last > SIGNIFICANCE:
-        kind, text = "optimum", f"{fall}, then {rise_after}: optimum T = {_pow2(T[ib])}"
+        kind, text = "optimum", f"{fall}, then {rise_after}: optimum T = {pow2_text(T[ib])}"
     elif ib != i0 and z_best > SIGNIFICANCE:
         kind, text = "helps", f"{fall}: noise helps"
     else:
@@ -515,6 +520,36 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
     return lines
 
 
+def optimal_T_reading(er: ExperimentReport) -> list[str]:
+    """Where the optimal temperature lies per alpha (interior or at an edge) and the fit
+    T_opt ~ alpha^k on the feature side, from the report's results."""
+    table = er.results.get("optimal_T")
+    if table is None:
+        return []
+    fits = er.results.get("optimal_T_fits", {})
+    lines = []
+    for P in table["P"].values:
+        tab = table.sel(P=P)
+        by_class: dict[str, list[str]] = {}
+        for a, code, t in zip(
+            tab["alpha"].values, tab["where"].values, tab["T_opt"].values, strict=True
+        ):
+            if code >= 0:
+                text = f"{pow2_text(a)} (T_opt = 2^{math.log2(t):.1f})"
+                by_class.setdefault(CLASSES[int(code)], []).append(text)
+        parts = [f"{name} at alpha = {', '.join(v)}" for name, v in by_class.items()]
+        fit = fits.get(int(P))
+        fit_text = (
+            f"T_opt ~ alpha^k over the {fit.n_points} interior optima with alpha <="
+            f" {FEATURE_SIDE:g}: k = {fit['k']}"
+            if fit is not None
+            else "T_opt ~ alpha^k not fitted: fewer than 3 interior optima with alpha <="
+            f" {FEATURE_SIDE:g}"
+        )
+        lines.append(f"- Optimal temperature at P = {int(P)}: {'; '.join(parts)}. {fit_text}.")
+    return lines + [""]
+
+
 def _phase_row(alpha: float, trend: Trend | None, rel: xr.Dataset, flag: xr.DataArray) -> list:
     rel_means = rel["mean"].values[np.isfinite(rel["mean"].values)]
     rel_text = f"{rel_means[0]:.3g}" if rel_means.size else "n/a"
@@ -527,16 +562,16 @@ def _phase_row(alpha: float, trend: Trend | None, rel: xr.Dataset, flag: xr.Data
             if (seeds == code).any()
         ]
         if parts:
-            bad.append(f"T = {_pow2(T)}: {', '.join(parts)}")
+            bad.append(f"T = {pow2_text(T)}: {', '.join(parts)}")
     bad_text = "; ".join(bad) or "none"
     if trend is None:
-        return [_pow2(alpha), rel_text, "n/a", "n/a", "n/a", "under 2 T converged", bad_text]
+        return [pow2_text(alpha), rel_text, "n/a", "n/a", "n/a", "under 2 T converged", bad_text]
     return [
-        _pow2(alpha),
+        pow2_text(alpha),
         rel_text,
-        f"{_pm(*trend.first[1:])} (T = {_pow2(trend.first[0])})",
-        f"{_pm(*trend.best[1:])} (T = {_pow2(trend.best[0])})",
-        f"{_pm(*trend.last[1:])} (T = {_pow2(trend.last[0])})",
+        f"{_pm(*trend.first[1:])} (T = {pow2_text(trend.first[0])})",
+        f"{_pm(*trend.best[1:])} (T = {pow2_text(trend.best[0])})",
+        f"{_pm(*trend.last[1:])} (T = {pow2_text(trend.last[0])})",
         trend.text,
         bad_text,
     ]
@@ -552,7 +587,8 @@ def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Tren
     at = err.isel(best)
     lines = [
         f"- Lowest test error {_pm(float(at['mean']), float(at['stderr']))}"
-        f" ({int(at['n'])} seeds) at alpha = {_pow2(cell['alpha'])}, T = {_pow2(cell['T'])}."
+        f" ({int(at['n'])} seeds) at alpha = {pow2_text(cell['alpha'])},"
+        f" T = {pow2_text(cell['T'])}."
     ]
     for kind, words in (
         ("helps", "Noise helps (error falls with T)"),
@@ -560,7 +596,7 @@ def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Tren
         ("hurts", "Noise hurts (error rises with T)"),
         ("flat", f"No change beyond {SIGNIFICANCE:g} sigma"),
     ):
-        where = [_pow2(a) for a, t in trends.items() if t is not None and t.kind == kind]
+        where = [pow2_text(a) for a, t in trends.items() if t is not None and t.kind == kind]
         if where:
             lines.append(f"- {words} at alpha = {', '.join(where)}.")
     lines += _feature_vs_lazy(trends, rel)
@@ -586,10 +622,10 @@ def _feature_vs_lazy(trends: Mapping[float, Trend | None], rel: xr.Dataset) -> l
         return f"{v[0]:.3g}" if v.size else "n/a"
 
     return [
-        f"- Feature side (smallest alpha = {_pow2(lo)}, rel. change {rel_at(lo)} at its"
-        f" smallest T): best {_pm(e_lo, s_lo)} at T = {_pow2(known[lo].best[0])}; lazy side"
-        f" (largest alpha = {_pow2(hi)}, rel. change {rel_at(hi)}): best {_pm(e_hi, s_hi)}"
-        f" at T = {_pow2(known[hi].best[0])}; {better} by {abs(diff):.3f}{sigma}."
+        f"- Feature side (smallest alpha = {pow2_text(lo)}, rel. change {rel_at(lo)} at its"
+        f" smallest T): best {_pm(e_lo, s_lo)} at T = {pow2_text(known[lo].best[0])}; lazy side"
+        f" (largest alpha = {pow2_text(hi)}, rel. change {rel_at(hi)}): best {_pm(e_hi, s_hi)}"
+        f" at T = {pow2_text(known[hi].best[0])}; {better} by {abs(diff):.3f}{sigma}."
     ]
 
 
@@ -623,7 +659,7 @@ def tsweep_reading(er: ExperimentReport) -> list[str]:
     if "rel_change" in fits:
         gd = ratio(fits["rel_change"], "gamma", "delta")
         rows.append(["gamma/delta", "from the rel. change fit", _est(gd), "", ""])
-    lines = [f"Lazy T-sweep at alpha = {_pow2(alpha)} (fits in the lazy range):", ""]
+    lines = [f"Lazy T-sweep at alpha = {pow2_text(alpha)} (fits in the lazy range):", ""]
     lines += _table(["exponent", "law", "value ± error", "points", "chi2_red"], rows)
     for key, check in checks.items():
         word = "consistent" if check.consistent else "inconsistent"
@@ -732,13 +768,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 
 def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
-
-
-def _pow2(x: float) -> str:
-    """2^k for exact powers of two (k != 0), else 4 significant digits."""
-    x = float(x)
-    k = math.log2(x) if x > 0 else math.nan
-    return f"2^{int(k)}" if math.isfinite(k) and k == round(k) and k else f"{x:.4g}"
 
 
 def _pm(value: float, error: float, digits: int = 4) -> str:

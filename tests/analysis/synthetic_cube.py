@@ -233,6 +233,36 @@ def phase_dataset(rng: np.random.Generator, *, experiment: str = "fc_mnist_phase
     return cube_dataset(alpha, T, np.asarray(P), n_seed, values, outcome, attrs, checkpoints=False)
 
 
+def optimum_dataset(
+    rng: np.random.Generator, k: float = 0.5, *, n_seed: int = 4, sigma: float = 0.01
+) -> xr.Dataset:
+    """A phase diagram at P = 256 whose test error is lowest at T_opt = 2^-8 alpha^k
+    (alpha <= 1: an interior optimum, parabolic in log2 T), rising with T for the lazy
+    alpha = 2^8 (a small-T edge), and for alpha = 2^-10 (T_opt 2^-13) diverged beyond T = 2^-14 (the
+    optimum at the stability edge)."""
+    alpha = np.array([2.0**-10, 2.0**-6, 2.0**-4, 2.0**-2, 1.0, 2.0**8])
+    T = 2.0 ** np.arange(-16, -3, 1.0)
+    shape = (len(alpha), len(T), 1, n_seed)
+    a_, T_ = np.meshgrid(alpha, T, indexing="ij")
+    a_, T_ = a_[:, :, None, None], T_[:, :, None, None]
+    opt = np.where(a_ <= 1, 2.0**-8 * a_**k, 2.0**-20)
+    err = 0.1 + 0.004 * (np.log2(T_) - np.log2(opt)) ** 2
+    err = err * lognormal(rng, sigma, shape)
+    values = {
+        "test_error": err,
+        "rel_change": 0.05 * np.ones(shape),
+        "t_star": 10.0 * np.ones(shape),
+        "steps": 10.0 / (T_ * 128 * 16) * np.ones(shape),
+        "train_loss": np.zeros(shape),
+    }
+    outcome = np.full(shape, CONVERGED)
+    outcome[(a_ == alpha[0]) & (T_ > 2.0**-14) & np.ones(shape, bool)] = DIVERGED
+    attrs = group_attrs("fc_feature_phase", activation="gelu")
+    return cube_dataset(
+        alpha, T, np.asarray([256]), n_seed, values, outcome, attrs, checkpoints=False
+    )
+
+
 def perceptron_dataset(
     rng: np.random.Generator,
     chi: float,

@@ -64,6 +64,7 @@ def test_report_writes_every_figure(report_dir):
         "fc_mnist_tsweep_crossover",
         "fc_mnist_tsweep_dynamics",
         "fc_mnist_phase_phase_P1024",
+        "fc_mnist_phase_optimal_T_P1024",
     ]
     names = {p.name for p in (report_dir / "figures").iterdir()}
     assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from synthetic_cube import perceptron_dataset, write_cube
+from synthetic_cube import optimum_dataset, perceptron_dataset, write_cube
 
 from analysis.cli import main
 from analysis.reproduction import (
@@ -169,6 +169,25 @@ def test_phase_reading_of_the_synthetic_diagram(synthetic_page):
     assert table_row(synthetic_page, "2^2")[6] == "none"
     assert "Lowest test error" in synthetic_page and "at alpha = 2^8, T = 2^-12." in synthetic_page
     assert "- Noise hurts (error rises with T) at alpha = 2^-4, 2^-2, 1, 2^2" in synthetic_page
+    # no interior optimum: the optimal T is at the small-T edge everywhere
+    line = next(ln for ln in synthetic_page.splitlines() if ln.startswith("- Optimal temp"))
+    assert line.startswith("- Optimal temperature at P = 1024: small-T edge at alpha = 2^-4")
+    assert "interior" not in line.split(".")[0] and "not fitted" in line
+
+
+def test_optimal_temperature_reading(tmp_path):
+    """A diagram with T_opt = 2^-8 alpha^0.5 on the feature side: the page gives k and
+    embeds the optimal-T figure."""
+    groups = {"feature": optimum_dataset(np.random.default_rng(5), k=0.5)}
+    write_cube(tmp_path / "f.zarr", groups)
+    m = manifest(tmp_path / "m.toml", {"key": "f", "title": "F", "store": str(tmp_path / "f.zarr")})
+    page = reproduce(m, tmp_path / "out", n_boot=50).read_text()
+    line = next(ln for ln in page.splitlines() if ln.startswith("- Optimal temperature"))
+    assert "stability edge at alpha = 2^-10 (T_opt = 2^-14.0)" in line
+    assert "small-T edge at alpha = 2^8 (T_opt = 2^-16.0)" in line
+    k = re.search(r"4 interior optima with alpha <= 1: k = (\d+\.\d+) ± (\d+\.\d+)", line)
+    assert k and abs(float(k.group(1)) - 0.5) < max(3 * float(k.group(2)), 0.05), line
+    assert "reproduction/f/figures/feature_optimal_T_P256.png" in image_links(page)
 
 
 def test_error_trend_classes():

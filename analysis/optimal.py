@@ -1,0 +1,147 @@
+r"""The optimal temperature of a phase diagram: T_opt(alpha, P), where the seed-mean test
+error is lowest along T, and its scaling T_opt ~ alpha^k (science.md, "Feature regime:
+an optimal temperature that scales with alpha").
+
+For each (alpha, P) the minimum of the seed-mean test error over the T grid is refined by
+the vertex of the parabola through it and its two neighbours in log2 T (kept within
+them). The minimum is classed by where it lies among the T with a finite mean:
+
+- ``interior``: both neighbours exist, a true optimum;
+- ``stability edge``: at the largest T that still trains (the next grid T diverged or
+  is missing): noise helps up to the edge of stability, T_opt is a lower bound;
+- ``small-T edge``: at the smallest T of the grid: T_opt is an upper bound.
+
+Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
+fixes init and data at every T): the 16th and 84th percentiles of the bootstrap T_opt
+(a 68 % interval), and the standard deviation of log T_opt. The fit of T_opt ~ alpha^k
+uses the interior optima of the alphas in ``alpha_range`` only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+from analysis.aggregate import Include, bootstrap_mean, masked, mean_stderr
+from analysis.fits import InsufficientData, PowerLawFit, Range, fit_power_law
+
+CLASSES = ("interior", "stability edge", "small-T edge")
+"""Codes 0, 1, 2 of ``where`` in `optimal_temperature`."""
+
+
+def _argmin_refined(T: np.ndarray, err: np.ndarray) -> tuple[float, int, int]:
+    """(T_opt, index of the grid minimum, class code) along the last axis of one curve;
+    (nan, -1, -1) when no T has a finite error."""
+    ok = np.flatnonzero(np.isfinite(err))
+    if ok.size == 0:
+        return math.nan, -1, -1
+    i = int(ok[np.argmin(err[ok])])
+    x = np.log2(T)
+    if i == ok[0]:
+        return float(T[i]), i, 2
+    if i == ok[-1] or not np.isfinite(err[i + 1]):
+        return float(T[i]), i, 1
+    if not np.isfinite(err[i - 1]):
+        return float(T[i]), i, 2
+    (x0, x1, x2), (y0, y1, y2) = x[i - 1 : i + 2], err[i - 1 : i + 2]
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / denom
+    vertex = -b / (2 * a) if a > 0 else x1
+    return float(2.0 ** np.clip(vertex, x0, x2)), i, 0
+
+
+def optimal_temperature(
+    ds: xr.Dataset,
+    *,
+    include: Include = ("converged",),
+    n_boot: int = 200,
+    seed: int = 0,
+) -> xr.Dataset:
+    """T_opt over (alpha, P) of a group with several T (see the module docstring).
+
+    Returns a computed Dataset with dims (alpha, P): ``T_opt``, ``T_lo`` / ``T_hi`` (68 %
+    bootstrap interval), ``log_T_err`` (bootstrap std of ln T_opt), ``error_min`` and
+    ``error_min_stderr`` (seed-mean test error at the grid minimum), ``where`` (class code,
+    `CLASSES`; -1 where no T trained), and attrs ``classes``.
+    """
+    if ds.sizes.get("T", 1) < 3:
+        raise InsufficientData(f"the optimal T needs at least 3 T, got {ds.sizes.get('T', 1)}")
+    values = masked(ds, "test_error", include)
+    stats = mean_stderr(values).transpose("alpha", "P", "T").compute()
+    boot = bootstrap_mean(values, n_boot, seed).transpose("bootstrap", "alpha", "P", "T").values
+    T = stats["T"].values.astype(float)
+    n_a, n_P = stats.sizes["alpha"], stats.sizes["P"]
+    out = {k: np.full((n_a, n_P), np.nan) for k in ("T_opt", "T_lo", "T_hi", "log_T_err")}
+    out["error_min"] = np.full((n_a, n_P), np.nan)
+    out["error_min_stderr"] = np.full((n_a, n_P), np.nan)
+    where = np.full((n_a, n_P), -1, dtype=np.int8)
+    mean, se = stats["mean"].values, stats["stderr"].values
+    for a in range(n_a):
+        for p in range(n_P):
+            t_opt, i, code = _argmin_refined(T, mean[a, p])
+            if i < 0:
+                continue
+            reps = np.array([_argmin_refined(T, b)[0] for b in boot[:, a, p]])
+            reps = reps[np.isfinite(reps)]
+            out["T_opt"][a, p], where[a, p] = t_opt, code
+            out["error_min"][a, p], out["error_min_stderr"][a, p] = mean[a, p, i], se[a, p, i]
+            if reps.size >= 2:
+                out["T_lo"][a, p], out["T_hi"][a, p] = np.percentile(reps, [16, 84])
+                out["log_T_err"][a, p] = np.std(np.log(reps), ddof=1)
+    dims = ("alpha", "P")
+    coords = {"alpha": stats["alpha"].values, "P": stats["P"].values}
+    units = {"long_name": "", "units": "1"}
+    return xr.Dataset(
+        {
+            "T_opt": (dims, out["T_opt"], units | {"long_name": "optimal temperature"}),
+            "T_lo": (dims, out["T_lo"], units | {"long_name": "16th percentile (bootstrap)"}),
+            "T_hi": (dims, out["T_hi"], units | {"long_name": "84th percentile (bootstrap)"}),
+            "log_T_err": (dims, out["log_T_err"], units | {"long_name": "std of ln T_opt"}),
+            "error_min": (dims, out["error_min"], units | {"long_name": "lowest test error"}),
+            "error_min_stderr": (dims, out["error_min_stderr"], units),
+            "where": (dims, where, {"long_name": "class of the minimum, see attrs classes"}),
+        },
+        coords=coords,
+        attrs={"classes": list(CLASSES), "n_boot": n_boot},
+    )
+
+
+def fit_optimal_temperature(
+    table: xr.Dataset, P: int | None = None, alpha_range: Range = None
+) -> PowerLawFit:
+    """Fit T_opt ~ A alpha^k at one P (default: the largest) over the interior optima with
+    alpha in ``alpha_range`` (inclusive; None = all), weighted by ``log_T_err``.
+
+    Raises `InsufficientData` with fewer than 3 such alphas."""
+    sel = table.sel(P=P if P is not None else int(table["P"].max()))
+    use = sel["where"] == 0
+    if alpha_range is not None:
+        lo, hi = alpha_range
+        if lo is not None:
+            use &= sel["alpha"] >= lo
+        if hi is not None:
+            use &= sel["alpha"] <= hi
+    n = int(use.sum())
+    if n < 3:
+        raise InsufficientData(
+            f"T_opt ~ alpha^k needs at least 3 alphas with an interior optimum, got {n}"
+            f" (classes: {_class_counts(sel)})"
+        )
+    T_opt = sel["T_opt"].rename("T_opt")
+    stderr = (sel["log_T_err"] * T_opt).where(sel["log_T_err"] > 0)
+    return fit_power_law(
+        T_opt,
+        stderr if bool(stderr.where(use).notnull().sum() == n) else None,
+        where=use,
+        symbols={"alpha": "k"},
+        quantity="T_opt",
+        range_note="interior optima" + (f", alpha in {alpha_range}" if alpha_range else ""),
+    )
+
+
+def _class_counts(sel: xr.Dataset) -> str:
+    codes = sel["where"].values.ravel()
+    return ", ".join(f"{name} {int((codes == i).sum())}" for i, name in enumerate(CLASSES))

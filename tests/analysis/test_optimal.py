@@ -1,0 +1,52 @@
+"""The optimal temperature along T and its scaling with alpha."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from synthetic_cube import optimum_dataset, phase_dataset
+
+from analysis.fits import InsufficientData
+from analysis.optimal import CLASSES, fit_optimal_temperature, optimal_temperature
+
+
+@pytest.fixture(scope="module")
+def table():
+    return optimal_temperature(optimum_dataset(np.random.default_rng(3), k=0.5), n_boot=100)
+
+
+def test_optimum_is_found_and_classed(table):
+    where = [CLASSES[c] for c in table["where"].isel(P=0).values]
+    assert where == ["stability edge"] + ["interior"] * 4 + ["small-T edge"]
+    T_opt = table["T_opt"].isel(P=0).values
+    assert T_opt[0] == 2.0**-14  # the largest T that trains
+    assert T_opt[-1] == 2.0**-16  # the smallest T of the grid
+    # interior: within a tenth of a grid step (in log2 T) of 2^-8 alpha^0.5
+    truth = np.log2(2.0**-8 * table["alpha"].values[1:5] ** 0.5)
+    np.testing.assert_allclose(np.log2(T_opt[1:5]), truth, atol=0.1)
+    lo, hi = table["T_lo"].isel(P=0).values[1:5], table["T_hi"].isel(P=0).values[1:5]
+    assert (lo <= T_opt[1:5] * 1.0001).all() and (T_opt[1:5] <= hi * 1.0001).all()
+    assert (table["log_T_err"].isel(P=0).values[1:5] < 0.3).all()
+    np.testing.assert_allclose(table["error_min"].isel(P=0).values[1:5], 0.1, rtol=0.05)
+
+
+def test_fit_recovers_the_exponent(table):
+    fit = fit_optimal_temperature(table)
+    assert fit.n_points == 4 and fit.variables == ("alpha",)
+    k = fit["k"]
+    assert abs(k.value - 0.5) < max(3 * k.error, 0.05), k
+    assert fit.predict(alpha=1.0) == pytest.approx(2.0**-8, rel=0.15)
+    with pytest.raises(InsufficientData, match="interior optimum, got 2"):
+        fit_optimal_temperature(table, alpha_range=(2.0**-3, None))
+
+
+def test_a_phase_diagram_without_interior_optimum_is_explained(rng):
+    table = optimal_temperature(phase_dataset(rng), n_boot=20)
+    # the error rises with T at every alpha: the optimum is the smallest T (or the
+    # smallest that trained), never an interior one
+    assert set(table["where"].values.ravel().tolist()) <= {1, 2}
+    assert all(math.isfinite(v) for v in table["T_opt"].values.ravel())
+    with pytest.raises(InsufficientData, match="interior 0"):
+        fit_optimal_temperature(table)
