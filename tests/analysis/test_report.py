@@ -15,7 +15,7 @@ import zarr
 from PIL import Image
 from synthetic_cube import Laws, perceptron_dataset, tsweep_dataset, write_cube
 
-from analysis.report import build_report, write_report
+from analysis.report import _finite_d_rows, build_report, write_report
 from ensemble.schema import DIVERGED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,12 +145,17 @@ def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
         "chi1_d16": perceptron_dataset(rng, 1.0, d=16, noise_P=-0.1),
         "chi1_d64": perceptron_dataset(rng, 1.0, d=64),
         "chi3_d16": perceptron_dataset(rng, 3.0, d=16),
+        "chi1_d64_small_P": perceptron_dataset(rng, 1.0, d=64).isel(P=[0, 1]),
     }
     path = write_cube(tmp_path / "d.zarr", groups)
     report = build_report(path, tmp_path / "out", n_boot=100, formats=("png",))
     text = report.path.read_text()
     assert "failed" not in text
     assert [f.stem for f in report.summary_figures] == ["perceptron_summary", "perceptron_finite_d"]
+    # one point per (chi, d, quantity): the group reaching the largest P
+    rows = _finite_d_rows(report)
+    assert len(rows) == 6
+    assert {r["P_hi"] for r in rows if r["chi"] == 1.0 and r["d"] == 64} == {16384}
     # the local table of chi1_d16: signal near 0.5, s / n near 0.6 (noise ~ P^-0.1)
     part = text[text.index("## chi1_d16") : text.index("## chi1_d64")]
     row = table_row(part, "8192-16384")
