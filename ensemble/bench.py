@@ -219,18 +219,18 @@ def occupancy(
     cont.run(members)
     t_cont = time.perf_counter() - t
     t = time.perf_counter()
-    member_steps = slot_steps = 0
+    busy_steps = slot_steps = 0
     for i in range(0, n_members, slots):
         e = Engine(g, slots, device)
         e.run(members[i : i + slots])
-        member_steps += e.stats.member_steps
+        busy_steps += e.stats.busy_steps
         slot_steps += e.stats.slot_steps
     t_static = time.perf_counter() - t
     return (
         f"{arch}, {n_members} members, {slots} slots on {device}: continuous batching"
         f" {t_cont:.1f} s, occupancy {cont.stats.occupancy:.0%}, checks"
         f" {cont.stats.check_seconds / cont.stats.seconds:.0%} of the time; static batches"
-        f" {t_static:.1f} s, occupancy {member_steps / slot_steps:.0%}"
+        f" {t_static:.1f} s, occupancy {busy_steps / slot_steps:.0%}"
     )
 
 

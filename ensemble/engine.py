@@ -201,11 +201,17 @@ class MemberResult:
 
 @dataclass
 class EngineStats:
-    """Counters of one ``Engine.run``: occupancy = member_steps / slot_steps."""
+    """Counters of one ``Engine.run``: occupancy = busy_steps / slot_steps."""
 
     slots: int = 0
     slot_steps: int = 0
+    """Executed ensemble steps times slots."""
     member_steps: int = 0
+    """Steps of the finished members (simulated ones included with skipping)."""
+    busy_steps: int = 0
+    """Slot-steps of ``slot_steps`` that did a member's work: its steps up to t* with plain
+    steps; with quiet-step skipping, where one executed step moves a member over many
+    simulated ones, the executed steps while its slot held a running member."""
     seconds: float = 0.0
     check_seconds: float = 0.0
     checks: int = 0
@@ -215,7 +221,7 @@ class EngineStats:
 
     @property
     def occupancy(self) -> float:
-        return self.member_steps / self.slot_steps if self.slot_steps else float("nan")
+        return self.busy_steps / self.slot_steps if self.slot_steps else float("nan")
 
 
 class _TrainingData:
@@ -613,6 +619,8 @@ class Engine:
                     if on_result is not None:
                         on_result(occupant[s], r)
                     self.stats.member_steps += r.steps
+                    if not self.skip_quiet:
+                        self.stats.busy_steps += r.steps
                     occupant[s], member_of[s] = -1, None
                     self.status[s] = _FREE
                 refill()
@@ -622,9 +630,10 @@ class Engine:
                     span = SKIP_SPAN_EPOCHS * self.quiet_steps
                     target = np.where(running, np.minimum(ck_lim, step + span), step)
                     self.limit.copy_(torch.from_numpy(target).to(self.device))
-                    self.stats.real_steps += self._advance_skipping()
-                    moved = self.step.cpu().numpy() - step
-                    self.stats.slot_steps += K * max(int(moved.max()), 1)
+                    rounds = self._advance_skipping()
+                    self.stats.real_steps += rounds
+                    self.stats.slot_steps += K * rounds
+                    self.stats.busy_steps += int(running.sum()) * rounds
                 else:
                     self._run_steps(max(n, 1))
                     self.stats.real_steps += max(n, 1)

@@ -74,6 +74,8 @@ class LaunchReport:
     seconds: float = 0.0
     member_steps: int = 0
     slot_steps: int = 0
+    busy_steps: int = 0
+    """Engine counters summed over the tasks (``engine.EngineStats``)."""
     dashboard: str | None = None
     n_workers: int = 0
     devices: list[str] = dataclasses.field(default_factory=list)
@@ -91,7 +93,7 @@ class LaunchReport:
 
     @property
     def occupancy(self) -> float:
-        return self.member_steps / self.slot_steps if self.slot_steps else math.nan
+        return self.busy_steps / self.slot_steps if self.slot_steps else math.nan
 
     def summary(self) -> str:
         return (
@@ -406,6 +408,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     report.devices = sorted([*report.devices, stats["device"]])
                 report.member_steps += stats["member_steps"]
                 report.slot_steps += stats["slot_steps"]
+                report.busy_steps += stats["busy_steps"]
                 report.compiled_tasks += bool(stats.get("compiled"))
                 if mon is not None:
                     mon.finished(b, results, stats)

@@ -204,6 +204,7 @@ class SweepBoard:
         self.est_finished = 0.0  # estimated member-steps of the finished batches
         self.member_steps = 0  # engine counters (occupancy), when launch passes them
         self.slot_steps = 0
+        self.busy_steps = 0
         self.version = 0
         self.ended: float | None = None  # when the last batch finished or failed
 
@@ -246,6 +247,7 @@ class SweepBoard:
         if stats:
             self.member_steps += int(stats.get("member_steps", 0))
             self.slot_steps += int(stats.get("slot_steps", 0))
+            self.busy_steps += int(stats.get("busy_steps", 0))
         self._changed()
 
     def failed(self, key: str) -> None:
@@ -301,7 +303,7 @@ class SweepBoard:
                 "cells_per_minute": 60 * self.cells_done / elapsed,
                 "workers": n_workers,
                 "steps_per_second_per_worker": rate / n_workers if n_workers else None,
-                "occupancy": self.member_steps / self.slot_steps if self.slot_steps else None,
+                "occupancy": self.busy_steps / self.slot_steps if self.slot_steps else None,
                 "eta_seconds": eta,
                 "batches": {"total": len(self.batches), **by_state},
             },
@@ -841,7 +843,8 @@ class SweepMonitor:
 
     def finished(self, batch: Any, results: Sequence[dict], stats: dict | None = None) -> None:
         """The batch's results (``MemberResult`` dicts) were written; ``stats`` are the
-        engine's counters of the task (member_steps, slot_steps) if launch passes them."""
+        engine's counters of the task (member_steps, slot_steps, busy_steps) if launch
+        passes them."""
         rows = [
             (
                 r["member"]["alpha"],
@@ -854,7 +857,8 @@ class SweepMonitor:
         ]
         small = None
         if stats:
-            small = {k: int(stats[k]) for k in ("member_steps", "slot_steps") if k in stats}
+            keys = ("member_steps", "slot_steps", "busy_steps")
+            small = {k: int(stats[k]) for k in keys if k in stats}
         self._push("finished", (batch.key, batch.experiment, batch.group.P, rows, small))
 
     def failed(self, batch: Any) -> None:

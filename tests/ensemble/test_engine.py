@@ -355,11 +355,20 @@ def test_skipping_quiet_steps_gives_the_plain_trajectory_bit_for_bit(chi, dtype)
     members = [Member(alpha=2.0**15, T=T, seed=s) for T in (2.0**-8, 2.0**-2) for s in range(3)]
     plain = Engine(g, 6, DEVICE, keep_weights=True, skip_quiet=False)
     skip = Engine(g, 3, DEVICE, keep_weights=True, skip_quiet=True)
-    for a, b in zip(plain.run(members), skip.run(members), strict=True):
+    plain_results = plain.run(members)
+    for a, b in zip(plain_results, skip.run(members), strict=True):
         assert a.outcome == CONVERGED
         _assert_bitwise(a, b)
     if chi == 0:  # the slowest case, where nearly every late step is a no-op
         assert skip.stats.real_steps * skip.K < plain.stats.real_steps * plain.K / 4
+    # occupancy counts executed steps: the skipping slots were busy while members ran
+    s = skip.stats
+    assert s.slot_steps == s.real_steps * skip.K and 0 < s.busy_steps <= s.slot_steps
+    assert (
+        plain.stats.busy_steps
+        == plain.stats.member_steps
+        == sum(r.steps for r in plain.run(members))
+    )
 
 
 def test_skipping_stops_exactly_at_the_step_budget():

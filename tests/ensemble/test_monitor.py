@@ -306,7 +306,7 @@ def test_board_counts_running_failed_and_finished_seeds():
         "e",
         8,
         [(1.0, 0.5, CONVERGED, 0.5, 300), (1.0, 0.5, DIVERGED, None, 7)],
-        {"member_steps": 307, "slot_steps": 600},
+        {"member_steps": 307, "slot_steps": 600, "busy_steps": 290},
     )
     v = board.view(n_workers=2, now=110.0)
     assert v["counts"] == {
@@ -323,7 +323,7 @@ def test_board_counts_running_failed_and_finished_seeds():
     tp = v["throughput"]
     assert tp["cells_per_minute"] == pytest.approx(60 * 2 / 10)
     assert tp["steps_per_second_per_worker"] == pytest.approx(307 / 10 / 2)
-    assert tp["occupancy"] == pytest.approx(307 / 600)
+    assert tp["occupancy"] == pytest.approx(290 / 600)
     assert tp["eta_seconds"] == 0  # the failed batch is not waited for
     assert tp["batches"] == {"total": 2, "pending": 0, "running": 0, "done": 1, "failed": 1}
 
