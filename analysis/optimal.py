@@ -13,8 +13,13 @@ them). The minimum is classed by where it lies among the T with a finite mean:
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the 16th and 84th percentiles of the bootstrap T_opt
-(a 68 % interval), and the standard deviation of log T_opt. The fit of T_opt ~ alpha^k
-uses the interior optima of the alphas in ``alpha_range`` only.
+(a 68 % interval), and the standard deviation of ln T_opt. At a stability edge the true
+edge lies anywhere between the last T that trains and the next grid T, so ln T_opt gets at
+least the standard deviation of a uniform spread over that step, ln(step) / sqrt(12).
+
+The fit T_opt ~ alpha^k uses the interior optima of the alphas in ``alpha_range``; with
+``classes=("interior", "stability edge")`` it also takes the stability edges, i.e. it fits
+the best T that still trains where the error falls all the way to the edge of stability.
 """
 
 from __future__ import annotations
@@ -91,6 +96,9 @@ def optimal_temperature(
             if reps.size >= 2:
                 out["T_lo"][a, p], out["T_hi"][a, p] = np.percentile(reps, [16, 84])
                 out["log_T_err"][a, p] = np.std(np.log(reps), ddof=1)
+            if code == 1 and i + 1 < len(T):
+                spread = math.log(T[i + 1] / T[i]) / math.sqrt(12)
+                out["log_T_err"][a, p] = max(np.nan_to_num(out["log_T_err"][a, p]), spread)
     dims = ("alpha", "P")
     coords = {"alpha": stats["alpha"].values, "P": stats["P"].values}
     units = {"long_name": "", "units": "1"}
@@ -110,14 +118,21 @@ def optimal_temperature(
 
 
 def fit_optimal_temperature(
-    table: xr.Dataset, P: int | None = None, alpha_range: Range = None
+    table: xr.Dataset,
+    P: int | None = None,
+    alpha_range: Range = None,
+    classes: tuple[str, ...] = ("interior",),
 ) -> PowerLawFit:
-    """Fit T_opt ~ A alpha^k at one P (default: the largest) over the interior optima with
-    alpha in ``alpha_range`` (inclusive; None = all), weighted by ``log_T_err``.
+    """Fit T_opt ~ A alpha^k at one P (default: the largest) over the alphas in
+    ``alpha_range`` (inclusive; None = all) whose optimum is of one of ``classes``
+    (`CLASSES`), weighted by ``log_T_err``.
 
     Raises `InsufficientData` with fewer than 3 such alphas."""
+    unknown = set(classes) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"classes must be among {CLASSES}, got {sorted(unknown)}")
     sel = table.sel(P=P if P is not None else int(table["P"].max()))
-    use = sel["where"] == 0
+    use = sel["where"].isin([CLASSES.index(c) for c in classes])
     if alpha_range is not None:
         lo, hi = alpha_range
         if lo is not None:
@@ -127,8 +142,8 @@ def fit_optimal_temperature(
     n = int(use.sum())
     if n < 3:
         raise InsufficientData(
-            f"T_opt ~ alpha^k needs at least 3 alphas with an interior optimum, got {n}"
-            f" (classes: {_class_counts(sel)})"
+            f"T_opt ~ alpha^k needs at least 3 alphas with an optimum of class"
+            f" {' or '.join(classes)}, got {n} (classes: {_class_counts(sel)})"
         )
     T_opt = sel["T_opt"].rename("T_opt")
     stderr = (sel["log_T_err"] * T_opt).where(sel["log_T_err"] > 0)
@@ -138,7 +153,7 @@ def fit_optimal_temperature(
         where=use,
         symbols={"alpha": "k"},
         quantity="T_opt",
-        range_note="interior optima" + (f", alpha in {alpha_range}" if alpha_range else ""),
+        range_note=" + ".join(classes) + (f", alpha in {alpha_range}" if alpha_range else ""),
     )
 
 

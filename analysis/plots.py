@@ -539,14 +539,14 @@ def perceptron_finite_d(rows: Sequence[Mapping[str, object]]) -> Figure:
 def optimal_temperature_figure(
     ds: xr.Dataset,
     table: xr.Dataset,
-    fit: PowerLawFit | None = None,
+    fits: Mapping[str, PowerLawFit] | None = None,
     P: int | None = None,
     include: Include = ("converged",),
 ) -> Figure:
     """Left: seed-mean test error against T for each alpha, with T_opt (star) and its 68 %
     bootstrap interval. Right: T_opt against alpha; filled circles are interior optima,
     triangles edges (up: stability edge, a lower bound; down: small-T edge, an upper
-    bound); the fit T_opt ~ alpha^k over the interior optima, when given, dashed.
+    bound); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines.
 
     table : `analysis.optimal.optimal_temperature` of ``ds``
     """
@@ -589,11 +589,11 @@ def optimal_temperature_figure(
         ax_opt.errorbar(tab["alpha"].values[sel], t_opt, yerr=yerr, marker=marker, ls="none",
                         capsize=3, color=colormaps[CMAP](0.3), mfc="white" if code else None,
                         label=name)  # fmt: skip
-    if fit is not None:
+    for (name, fit), style in zip((fits or {}).items(), ("--", ":", "-."), strict=False):
         a_fit = fit.used["alpha"].values[fit.used.values]
         grid = np.geomspace(a_fit.min(), a_fit.max(), 50)
-        ax_opt.plot(grid, fit.predict(alpha=grid), "--", color="0.4",
-                    label=f"fit: T_opt ~ alpha^({fit['k']})")  # fmt: skip
+        ax_opt.plot(grid, fit.predict(alpha=grid), style, color="0.4",
+                    label=f"fit ({name}): T_opt ~ alpha^({fit['k']})")  # fmt: skip
     ax_opt.set_xscale("log", base=2)
     ax_opt.set_yscale("log", base=2)
     ax_opt.set_xlabel(label("alpha"))

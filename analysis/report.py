@@ -232,8 +232,14 @@ def build_report(
 
 
 FEATURE_SIDE = 1.0
-"""T_opt ~ alpha^k is fitted over the interior optima with alpha <= FEATURE_SIDE (the
-feature-learning side; lazy when alpha >> 1)."""
+"""T_opt ~ alpha^k is fitted over alpha <= FEATURE_SIDE (the feature-learning side; lazy
+when alpha >> 1)."""
+OPTIMUM_FITS = {
+    "interior": ("interior",),
+    "best trainable T": ("interior", "stability edge"),
+}
+"""The fits of T_opt ~ alpha^k: over the true optima, and over the optima together with
+the stability edges (where the error falls with T until training diverges)."""
 
 
 def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
@@ -273,21 +279,26 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
             )
         section.add(f"P = {int(P)}:", "")
         section.table(["alpha", "T_opt", "68 % interval", "class", "lowest test error"], rows)
-        fit = section.attempt(
-            f"T_opt ~ alpha^k at P = {int(P)}",
-            lambda P=P: fit_optimal_temperature(table, int(P), (None, FEATURE_SIDE)),
-        )
-        if fit is not None:
-            fits[int(P)] = fit
-            section.add(
-                f"- T_opt ~ alpha^k over the {fit.n_points} interior optima with alpha <="
-                f" {FEATURE_SIDE:g}: k = {fit['k']} (chi2_red {fit.chi2_red:.2f}).",
-                "",
+        fits[int(P)] = {}
+        for key, classes in OPTIMUM_FITS.items():
+            fit = section.attempt(
+                f"T_opt ~ alpha^k ({key}) at P = {int(P)}",
+                lambda P=P, c=classes: fit_optimal_temperature(
+                    table, int(P), (None, FEATURE_SIDE), c
+                ),
             )
+            if fit is not None:
+                fits[int(P)][key] = fit
+                section.add(
+                    f"- T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} whose"
+                    f" optimum is {' or '.join(classes)} ({key}): k = {fit['k']}"
+                    f" (chi2_red {fit.chi2_red:.2f}).",
+                    "",
+                )
         section.attempt(
             f"optimal-T figure at P = {int(P)}",
             lambda P=P: section.figure(
-                plots.optimal_temperature_figure(ds, table, fits.get(int(P)), int(P)),
+                plots.optimal_temperature_figure(ds, table, fits[int(P)], int(P)),
                 f"optimal_T_P{int(P)}",
                 f"test error along T and the optimal temperature against alpha at P = {P}",
             ),

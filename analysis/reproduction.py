@@ -55,7 +55,13 @@ from analysis.load import experiment_names
 from analysis.optimal import CLASSES
 from analysis.perceptron import is_perceptron, local_exponent_map
 from analysis.plots import pow2_text
-from analysis.report import FEATURE_SIDE, ExperimentReport, Report, build_report
+from analysis.report import (
+    FEATURE_SIDE,
+    OPTIMUM_FITS,
+    ExperimentReport,
+    Report,
+    build_report,
+)
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
 TOLERANCE = 0.05
@@ -538,14 +544,17 @@ def optimal_T_reading(er: ExperimentReport) -> list[str]:
                 text = f"{pow2_text(a)} (T_opt = 2^{math.log2(t):.1f})"
                 by_class.setdefault(CLASSES[int(code)], []).append(text)
         parts = [f"{name} at alpha = {', '.join(v)}" for name, v in by_class.items()]
-        fit = fits.get(int(P))
-        fit_text = (
-            f"T_opt ~ alpha^k over the {fit.n_points} interior optima with alpha <="
-            f" {FEATURE_SIDE:g}: k = {fit['k']}"
-            if fit is not None
-            else "T_opt ~ alpha^k not fitted: fewer than 3 interior optima with alpha <="
-            f" {FEATURE_SIDE:g}"
-        )
+        texts = []
+        for key, classes in OPTIMUM_FITS.items():
+            fit = fits.get(int(P), {}).get(key)
+            texts.append(
+                f"T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} with"
+                f" {' or '.join(classes)} optima ({key}): k = {fit['k']}"
+                if fit is not None
+                else f"T_opt ~ alpha^k ({key}) not fitted: fewer than 3 alphas <="
+                f" {FEATURE_SIDE:g} with {' or '.join(classes)} optima"
+            )
+        fit_text = "; ".join(texts)
         lines.append(f"- Optimal temperature at P = {int(P)}: {'; '.join(parts)}. {fit_text}.")
     return lines + [""]
 

@@ -38,8 +38,15 @@ def test_fit_recovers_the_exponent(table):
     k = fit["k"]
     assert abs(k.value - 0.5) < max(3 * k.error, 0.05), k
     assert fit.predict(alpha=1.0) == pytest.approx(2.0**-8, rel=0.15)
-    with pytest.raises(InsufficientData, match="interior optimum, got 2"):
+    with pytest.raises(InsufficientData, match="of class interior, got 2"):
         fit_optimal_temperature(table, alpha_range=(2.0**-3, None))
+    # with the stability edge: 5 points; the edge's error is at least a uniform spread
+    # over its grid step (one octave)
+    both = fit_optimal_temperature(table, classes=("interior", "stability edge"))
+    assert both.n_points == 5
+    assert float(table["log_T_err"].isel(alpha=0, P=0)) >= math.log(2) / math.sqrt(12)
+    with pytest.raises(ValueError, match="classes must be among"):
+        fit_optimal_temperature(table, classes=("edge",))
 
 
 def test_a_phase_diagram_without_interior_optimum_is_explained(rng):

@@ -172,7 +172,8 @@ def test_phase_reading_of_the_synthetic_diagram(synthetic_page):
     # no interior optimum: the optimal T is at the small-T edge everywhere
     line = next(ln for ln in synthetic_page.splitlines() if ln.startswith("- Optimal temp"))
     assert line.startswith("- Optimal temperature at P = 1024: small-T edge at alpha = 2^-4")
-    assert "interior" not in line.split(".")[0] and "not fitted" in line
+    assert "interior" not in line.split(".")[0]
+    assert "(interior) not fitted" in line and "(best trainable T) not fitted" in line
 
 
 def test_optimal_temperature_reading(tmp_path):
@@ -185,8 +186,11 @@ def test_optimal_temperature_reading(tmp_path):
     line = next(ln for ln in page.splitlines() if ln.startswith("- Optimal temperature"))
     assert "stability edge at alpha = 2^-10 (T_opt = 2^-14.0)" in line
     assert "small-T edge at alpha = 2^8 (T_opt = 2^-16.0)" in line
-    k = re.search(r"4 interior optima with alpha <= 1: k = (\d+\.\d+) ± (\d+\.\d+)", line)
+    k = re.search(
+        r"the 4 alphas <= 1 with interior optima \(interior\): k = (\d+\.\d+) ± (\d+\.\d+)", line
+    )
     assert k and abs(float(k.group(1)) - 0.5) < max(3 * float(k.group(2)), 0.05), line
+    assert "the 5 alphas <= 1 with interior or stability edge optima (best trainable T)" in line
     assert "reproduction/f/figures/feature_optimal_T_P256.png" in image_links(page)
 
 
