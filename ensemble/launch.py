@@ -55,8 +55,7 @@ def compile_task(batch: Batch, compile: bool) -> bool:
     if not compile:
         return False
     key = tuple(sorted(batch.group.as_dict().items()))
-    work = sum(estimate_steps(batch.group, m) for m in batch.members)
-    if key in _compiled or work >= COMPILE_BREAK_EVEN[batch.group.arch]:
+    if key in _compiled or batch.work >= COMPILE_BREAK_EVEN[batch.group.arch]:
         _compiled.add(key)
         return True
     return False
@@ -370,6 +369,8 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 task.compile,
                 key=b.key,
                 pure=False,
+                # the most planned work first, so no long task starts last and runs alone
+                priority=int(b.work),
             ): b
             for b in batches
         }

@@ -213,6 +213,11 @@ class Batch:
     est_steps: float
 
     @property
+    def work(self) -> float:
+        """Planned member-steps: ``estimate_steps`` summed over the members."""
+        return sum(estimate_steps(self.group, m) for m in self.members)
+
+    @property
     def dt_range(self) -> tuple[float, float]:
         dts = [self.group.dt(m.T) for m in self.members]
         return min(dts), max(dts)

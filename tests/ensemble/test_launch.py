@@ -278,7 +278,8 @@ def test_compile_only_where_the_planned_work_repays_it():
     even = COMPILE_BREAK_EVEN["fc"]
 
     def work(b) -> float:
-        return sum(estimate_steps(b.group, m) for m in b.members)
+        assert b.work == sum(estimate_steps(b.group, m) for m in b.members)
+        return b.work
 
     at = {P: [b for b in batches if b.group.P == P] for P in (1024, 4096)}
     large = max(at[4096], key=work)  # lazy cells at P = 4096: ~56,000 member-steps
