@@ -7,9 +7,11 @@ the vertex of the parabola through it and its two neighbours in log2 T (kept wit
 them). The minimum is classed by where it lies among the T with a finite mean:
 
 - ``interior``: both neighbours exist, a true optimum;
-- ``stability edge``: at the largest T that still trains (the next grid T diverged or
-  is missing): noise helps up to the edge of stability, T_opt is a lower bound;
-- ``small-T edge``: at the smallest T of the grid: T_opt is an upper bound.
+- ``stability edge``: at the largest T that still trains, the next grid T having diverged
+  (no seed converged, one or more diverged): noise helps up to the edge of stability;
+- ``small-T edge``: at the smallest T with a converged seed: T_opt is an upper bound;
+- ``large-T edge``: at the largest T of the grid, or next to a T with nothing but missing
+  or unfinished cells: T_opt is a lower bound.
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the 16th and 84th percentiles of the bootstrap T_opt
@@ -31,14 +33,16 @@ import xarray as xr
 
 from analysis.aggregate import Include, bootstrap_mean, masked, mean_stderr
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_power_law
+from ensemble.schema import CONVERGED, DIVERGED
 
-CLASSES = ("interior", "stability edge", "small-T edge")
-"""Codes 0, 1, 2 of ``where`` in `optimal_temperature`."""
+CLASSES = ("interior", "stability edge", "small-T edge", "large-T edge")
+"""Codes 0, 1, 2, 3 of ``where`` in `optimal_temperature`."""
 
 
-def _argmin_refined(T: np.ndarray, err: np.ndarray) -> tuple[float, int, int]:
-    """(T_opt, index of the grid minimum, class code) along the last axis of one curve;
-    (nan, -1, -1) when no T has a finite error."""
+def _argmin_refined(T: np.ndarray, err: np.ndarray, diverged: np.ndarray) -> tuple[float, int, int]:
+    """(T_opt, index of the grid minimum, class code) of one curve err(T); ``diverged``
+    marks the T where no seed converged and one or more diverged. (nan, -1, -1) when no T
+    has a finite error."""
     ok = np.flatnonzero(np.isfinite(err))
     if ok.size == 0:
         return math.nan, -1, -1
@@ -46,8 +50,8 @@ def _argmin_refined(T: np.ndarray, err: np.ndarray) -> tuple[float, int, int]:
     x = np.log2(T)
     if i == ok[0]:
         return float(T[i]), i, 2
-    if i == ok[-1] or not np.isfinite(err[i + 1]):
-        return float(T[i]), i, 1
+    if i == len(T) - 1 or not np.isfinite(err[i + 1]):
+        return float(T[i]), i, 1 if i + 1 < len(T) and diverged[i + 1] else 3
     if not np.isfinite(err[i - 1]):
         return float(T[i]), i, 2
     (x0, x1, x2), (y0, y1, y2) = x[i - 1 : i + 2], err[i - 1 : i + 2]
@@ -78,6 +82,8 @@ def optimal_temperature(
     stats = mean_stderr(values).transpose("alpha", "P", "T").compute()
     boot = bootstrap_mean(values, n_boot, seed).transpose("bootstrap", "alpha", "P", "T").values
     T = stats["T"].values.astype(float)
+    outcome = ds["outcome"].transpose("alpha", "P", "T", "seed").values
+    diverged = ~(outcome == CONVERGED).any(-1) & (outcome == DIVERGED).any(-1)
     n_a, n_P = stats.sizes["alpha"], stats.sizes["P"]
     out = {k: np.full((n_a, n_P), np.nan) for k in ("T_opt", "T_lo", "T_hi", "log_T_err")}
     out["error_min"] = np.full((n_a, n_P), np.nan)
@@ -86,10 +92,10 @@ def optimal_temperature(
     mean, se = stats["mean"].values, stats["stderr"].values
     for a in range(n_a):
         for p in range(n_P):
-            t_opt, i, code = _argmin_refined(T, mean[a, p])
+            t_opt, i, code = _argmin_refined(T, mean[a, p], diverged[a, p])
             if i < 0:
                 continue
-            reps = np.array([_argmin_refined(T, b)[0] for b in boot[:, a, p]])
+            reps = np.array([_argmin_refined(T, b, diverged[a, p])[0] for b in boot[:, a, p]])
             reps = reps[np.isfinite(reps)]
             out["T_opt"][a, p], where[a, p] = t_opt, code
             out["error_min"][a, p], out["error_min_stderr"][a, p] = mean[a, p, i], se[a, p, i]

@@ -545,8 +545,8 @@ def optimal_temperature_figure(
 ) -> Figure:
     """Left: seed-mean test error against T for each alpha, with T_opt (star) and its 68 %
     bootstrap interval. Right: T_opt against alpha; filled circles are interior optima,
-    triangles edges (up: stability edge, a lower bound; down: small-T edge, an upper
-    bound); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines.
+    triangles edges (up: stability edge; down: small-T edge, an upper bound; right:
+    large-T edge, a lower bound); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines.
 
     table : `analysis.optimal.optimal_temperature` of ``ds``
     """
@@ -577,8 +577,12 @@ def optimal_temperature_figure(
     ax.set_ylabel(label("test_error"))
     ax.set_title(f"test error along T at P = {P}; stars: T_opt", fontsize=8)
     _legend(ax, fontsize=6)
-    markers = {0: ("o", "interior optimum"), 1: ("^", "stability edge (lower bound)"),
-               2: ("v", "small-T edge (upper bound)")}  # fmt: skip
+    markers = {
+        0: ("o", "interior optimum"),
+        1: ("^", "stability edge"),
+        2: ("v", "small-T edge (upper bound)"),
+        3: (">", "large-T edge (lower bound)"),
+    }
     for code, (marker, name) in markers.items():
         sel = tab["where"].values == code
         if not sel.any():

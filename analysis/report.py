@@ -254,7 +254,9 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
         "T_opt: lowest seed-mean test error along T, refined by a parabola in log T through"
         " the grid minimum and its neighbours; interval: 16th-84th percentile of a bootstrap"
         " over seeds. Class: interior (a true optimum), stability edge (the largest T that"
-        " still trains: a lower bound), small-T edge (the smallest T: an upper bound).",
+        " trains, the next one diverged), small-T edge (the smallest T: an upper bound),"
+        " large-T edge (the largest T of the grid, or next to missing or unfinished cells:"
+        " a lower bound).",
         "",
     )
     fits = {}

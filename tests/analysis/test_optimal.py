@@ -57,3 +57,12 @@ def test_a_phase_diagram_without_interior_optimum_is_explained(rng):
     assert all(math.isfinite(v) for v in table["T_opt"].values.ravel())
     with pytest.raises(InsufficientData, match="interior 0"):
         fit_optimal_temperature(table)
+
+
+def test_the_largest_grid_T_is_a_bound_not_a_stability_edge():
+    """Cut the grid at T = 2^-9: alpha = 1 and 2^-2 (optima 2^-8, 2^-9) fall to the last
+    grid T, which trained: a large-T edge; alpha = 2^-10 still ends where training
+    diverged."""
+    ds = optimum_dataset(np.random.default_rng(4)).sel(T=slice(None, 2.0**-9))
+    where = [CLASSES[c] for c in optimal_temperature(ds, n_boot=20)["where"].isel(P=0).values]
+    assert where[0] == "stability edge" and where[-3:-1] == ["large-T edge"] * 2
