@@ -281,6 +281,10 @@ class Engine:
              20 s, 50 s and 6 min per process and group, any ensemble size: see
              ``bench --compile-cost``); same trajectories up to float rounding (the
              compiler may reassociate sums)
+    compile_after : CPU: run eager, and compile once ``run`` has spent this many seconds
+             (checked between chunks of steps), so a task that turns out long pays for
+             its compilation at most once more than it needed (None: never; ignored with
+             ``compile=True``)
     skip_quiet : jump over steps whose drawn batch certainly has zero loss (see the
              module docstring); default on for the perceptron only, where the look-ahead
              is cheap next to the steps it saves; same trajectories bit for bit
@@ -296,11 +300,14 @@ class Engine:
         cuda_graph: bool = True,
         compile: bool = False,
         skip_quiet: bool | None = None,
+        compile_after: float | None = None,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        if compile and resolve_device(device).type != "cpu":
+        if (compile or compile_after is not None) and resolve_device(device).type != "cpu":
             raise ValueError("compile is the CPU fast path; on CUDA the step replays a CUDA graph")
+        if compile_after is not None and not compile_after >= 0:
+            raise ValueError(f"compile_after must be >= 0 seconds or None, got {compile_after}")
         self.group = group
         self.K = slots
         self.keep_weights = keep_weights
@@ -309,9 +316,11 @@ class Engine:
         self.model: Model = build_model(group)
         self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
         self.cuda_graph = cuda_graph
-        # dynamic shapes: one compile serves every ensemble size K of a process
-        self._step_fn = torch.compile(self._step, dynamic=True) if compile else self._step
-        self._skip_fn = torch.compile(self._skip, dynamic=True) if compile else self._skip
+        self._step_fn, self._skip_fn = self._step, self._skip
+        self.compiled = False
+        self._compile_after = None if compile else compile_after
+        if compile:
+            self._compile()
         self._graph: torch.cuda.CUDAGraph | None = None
         K, dev, dt = slots, self.device, self.dtype
         self.params: Params = {
@@ -335,6 +344,13 @@ class Engine:
         self.quiet_steps = math.ceil(group.P / group.B)  # one epoch
         self.sync_every = int(min(max(group.P // (4 * group.B), 16), 1024))
         self.stats = EngineStats(slots=K)
+
+    def _compile(self) -> None:
+        """Switch to the compiled step and look-ahead (dynamic shapes: one compile serves
+        every ensemble size K of a process)."""
+        self._step_fn = torch.compile(self._step, dynamic=True)
+        self._skip_fn = torch.compile(self._skip, dynamic=True)
+        self.compiled = True
 
     # -- the hot loop ---------------------------------------------------------------
 
@@ -625,6 +641,12 @@ class Engine:
                     self.status[s] = _FREE
                 refill()
                 continue
+            if (
+                self._compile_after is not None
+                and not self.compiled
+                and time.perf_counter() - t_start >= self._compile_after
+            ):
+                self._compile()
             with _tf32(self.group.tf32):
                 if self.skip_quiet:
                     span = SKIP_SPAN_EPOCHS * self.quiet_steps

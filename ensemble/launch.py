@@ -36,6 +36,10 @@ MIN_MEMBERS_PER_TASK = 8
 about 5x as fast per network as one network on a CPU core; see the README's bench)."""
 REFILL_FACTOR = 2
 """A task's members per engine slot: the slots are refilled as members stop."""
+COMPILE_SECONDS = {"fc": 50.0, "perceptron": 20.0, "mnas": 360.0}
+"""First compiled step per architecture, seconds (same measurement as below): a task that
+does not compile at once compiles after running eager this long (``Engine.compile_after``),
+which costs at most twice the best choice when the planned work was underestimated."""
 COMPILE_BREAK_EVEN = {"fc": 25_000, "perceptron": 100_000, "mnas": 1_000}
 """Planned member-steps (``plan.estimate_steps`` summed over a task's members) above which
 ``compile`` repays the first compiled step of a process, per architecture: C r_e r_c /
@@ -48,17 +52,22 @@ _compiled: set[tuple] = set()
 
 
 def compile_task(batch: Batch, compile: bool) -> bool:
-    """Whether a CPU task of ``batch`` compiles its step under ``--compile``: when this
-    process already compiled the group's step (free), or when the planned work of the
-    batch is at least `COMPILE_BREAK_EVEN` of its architecture. Small tasks run eager, so
-    a sweep of many short tasks is not spent compiling."""
+    """Whether a CPU task of ``batch`` compiles its step at once under ``--compile``: when
+    this process already compiled the group's step (free), or when the planned work of
+    the batch is at least `COMPILE_BREAK_EVEN` of its architecture. Other tasks start
+    eager and compile only once they have run `COMPILE_SECONDS`, so a sweep of many short
+    tasks is not spent compiling and a long one the planner underestimated still is."""
     if not compile:
         return False
-    key = tuple(sorted(batch.group.as_dict().items()))
+    key = _group_key(batch.group)
     if key in _compiled or batch.work >= COMPILE_BREAK_EVEN[batch.group.arch]:
         _compiled.add(key)
         return True
     return False
+
+
+def _group_key(group: Group) -> tuple:
+    return tuple(sorted(group.as_dict().items()))
 
 
 @dataclasses.dataclass
@@ -210,16 +219,19 @@ def run_batch(
     n = len(batch.members)
     k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
     order = sorted(range(n), key=lambda i: -estimate_steps(group, batch.members[i]))
-    compiled = dev == "cpu" and compile_task(batch, compile)
-    engine = Engine(group, min(k, n), dev, compile=compiled)
+    at_once = dev == "cpu" and compile_task(batch, compile)
+    later = COMPILE_SECONDS[group.arch] if compile and dev == "cpu" and not at_once else None
+    engine = Engine(group, min(k, n), dev, compile=at_once, compile_after=later)
     results = engine.run([batch.members[i] for i in order])
+    if engine.compiled:
+        _compiled.add(_group_key(batch.group))  # later tasks of the group compile at once
     out: list = [None] * n
     for r, i in zip(results, order, strict=True):
         d = dataclasses.asdict(r)
         d.pop("weights")
         out[i] = d
     stats = dataclasses.asdict(engine.stats)
-    return out, {**stats, "device": _device_name(dev), "compiled": compiled}
+    return out, {**stats, "device": _device_name(dev), "compiled": engine.compiled}
 
 
 def launch(
@@ -250,8 +262,9 @@ def launch(
     device      : torch device for every task (default: the worker's GPU, else CPU)
     slots       : members trained at once per task (default from device memory, CPU 64)
     max_members : most members per task (continuous batching refills the slots)
-    compile     : CPU workers compile the step with torch.compile (see ``Engine``) in the
-                  tasks whose planned work repays it (`compile_task`)
+    compile     : CPU workers compile the step with torch.compile (see ``Engine``) at
+                  once in the tasks whose planned work repays it (`compile_task`), in
+                  the others once they have run `COMPILE_SECONDS`
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
                   ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)

@@ -327,7 +327,12 @@ def test_compiled_step_matches_plain_engine(arch, data_root):
     fast = Engine(g, 4, "cpu", keep_weights=True, compile=True).run(members)
     # another ensemble size in the same process (dynamic shapes) and slot refills
     refilled = Engine(g, 3, "cpu", keep_weights=True, compile=True).run(members)
-    for a, b in [*zip(plain, fast, strict=True), *zip(plain, refilled, strict=True)]:
+    # eager first, compiled from the first chunk after 0 s
+    late = Engine(g, 4, "cpu", keep_weights=True, compile_after=0.0)
+    switched = late.run(members)
+    assert late.compiled
+    pairs = [*zip(plain, fast, strict=True), *zip(plain, refilled, strict=True)]
+    for a, b in [*pairs, *zip(plain, switched, strict=True)]:
         assert a.outcome == b.outcome == CONVERGED
         assert abs(a.steps - b.steps) <= max(2, 0.01 * a.steps)
         assert a.test_error == pytest.approx(b.test_error, abs=0.02)
@@ -408,6 +413,15 @@ def test_skipping_is_exact_for_any_member(chi, P, seed, log2_dt):
     a = Engine(g, 1, DEVICE, keep_weights=True, skip_quiet=False).run(m)[0]
     b = Engine(g, 1, DEVICE, keep_weights=True, skip_quiet=True).run(m)[0]
     _assert_bitwise(a, b)
+
+
+def test_compile_after_waits():
+    g = _perceptron_group(1.0, 64, "float64", max_steps=2000)
+    engine = Engine(g, 2, "cpu", compile_after=3600.0)
+    engine.run([Member(alpha=2.0**10, T=2.0**-6, seed=s) for s in (0, 1)])
+    assert not engine.compiled
+    with pytest.raises(ValueError, match="compile_after must be >= 0"):
+        Engine(g, 2, "cpu", compile_after=-1.0)
 
 
 def test_compile_is_refused_on_cuda():
