@@ -401,6 +401,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     started.add(f.key)
                     if mon is not None:
                         mon.started(futures[f])
+            # set before the updates below redraw the bar, so the count shown is current
+            running = sum(len(futures[f].members) for f in remaining if f.key in processing)
+            bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
             for f in finished:
                 b = futures[f]
                 try:
@@ -427,7 +430,6 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 if mon is not None:
                     mon.finished(b, results, stats)
                 bar.update(len(cells))
-            running = sum(len(futures[f].members) for f in remaining if f.key in processing)
             bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
         bar.close()
 
