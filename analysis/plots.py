@@ -377,6 +377,7 @@ def perceptron_figure(
     *,
     alpha: float | None = None,
     include: Include = ("converged",),
+    local: Mapping[str, xr.Dataset | None] | None = None,
 ) -> Figure:
     """Signal, noise and t* against T (one curve per P) with the predicted laws, and the
     local P-exponents of the signal (per T and weighted mean) and of the ratio s / n
@@ -384,7 +385,8 @@ def perceptron_figure(
 
     Predicted lines (grey dashed) use the predicted exponents and the prefactor that
     best matches the data in log space; each panel's title gives the fitted exponents
-    next to the predicted ones.
+    next to the predicted ones. ``local``: `local_P_exponents` of "signal" and "snr"
+    already computed with the same alpha and include (computed here where missing).
     """
     chi = float(ds.attrs.get("chi", np.nan))
     predicted = predicted_exponents(chi)
@@ -425,7 +427,11 @@ def perceptron_figure(
         _legend(ax, fontsize=6)
     ax = axes[1, 1]
     if len(P) >= 2:
-        local = local_P_exponents(ds, "signal", alpha=alpha, include=include)
+        given = dict(local or {})
+        for q in ("signal", "snr"):
+            if given.get(q) is None:
+                given[q] = local_P_exponents(ds, q, alpha=alpha, include=include)
+        local, snr = given["signal"], given["snr"]
         colours = _P_colours(T)
         for i in range(len(T)):
             ax.plot(
@@ -436,7 +442,6 @@ def perceptron_figure(
                 alpha=0.5,
                 ms=4,
             )
-        snr = local_P_exponents(ds, "snr", alpha=alpha, include=include)
         for loc, name, colour, shift in (
             (local, "signal s", "black", 1.0),
             (snr, "ratio s / n", "tab:red", 1.04),

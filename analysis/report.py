@@ -576,7 +576,7 @@ def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows:
     section.attempt(
         "perceptron figure",
         lambda: section.figure(
-            plots.perceptron_figure(ds, fits),
+            plots.perceptron_figure(ds, fits, local=local),
             "perceptron",
             f"signal, noise, t* and local P-exponents at chi = {chi:g}",
         ),
