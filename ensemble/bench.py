@@ -158,9 +158,10 @@ def compile_cost(arch: str, K: int, steps: int, opt: BenchOptions) -> str:
 
 
 def check_graph_equivalence(device: torch.device, data_root=None) -> str:
-    """The CUDA-graph step against the eager step, and an ensemble member against the
-    same member alone, on ``device`` (FC-5L h = 64, P = 256, float32). Returns a summary
-    line; raises AssertionError on a mismatch."""
+    """The CUDA-graph step against the eager step (both shrinking their slots in the tail,
+    so the graph is re-captured), against a graph that never shrinks, and an ensemble
+    member against the same member alone, on ``device`` (FC-5L h = 64, P = 256, float32).
+    Returns a summary line; raises AssertionError on a mismatch."""
     g = Group(
         dataset="mnist",
         arch="fc",
@@ -180,19 +181,24 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     ]
     graph = Engine(g, len(members), device, keep_weights=True).run(members)
     eager = Engine(g, len(members), device, keep_weights=True, cuda_graph=False).run(members)
+    fixed = Engine(g, len(members), device, keep_weights=True, shrink=False).run(members)
     worst = 0.0
-    for a, b in zip(graph, eager, strict=True):
+    for a, b, c in zip(graph, eager, fixed, strict=True):
         assert (a.outcome, a.steps) == (b.outcome, b.steps), (a.member, a.steps, b.steps)
+        # another ensemble size may pick other float32 kernels: rounding, not physics
+        assert a.outcome == c.outcome and abs(a.steps - c.steps) <= max(2, 0.01 * c.steps)
         for n in a.weights:
             worst = max(worst, float(abs(a.weights[n] - b.weights[n]).max()))
+    shrunk = sum(a.steps == c.steps for a, c in zip(graph, fixed, strict=True))
     alone = [Engine(g, 1, device).run([m])[0] for m in members]
     same = sum(
         a.outcome == b.outcome and a.steps == b.steps for a, b in zip(graph, alone, strict=True)
     )
     rel = max(abs(a.steps - b.steps) / b.steps for a, b in zip(graph, alone, strict=True))
     return (
-        f"graph vs eager: same outcomes and steps for {len(members)} members, max |dw| "
-        f"{worst:.2e}; ensemble vs alone (float32): {same}/{len(members)} identical,"
+        f"graph vs eager: same outcomes and steps for {len(members)} members, max |dw|"
+        f" {worst:.2e}; shrinking vs fixed slots: {shrunk}/{len(members)} identical steps;"
+        f" ensemble vs alone (float32): {same}/{len(members)} identical,"
         f" largest step difference {rel:.1%}"
     )
 
@@ -206,32 +212,42 @@ def occupancy(
     max_steps: int = 4000,
 ) -> str:
     """Continuous batching against static batches on the same cells: members whose step
-    counts differ widely (T from 2^-12 to 2^-4 at alpha = 1 and 2^12), trained through
-    ``slots`` refilled slots, then as static batches of ``slots`` members."""
+    counts differ widely (T from 2^-12 to 2^-4 at alpha = 1 and 2^12), trained as static
+    batches of ``slots`` members, then through ``slots`` refilled slots without and with
+    shrinking the tail (``Engine(shrink=...)``); a table of wall time, slot-steps and
+    occupancy (busy slot-steps / slot-steps)."""
     g = Group(**{**SETTINGS[arch], "P": 256, "max_steps": max_steps, "data_root": data_root})
     Ts = [2.0**k for k in range(-12, -3)]
     members = [
         Member(alpha=[1.0, 2.0**12][i % 2], T=Ts[(i // 2) % len(Ts)], seed=i)
         for i in range(n_members)
     ]
-    t = time.perf_counter()
-    cont = Engine(g, slots, device)
-    cont.run(members)
-    t_cont = time.perf_counter() - t
-    t = time.perf_counter()
-    busy_steps = slot_steps = 0
-    for i in range(0, n_members, slots):
-        e = Engine(g, slots, device)
-        e.run(members[i : i + slots])
-        busy_steps += e.stats.busy_steps
-        slot_steps += e.stats.slot_steps
-    t_static = time.perf_counter() - t
-    return (
-        f"{arch}, {n_members} members, {slots} slots on {device}: continuous batching"
-        f" {t_cont:.1f} s, occupancy {cont.stats.occupancy:.0%}, checks"
-        f" {cont.stats.check_seconds / cont.stats.seconds:.0%} of the time; static batches"
-        f" {t_static:.1f} s, occupancy {busy_steps / slot_steps:.0%}"
-    )
+    rows = []
+    modes = [("static batches", None), ("continuous", False), ("continuous + shrink", True)]
+    for name, shrink in modes:
+        t = time.perf_counter()
+        busy = slot_steps = 0
+        if shrink is None:
+            runs = [members[i : i + slots] for i in range(0, n_members, slots)]
+        else:
+            runs = [members]
+        for part in runs:
+            e = Engine(g, slots, device, shrink=bool(shrink))
+            e.run(part)
+            busy, slot_steps = busy + e.stats.busy_steps, slot_steps + e.stats.slot_steps
+        rows.append((name, time.perf_counter() - t, slot_steps, busy / slot_steps))
+    t_static = rows[0][1]
+    out = [
+        f"## {arch}, {n_members} members, {slots} slots on {device}:"
+        f" {busy:,} busy slot-steps (the members' own steps)\n",
+        "| mode | wall time | x static | slot-steps | occupancy |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    out += [
+        f"| {name} | {sec:.1f} s | {t_static / sec:.2f} | {n:,} | {occ:.0%} |"
+        for name, sec, n, occ in rows
+    ]
+    return "\n".join(out)
 
 
 def skipping(P: int, chi: float, K: int, opt: BenchOptions) -> str:

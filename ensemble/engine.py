@@ -86,6 +86,10 @@ MEMBER_CHUNK = {"mnas": 1}
 convolutions become grouped ones, whose backward in oneDNN made an MNAS ensemble slower
 per network than one network alone (0.5-0.6x at K = 4-8); one member per chunk runs the
 plain convolutions (1.0-1.15x), and the rest of the step stays batched."""
+SHRINK_AT = 0.75
+"""With ``shrink``, the slots are cut to the busy ones once no member is left to refill
+them and at most this share of them is busy: a geometric rule, so a run of K slots
+shrinks at most about log(K) / log(1 / SHRINK_AT) times (each re-captures the CUDA graph)."""
 CPU_SLOTS = 64
 """Members per ensemble on the CPU: past ~64 a step's cost grows linearly (bench)."""
 GPU_MEMORY_FRACTION = 0.7
@@ -265,6 +269,15 @@ class _TrainingData:
             self.rows[slot] = idx
             self.y[slot] = self.pool_y[idx]
 
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the slots ``keep`` (in that order); the perceptron's own rows are
+        compacted so that they stay P per slot."""
+        self.rows, self.y = self.rows[keep], self.y[keep]
+        if self.group.dataset == "perceptron":
+            K, P = self.rows.shape
+            self.src = self.src[self.rows.reshape(-1)]
+            self.rows = torch.arange(K * P, device=self.rows.device).view(K, P)
+
 
 class Engine:
     """K member slots of one group on one device; ``run`` trains members through them.
@@ -288,6 +301,10 @@ class Engine:
     skip_quiet : jump over steps whose drawn batch certainly has zero loss (see the
              module docstring); default on for the perceptron only, where the look-ahead
              is cheap next to the steps it saves; same trajectories bit for bit
+    shrink : once no member is left to refill a slot and at most SHRINK_AT of the slots
+             are busy, drop the idle slots (``K`` shrinks), so a run's tail, where the slowest
+             members train alone, costs steps of those members only; trajectories do
+             not depend on the ensemble size (up to float rounding of batched products)
     """
 
     def __init__(
@@ -301,6 +318,7 @@ class Engine:
         compile: bool = False,
         skip_quiet: bool | None = None,
         compile_after: float | None = None,
+        shrink: bool = True,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -316,6 +334,7 @@ class Engine:
         self.model: Model = build_model(group)
         self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
         self.cuda_graph = cuda_graph
+        self.shrink = shrink
         self._step_fn, self._skip_fn = self._step, self._skip
         self.compiled = False
         self._compile_after = None if compile else compile_after
@@ -525,6 +544,18 @@ class Engine:
 
     # -- slots ------------------------------------------------------------------------
 
+    def _select(self, keep: Sequence[int]) -> None:
+        """Keep only the slots ``keep``, in that order: K becomes len(keep)."""
+        idx = torch.tensor(keep, device=self.device)
+        for params in (self.params, self.params0):
+            for n in params:
+                params[n] = params[n][idx]
+        for name in ("f0", "alpha", "dt", "key", "step", "last_active", "status", "limit"):
+            setattr(self, name, getattr(self, name)[idx])
+        self.data.select(idx)
+        self.K = len(keep)
+        self._graph = None  # captured on the old tensors; recaptured on the next steps
+
     def _fill(self, slot: int, member: Member) -> None:
         init_seed, key = member_streams(member.seed)
         w0 = init_params(self.model, init_seed, self.dtype, self.device)
@@ -640,6 +671,18 @@ class Engine:
                     occupant[s], member_of[s] = -1, None
                     self.status[s] = _FREE
                 refill()
+                busy_slots = [s for s in range(K) if occupant[s] >= 0]
+                if self.shrink and not queue and 0 < len(busy_slots) <= SHRINK_AT * K:
+                    # a compiled step keeps K >= 2: dynamic shapes specialise K = 1
+                    idle = [s for s in range(K) if occupant[s] < 0]
+                    keep = busy_slots + idle[: max(0, 2 * self.compiled - len(busy_slots))]
+                    self._select(keep)
+                    K = self.K
+                    occupant = [occupant[s] for s in keep]
+                    member_of = [member_of[s] for s in keep]
+                    next_ckpt, checked_at = next_ckpt[keep], checked_at[keep]
+                    filled_at = filled_at[keep]
+                    ck = {n: a[keep] for n, a in ck.items()}
                 continue
             if (
                 self._compile_after is not None
