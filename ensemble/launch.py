@@ -25,7 +25,7 @@ import xarray as xr
 import ensemble
 from ensemble import cube
 from ensemble.cells import Cell, Group
-from ensemble.plan import Batch, estimate_steps, format_plan, plan_batches
+from ensemble.plan import Batch, format_plan, plan_batches
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
 
@@ -51,19 +51,25 @@ _compiled: set[tuple] = set()
 """Groups (settings) whose step this worker process has already compiled."""
 
 
-def compile_task(batch: Batch, compile: bool) -> bool:
-    """Whether a CPU task of ``batch`` compiles its step at once under ``--compile``: when
-    this process already compiled the group's step (free), or when the planned work of
-    the batch is at least `COMPILE_BREAK_EVEN` of its architecture. Other tasks start
-    eager and compile only once they have run `COMPILE_SECONDS`, so a sweep of many short
+def compile_policy(batch: Batch, compile: bool, device: str) -> tuple[bool, float | None]:
+    """How a task of ``batch`` on ``device`` uses ``--compile`` (the CPU fast path):
+    (compile at once, else compile after this many seconds eager, or None: never).
+
+    At once when this process already compiled the group's step (free) or when the
+    batch's planned work reaches `COMPILE_BREAK_EVEN` of its architecture; otherwise
+    eager, compiling once the task has run `COMPILE_SECONDS`, so a sweep of many short
     tasks is not spent compiling and a long one the planner underestimated still is."""
-    if not compile:
-        return False
-    key = _group_key(batch.group)
-    if key in _compiled or batch.work >= COMPILE_BREAK_EVEN[batch.group.arch]:
-        _compiled.add(key)
-        return True
-    return False
+    if not compile or device.split(":")[0] != "cpu":
+        return False, None
+    arch = batch.group.arch
+    if _group_key(batch.group) in _compiled or batch.work >= COMPILE_BREAK_EVEN[arch]:
+        return True, None
+    return False, COMPILE_SECONDS[arch]
+
+
+def note_compiled(group: Group) -> None:
+    """Record that this process compiled ``group``'s step (its later tasks compile at once)."""
+    _compiled.add(_group_key(group))
 
 
 def _group_key(group: Group) -> tuple:
@@ -93,7 +99,7 @@ class LaunchReport:
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
     """Cells per experiment whose task failed."""
     compiled_tasks: int = 0
-    """Finished tasks that compiled their step (``compile_task``)."""
+    """Finished tasks that compiled their step (``compile_policy``)."""
 
     @property
     def cells_per_minute(self) -> float:
@@ -207,7 +213,8 @@ def run_batch(
 
     Continuous batching: the engine gets fewer slots than members (half, by default,
     within the device's memory) and refills a slot as soon as its member stops; members
-    expected to be slowest go first, so the batch does not end waiting for one of them.
+    run in the batch's order, which the planner makes slowest first, so the batch does not
+    end waiting for one of them.
     """
     from ensemble.cluster import worker_device
     from ensemble.engine import Engine, default_slots
@@ -218,18 +225,16 @@ def run_batch(
     dev = worker_device(device)
     n = len(batch.members)
     k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
-    order = sorted(range(n), key=lambda i: -estimate_steps(group, batch.members[i]))
-    at_once = dev == "cpu" and compile_task(batch, compile)
-    later = COMPILE_SECONDS[group.arch] if compile and dev == "cpu" and not at_once else None
+    at_once, later = compile_policy(batch, compile, dev)
     engine = Engine(group, min(k, n), dev, compile=at_once, compile_after=later)
-    results = engine.run([batch.members[i] for i in order])
+    results = engine.run(batch.members)
     if engine.compiled:
-        _compiled.add(_group_key(batch.group))  # later tasks of the group compile at once
-    out: list = [None] * n
-    for r, i in zip(results, order, strict=True):
+        note_compiled(batch.group)
+    out = []
+    for r in results:
         d = dataclasses.asdict(r)
         d.pop("weights")
-        out[i] = d
+        out.append(d)
     stats = dataclasses.asdict(engine.stats)
     return out, {**stats, "device": _device_name(dev), "compiled": engine.compiled}
 
@@ -263,7 +268,7 @@ def launch(
     slots       : members trained at once per task (default from device memory, CPU 64)
     max_members : most members per task (continuous batching refills the slots)
     compile     : CPU workers compile the step with torch.compile (see ``Engine``) at
-                  once in the tasks whose planned work repays it (`compile_task`), in
+                  once in the tasks whose planned work repays it (`compile_policy`), in
                   the others once they have run `COMPILE_SECONDS`
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
                   ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``

@@ -807,7 +807,7 @@ class SweepMonitor:
                     b.experiment,
                     b.group.P,
                     [(m.alpha, m.T) for m in b.members],
-                    b.member_steps(),
+                    b.work,
                 )
                 for b in batches
             ],

@@ -1,10 +1,14 @@
 """Cells -> ensemble batches: grouping by P, step-count bands, memory budget; no torch.
 
 Members of one batch share a ``Group`` (all settings and P) and differ in (alpha, T,
-seed). Inside a P, cells are sorted by the expected number of SGD steps and cut into
-consecutive batches, so that members needing similar numbers of steps train together and
-a batch is not held up by one slow member. The cost model (``estimate_steps``) is rough,
-fitted to science.md "Typical costs"; it is used only for this grouping and for the
+seed). A batch trains through refilled engine slots (continuous batching, see
+``ensemble.engine``), so it is not held up by a slow member as long as it has others to
+run beside it; what holds up a sweep is a batch of only slow members. Inside a P the cells
+are therefore dealt to the batches in snake order of their expected number of SGD steps,
+slowest first: every batch gets a share of the slow and of the fast cells, the batches'
+planned work differs by at most the largest single estimate, and each batch lists its
+members slowest first (they start first). The cost model (``estimate_steps``) is rough,
+fitted to science.md "Typical costs"; it is used only for this dealing and for the
 dry-run's expected cost, never for physics (every member runs until it converges,
 diverges or reaches its budget, whatever the estimate said).
 """
@@ -246,10 +250,6 @@ class Batch:
         """The cells of the members, in the batch's order."""
         return [Cell(self.experiment, m.alpha, m.T, self.group.P, m.seed) for m in self.members]
 
-    def member_steps(self) -> float:
-        """Sum of the members' estimated steps."""
-        return sum(estimate_steps(self.group, m) for m in self.members)
-
 
 def plan_batches(
     experiment: Experiment,
@@ -265,9 +265,11 @@ def plan_batches(
     memory_bytes : device memory for one batch; a batch then has at most
                    memory_bytes // member_bytes(group) members (None: no limit)
 
-    Batches are ordered by P, then by estimated steps; inside a P, cells are sorted by
-    (estimate_steps, dt, alpha, seed) and cut into consecutive batches of the largest
-    allowed size. The result does not depend on the order of ``cells``.
+    Inside a P, the n = ceil(cells / size) batches (size: the largest allowed) get the
+    cells sorted by (-estimate_steps, dt, alpha, seed) in snake order (batch 0, 1, ..,
+    n-1, n-1, .., 0, 0, 1, ..): batch sizes differ by at most one, planned work by at most
+    the largest estimate, and members are listed slowest first. Batches are ordered by P,
+    then by position in the deal. The result does not depend on the order of ``cells``.
     """
     if not isinstance(max_members, int) or isinstance(max_members, bool) or max_members < 1:
         raise ValueError(f"max_members must be an integer >= 1, got {max_members!r}")
@@ -303,19 +305,23 @@ def plan_batches(
                     f" memory_bytes={memory_bytes}"
                 )
         ranked = sorted(
-            ((estimate_steps(group, m), group.dt(m.T), m.alpha, m.seed, m) for m in by_P[P]),
+            ((-estimate_steps(group, m), group.dt(m.T), m.alpha, m.seed, m) for m in by_P[P]),
             key=lambda r: r[:4],
         )
-        for i in range(0, len(ranked), size):
-            chunk = ranked[i : i + size]
-            batches.append(
-                Batch(
-                    experiment=experiment.name,
-                    group=group,
-                    members=tuple(r[4] for r in chunk),
-                    est_steps=max(r[0] for r in chunk),
-                )
+        n = math.ceil(len(ranked) / size)
+        dealt: list[list[tuple]] = [[] for _ in range(n)]
+        for i, r in enumerate(ranked):
+            lap, pos = divmod(i, n)
+            dealt[pos if lap % 2 == 0 else n - 1 - pos].append(r)
+        batches += [
+            Batch(
+                experiment=experiment.name,
+                group=group,
+                members=tuple(r[4] for r in chunk),
+                est_steps=-chunk[0][0],
             )
+            for chunk in dealt
+        ]
     return batches
 
 
@@ -332,7 +338,7 @@ def format_plan(batches: Sequence[Batch]) -> str:
                 str(len(b.members)),
                 _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}",
                 f"{b.est_steps:.3g}",
-                f"{b.member_steps():.3g}",
+                f"{b.work:.3g}",
             )
         )
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
@@ -346,7 +352,7 @@ def format_plan(batches: Sequence[Batch]) -> str:
     members = sum(len(b.members) for b in batches)
     steps = sum(b.est_steps for b in batches)
     longest = max((b.est_steps for b in batches), default=0.0)
-    member_steps = sum(b.member_steps() for b in batches)
+    member_steps = sum(b.work for b in batches)
     out.append(
         f"total: {len(batches)} batches, {members} members; est steps {steps:.3g} in all"
         f" (one device, batches in turn), longest batch {longest:.3g};"

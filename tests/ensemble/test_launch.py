@@ -16,8 +16,15 @@ from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
 from ensemble.cube import StoreBusyError, launches, store_lock
-from ensemble.launch import COMPILE_BREAK_EVEN, compile_task, launch, pending_cells
-from ensemble.plan import estimate_steps, plan_batches
+from ensemble.launch import (
+    COMPILE_BREAK_EVEN,
+    COMPILE_SECONDS,
+    compile_policy,
+    launch,
+    note_compiled,
+    pending_cells,
+)
+from ensemble.plan import Batch, estimate_steps, plan_batches
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
 from ensemble.spec import load_sweep
 
@@ -274,20 +281,24 @@ def test_compile_only_where_the_planned_work_repays_it():
     """--compile compiles a task whose planned member-steps reach the break-even of its
     architecture, and every later task of a group this process has compiled."""
     exp = load_sweep("fc_tsweep_mnist").experiments[0]
-    batches = plan_batches(exp, max_members=8)
     even = COMPILE_BREAK_EVEN["fc"]
 
-    def work(b) -> float:
+    def batch(P: int, T_lo: float, T_hi: float) -> Batch:
+        """The planner's batch of 8 cells at P with T_lo <= T <= T_hi."""
+        cells = [c for c in exp.cells() if c.P == P and T_lo <= c.T <= T_hi][:8]
+        (b,) = plan_batches(exp, cells, max_members=8)
         assert b.work == sum(estimate_steps(b.group, m) for m in b.members)
-        return b.work
+        return b
 
-    at = {P: [b for b in batches if b.group.P == P] for P in (1024, 4096)}
-    large = max(at[4096], key=work)  # lazy cells at P = 4096: ~56,000 member-steps
-    small_same = min(at[4096], key=work)  # diverging cells: a few hundred
-    small_other = max(at[1024], key=work)  # ~8,000
-    assert work(small_same) < even and work(small_other) < even <= work(large)
-    assert not compile_task(large, compile=False)
-    assert not compile_task(small_same, compile=True)
-    assert compile_task(large, compile=True)
-    assert compile_task(small_same, compile=True)  # this process compiled its group
-    assert not compile_task(small_other, compile=True)
+    large = batch(4096, 0, 2.0**-8)  # lazy cells at P = 4096: ~56,000 member-steps
+    small_same = batch(4096, 0.5, 4.0)  # diverging cells: a few hundred
+    small_other = batch(1024, 0, 2.0**-8)  # ~8,000
+    assert small_same.work < even and small_other.work < even <= large.work
+    later = COMPILE_SECONDS["fc"]
+    assert compile_policy(large, False, "cpu") == (False, None)
+    assert compile_policy(large, True, "cuda:0") == (False, None)  # CUDA replays a graph
+    assert compile_policy(large, True, "cpu") == (True, None)
+    assert compile_policy(small_same, True, "cpu") == (False, later)
+    note_compiled(large.group)  # as run_batch does once a task has compiled
+    assert compile_policy(small_same, True, "cpu") == (True, None)  # same group: free
+    assert compile_policy(small_other, True, "cpu") == (False, later)
