@@ -614,10 +614,15 @@ def optimal_temperature_figure(
 
 
 def pow2_text(x: float) -> str:
-    """2^k for exact powers of two (k != 0), else 4 significant digits."""
+    """2^k for exact powers of two (k != 0), 2^k.5 for half octaves (as sweeps write
+    2 ** (k + 0.5), to 1e-9 in k), else 4 significant digits."""
     x = float(x)
     k = np.log2(x) if x > 0 else np.nan
-    return f"2^{int(k)}" if np.isfinite(k) and k == round(k) and k else f"{x:.4g}"
+    if np.isfinite(k) and k == round(k) and k:
+        return f"2^{int(k)}"
+    if np.isfinite(k) and abs(2 * k - round(2 * k)) < 1e-9 and round(2 * k) % 2:
+        return f"2^{round(2 * k) / 2:g}"
+    return f"{x:.4g}"
 
 
 def dynamics(

@@ -483,7 +483,8 @@ def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | 
     _, z_best, fall = change(i0, ib)
     _, z_last, rise_after = change(ib, il)
     if ib != i0 and z_best > SIGNIFICANCE and il != ib and z_last > SIGNIFICANCE:
-        kind, text = "optimum", f"{fall}, then {rise_after}: optimum T = {pow2_text(T[ib])}"
+        best = pow2_text(T[ib])
+        kind, text = "optimum", f"{fall}, then {rise_after}: lowest on the grid at T = {best}"
     elif ib != i0 and z_best > SIGNIFICANCE:
         kind, text = "helps", f"{fall}: noise helps"
     else:

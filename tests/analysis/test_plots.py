@@ -30,6 +30,21 @@ def test_labels_carry_symbol_and_units():
     assert plots.label("t_star") == "training time $t^*$ (dimensionless)"
 
 
+@pytest.mark.parametrize(
+    "x,text",
+    [
+        (2.0**-14, "2^-14"),
+        (2.0**-9.5, "2^-9.5"),  # a half octave, as a sweep file writes 2 ** (k + 0.5)
+        (2.0**1.5, "2^1.5"),
+        (1.0, "1"),
+        (0.001, "0.001"),
+        (3.0, "3"),
+    ],
+)
+def test_pow2_text(x, text):
+    assert plots.pow2_text(x) == text
+
+
 def test_phase_diagram_marks_every_outcome(cube):
     fig = plots.phase_diagram(cube["fc_mnist_phase"], "test_error")
     ax = fig.axes[0]
