@@ -67,6 +67,8 @@ class BenchOptions:
     synthetic: bool = False
     data_root: str | None = None
     compile: bool = False
+    fused: bool | None = None
+    """Engine(fused=...): None is the engine's default (the fused step for FC)."""
 
 
 def make_engine(arch: str, K: int, opt: BenchOptions) -> Engine:
@@ -80,7 +82,7 @@ def make_engine(arch: str, K: int, opt: BenchOptions) -> Engine:
         x = torch.randn(n, *INPUT_SHAPE[g.dataset], generator=gen, device=device)
         y = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
         pool = (x, y)
-    engine = Engine(g, K, device, pool=pool, compile=opt.compile)
+    engine = Engine(g, K, device, pool=pool, compile=opt.compile, fused=opt.fused)
     for s in range(K):
         engine._fill(s, Member(alpha=2.0**15, T=2.0**-8, seed=s))
     engine._init_f0(torch.arange(K, device=device))
@@ -103,13 +105,15 @@ def measure(arch: str, K: int, steps: int, opt: BenchOptions) -> float:
 
 
 def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
-    """The markdown table of network-steps/s against K for one architecture."""
+    """The markdown table of network-steps/s against K for one architecture; for FC also
+    the generic step (vmap of grad, ``Engine(fused=False)``) and the fused step's gain."""
     device = opt.device
     g = Group(**SETTINGS[arch])
     n_params = build_model(g).n_params
     bound = None
     if device.type == "cuda":
         bound = copy_bandwidth(device) / (5 * 4 * n_params)
+    generic = arch == "fc"
     lines = [
         f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {steps} steps, {device}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
@@ -117,13 +121,16 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
         + (", torch.compile" if opt.compile else "")
         + ")",
         "",
-        "| K | network-steps/s | x one-at-a-time |" + (" x bandwidth bound |" if bound else ""),
-        "|---:|---:|---:|" + ("---:|" if bound else ""),
+        "| K | network-steps/s | x one-at-a-time |"
+        + (" x bandwidth bound |" if bound else "")
+        + (" generic step | fused / generic |" if generic else ""),
+        "|---:|---:|---:|" + ("---:|" if bound else "") + ("---:|---:|" if generic else ""),
     ]
     base = None
     for K in Ks:
         try:
             rate = measure(arch, K, steps, opt)
+            slow = measure(arch, K, steps, dataclasses.replace(opt, fused=False)) if generic else 0
         except torch.OutOfMemoryError:
             lines.append(f"| {K} | out of memory | |")
             break
@@ -131,6 +138,8 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
         row = f"| {K} | {rate:,.0f} | {rate / base:.1f} |"
         if bound:
             row += f" {rate / bound:.2f} |"
+        if generic:
+            row += f" {slow:,.0f} | {rate / slow:.2f} |"
         lines.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -159,7 +168,8 @@ def compile_cost(arch: str, K: int, steps: int, opt: BenchOptions) -> str:
 
 def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     """The CUDA-graph step against the eager step (both shrinking their slots in the tail,
-    so the graph is re-captured), against a graph that never shrinks, and an ensemble
+    so the graph is re-captured), against a graph that never shrinks and against the
+    generic (unfused) FC step, and an ensemble
     member against the same member alone, on ``device`` (FC-5L h = 64, P = 256, float32).
     Returns a summary line; raises AssertionError on a mismatch."""
     g = Group(
@@ -182,14 +192,18 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     graph = Engine(g, len(members), device, keep_weights=True).run(members)
     eager = Engine(g, len(members), device, keep_weights=True, cuda_graph=False).run(members)
     fixed = Engine(g, len(members), device, keep_weights=True, shrink=False).run(members)
+    generic = Engine(g, len(members), device, keep_weights=True, fused=False).run(members)
     worst = 0.0
-    for a, b, c in zip(graph, eager, fixed, strict=True):
+    for a, b, c, d in zip(graph, eager, fixed, generic, strict=True):
         assert (a.outcome, a.steps) == (b.outcome, b.steps), (a.member, a.steps, b.steps)
         # another ensemble size may pick other float32 kernels: rounding, not physics
         assert a.outcome == c.outcome and abs(a.steps - c.steps) <= max(2, 0.01 * c.steps)
+        # the fused FC step against vmap(grad): float32 rounding of other sums
+        assert a.outcome == d.outcome and abs(a.steps - d.steps) <= max(2, 0.01 * d.steps)
         for n in a.weights:
             worst = max(worst, float(abs(a.weights[n] - b.weights[n]).max()))
     shrunk = sum(a.steps == c.steps for a, c in zip(graph, fixed, strict=True))
+    same_generic = sum(a.steps == d.steps for a, d in zip(graph, generic, strict=True))
     alone = [Engine(g, 1, device).run([m])[0] for m in members]
     same = sum(
         a.outcome == b.outcome and a.steps == b.steps for a, b in zip(graph, alone, strict=True)
@@ -198,6 +212,7 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     return (
         f"graph vs eager: same outcomes and steps for {len(members)} members, max |dw|"
         f" {worst:.2e}; shrinking vs fixed slots: {shrunk}/{len(members)} identical steps;"
+        f" fused vs generic step: {same_generic}/{len(members)} identical steps;"
         f" ensemble vs alone (float32): {same}/{len(members)} identical,"
         f" largest step difference {rel:.1%}"
     )

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from ensemble import data as datasets
+from ensemble import fused
 from ensemble.cells import Group, Member
 from ensemble.models import Model, Params, build_model, init_params
 from ensemble.schema import CONVERGED, DIVERGED, N_CHECKPOINTS, UNFINISHED, checkpoint_steps
@@ -301,6 +302,9 @@ class Engine:
     skip_quiet : jump over steps whose drawn batch certainly has zero loss (see the
              module docstring); default on for the perceptron only, where the look-ahead
              is cheap next to the steps it saves; same trajectories bit for bit
+    fused  : FC only, default on: the step written out by hand (``ensemble.fused``),
+             which accumulates each weight update in place in the product that computes
+             it instead of materialising gradients; same trajectories up to float rounding
     shrink : once no member is left to refill a slot and at most SHRINK_AT of the slots
              are busy, drop the idle slots (``K`` shrinks), so a run's tail, where the slowest
              members train alone, costs steps of those members only; trajectories do
@@ -319,6 +323,7 @@ class Engine:
         skip_quiet: bool | None = None,
         compile_after: float | None = None,
         shrink: bool = True,
+        fused: bool | None = None,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -335,6 +340,9 @@ class Engine:
         self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
         self.cuda_graph = cuda_graph
         self.shrink = shrink
+        self.fused = group.arch == "fc" if fused is None else fused
+        if self.fused and group.arch != "fc":
+            raise ValueError(f"the fused step is written for arch 'fc', not {group.arch!r}")
         self._step_fn, self._skip_fn = self._step, self._skip
         self.compiled = False
         self._compile_after = None if compile else compile_after
@@ -385,14 +393,24 @@ class Engine:
         xb = self.data.src[self.data.rows.gather(1, local)]  # (K, B, *input)
         yb = self.data.y.gather(1, local)  # (K, B)
         f0b = self.f0.gather(1, local)  # (K, B)
-        grads, loss = self._grad(self.params, xb, yb, f0b, self.alpha)  # loss (K,)
         running = self.status == _RUNNING
+        if self.fused:
+            F_b, zs, slopes = fused.fc_forward(self.params, xb.flatten(2), g.L, g.activation)
+            margin = 1 - self.alpha[:, None] * (F_b - f0b) * yb
+            loss = F.relu(margin).mean(1) / self.alpha
+            update = running & torch.isfinite(loss) & (self.step < self.limit)
+            lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
+            # step size x dloss/dF, with dloss/dF = -y / B where the margin is positive
+            g_F = torch.where(update[:, None] & (margin > 0), -yb / g.B, 0) * lr[:, None]
+            fused.fc_backward_update(self.params, zs, slopes, g_F, update)
+        else:
+            grads, loss = self._grad(self.params, xb, yb, f0b, self.alpha)  # loss (K,)
+            update = running & torch.isfinite(loss) & (self.step < self.limit)
+            lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
+            for name, p in self.params.items():
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                p.sub_(torch.where(update.view(shape), lr.view(shape) * grads[name], 0))
         finite = torch.isfinite(loss)
-        update = running & finite & (self.step < self.limit)
-        lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
-        for name, p in self.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            p.sub_(torch.where(update.view(shape), lr.view(shape) * grads[name], 0))
         # in place, so that a CUDA graph of the step replays on the same tensors
         self.last_active.copy_(torch.where(update & (loss > 0), self.step, self.last_active))
         self.status.copy_(torch.where(running & ~finite, DIVERGED, self.status))

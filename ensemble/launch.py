@@ -36,16 +36,25 @@ MIN_MEMBERS_PER_TASK = 8
 about 5x as fast per network as one network on a CPU core; see the README's bench)."""
 REFILL_FACTOR = 2
 """A task's members per engine slot: the slots are refilled as members stop."""
-COMPILE_SECONDS = {"fc": 50.0, "perceptron": 20.0, "mnas": 360.0}
-"""First compiled step per architecture, seconds (same measurement as below): a task that
-does not compile at once compiles after running eager this long (``Engine.compile_after``),
-which costs at most twice the best choice when the planned work was underestimated."""
-COMPILE_BREAK_EVEN = {"fc": 25_000, "perceptron": 100_000, "mnas": 1_000}
+COMPILE_COST = {
+    "fc": (25.4, 1_195.0, 1_343.0),
+    "perceptron": (20.4, 4_151.0, 30_417.0),
+    "mnas": (358.7, 1.0, 2.0),
+}
+"""Per architecture: (C, r_e, r_c) = the first compiled step of a process in seconds, and
+the eager and compiled network-steps/s, from ``python -m ensemble bench --compile-cost
+--threads 1 --K 8`` (K = 4 and 3 timed steps for MNAS: rough) on this project's 2-core
+CPU, 2026-11-26; FC with its fused step (the generic one gained 2.6x from compiling)."""
+COMPILE_SECONDS = {a: C * rc / (rc - re) for a, (C, re, rc) in COMPILE_COST.items()}
+"""Eager seconds after which a task that did not compile at once compiles
+(``Engine.compile_after``): C r_c / (r_c - r_e), the time whose loss against compiled
+steps equals C (ski rental: at most twice the best choice when the planned work was
+underestimated). FC 230 s, perceptron 24 s, MNAS 717 s."""
+COMPILE_BREAK_EVEN = {a: COMPILE_SECONDS[a] * COMPILE_COST[a][1] for a in COMPILE_COST}
 """Planned member-steps (``plan.estimate_steps`` summed over a task's members) above which
-``compile`` repays the first compiled step of a process, per architecture: C r_e r_c /
-(r_c - r_e) from ``python -m ensemble bench --compile-cost --threads 1 --K 8`` (K = 4 for
-MNAS) on this project's 2-core CPU, 2026-11-26: FC 49 s, 291 -> 743 network-steps/s
-(23,500); perceptron 20 s, 4,151 -> 30,417 (98,000); MNAS 359 s, 1 -> 2 (860, rough)."""
+``compile`` repays the first compiled step at once: C r_e r_c / (r_c - r_e). FC 275,400,
+perceptron 98,000, MNAS 717."""
+
 
 _compiled: set[tuple] = set()
 """Groups (settings) whose step this worker process has already compiled."""

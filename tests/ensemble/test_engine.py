@@ -116,6 +116,37 @@ def test_shrinking_the_tail_changes_nothing_but_the_cost(arch, small_fc):
     assert shrinking.stats.occupancy > fixed.stats.occupancy
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_fused_fc_step_follows_the_generic_step(activation, small_fc):
+    """The FC step written out by hand (default for FC) against vmap(grad) of the model:
+    same outcomes and steps, weights and test errors to float64 rounding, with refills
+    and 3 hidden layers."""
+    g = Group(**{**small_fc.as_dict(), "L": 3, "activation": activation})
+    generic = Engine(g, 3, DEVICE, keep_weights=True, fused=False).run(MEMBERS)
+    fast_engine = Engine(g, 3, DEVICE, keep_weights=True)
+    assert fast_engine.fused
+    for a, b in zip(generic, fast_engine.run(MEMBERS), strict=True):
+        assert a.outcome == CONVERGED
+        _assert_same(a, b, rtol=1e-8)
+    with pytest.raises(ValueError, match="written for arch 'fc'"):
+        Engine(_perceptron_group(1.0, 16, "float64"), 1, DEVICE, fused=True)
+
+
+def test_fused_fc_step_leaves_a_diverging_member_alone(small_fc):
+    """float32, FC-5L: a member that diverges stops at the same step in both steps, and
+    its non-finite activations do not reach its batch-mates' weights."""
+    g = Group(**{**small_fc.as_dict(), "L": 5, "dtype": "float32"})
+    members = [MEMBERS[0], Member(alpha=1.0, T=2.0**4, seed=7), MEMBERS[1]]
+    generic = Engine(g, 3, DEVICE, keep_weights=True, fused=False).run(members)
+    fast = Engine(g, 3, DEVICE, keep_weights=True).run(members)
+    assert generic[1].outcome == fast[1].outcome == DIVERGED
+    assert generic[1].steps == fast[1].steps
+    for a, b in zip(generic[::2], fast[::2], strict=True):
+        assert a.outcome == b.outcome == CONVERGED
+        assert abs(a.steps - b.steps) <= max(2, 0.01 * a.steps)
+        assert all(np.isfinite(w).all() for w in b.weights.values())
+
+
 def test_float32_member_matches_alone(small_fc):
     g = Group(**{**small_fc.as_dict(), "dtype": "float32", "data_root": small_fc.data_root})
     ens = train_batch(g, MEMBERS[:2], device=DEVICE, keep_weights=True)

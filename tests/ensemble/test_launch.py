@@ -290,9 +290,9 @@ def test_compile_only_where_the_planned_work_repays_it():
         assert b.work == sum(estimate_steps(b.group, m) for m in b.members)
         return b
 
-    large = batch(4096, 0, 2.0**-8)  # lazy cells at P = 4096: ~56,000 member-steps
-    small_same = batch(4096, 0.5, 4.0)  # diverging cells: a few hundred
-    small_other = batch(1024, 0, 2.0**-8)  # ~8,000
+    large = batch(16384, 0, 2.0**-8)  # lazy cells at P = 16384: ~390,000 member-steps
+    small_same = batch(16384, 0.5, 4.0)  # diverging cells (dt >= 1024): a few hundred
+    small_other = batch(4096, 0, 2.0**-8)  # ~56,000
     assert small_same.work < even and small_other.work < even <= large.work
     later = COMPILE_SECONDS["fc"]
     assert compile_policy(large, False, "cpu") == (False, None)
