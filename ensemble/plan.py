@@ -1,15 +1,16 @@
-"""Cells -> ensemble batches: grouping by P, step-count bands, memory budget; no torch.
+"""Cells -> ensemble batches: grouping by P, balanced planned work, memory budget; no torch.
 
 Members of one batch share a ``Group`` (all settings and P) and differ in (alpha, T,
 seed). A batch trains through refilled engine slots (continuous batching, see
 ``ensemble.engine``), so it is not held up by a slow member as long as it has others to
 run beside it; what holds up a sweep is a batch of only slow members. Inside a P the cells
-are therefore dealt to the batches in snake order of their expected number of SGD steps,
-slowest first: every batch gets a share of the slow and of the fast cells, the batches'
-planned work differs by at most the largest single estimate, and each batch lists its
-members slowest first (they start first). The cost model (``estimate_steps``) is rough,
-fitted to science.md "Typical costs"; it is used only for this dealing and for the
-dry-run's expected cost, never for physics (every member runs until it converges,
+are therefore dealt to the batches slowest first, each to the batch with the least planned
+work that has room (longest-processing-time first): every batch gets a share of the slow
+and of the fast cells, the batches' planned work differs by at most the largest single
+estimate, and each batch lists its members slowest first (they start first). The cost
+model (``estimate_steps``) is rough, fitted to science.md "Typical costs" and to measured
+sweeps; it is used only for this dealing, for the compile policy and for the dry-run's
+expected cost, never for physics (every member runs until it converges,
 diverges or reaches its budget, whatever the estimate said).
 """
 
@@ -46,6 +47,11 @@ P_EXPONENT = 1.4
 """Lazy steps grow like P^1.4 (4,600-5,700 at P = 4096, 26,000-50,000 at P = 16384)."""
 T_SLOW = 2.0**-12
 """Below about this T, steps grow like T_SLOW / T at intermediate alpha (gradient flow)."""
+SLOW_P_EXPONENT = 0.5
+"""The small-T (gradient-flow) steps grow like P^0.5, far slower than the lazy steps:
+alpha = 1 takes about 10,000 extra steps at T = 2^-13, P = 1024 (science.md, relu) and
+about 10,100 at T = 2^-14, P = 256 (docs/reproduction/fc_phase_mnist_reduced.toml, gelu),
+i.e. half as many at the same T for a quarter of the data."""
 DIVERGE_DT = 1024.0
 """FC diverges (NaN) within about 20 steps at dt >= 1024 at every alpha tried."""
 DIVERGE_STEPS = 20.0
@@ -53,15 +59,21 @@ DIVERGE_STEPS = 20.0
 _ALPHA_PEAK = 8.0
 _A_PEAK = 12.0
 _A_EXPONENT = math.log(_A_PEAK / 4.5) / math.log(_ALPHA_PEAK)  # 0.47: A(1) = 4.5, A(8) = 12
+_ALPHA_LOW = 2.0**-3
+_A_LOW_EXPONENT = 0.18
 
 
 def _slowdown(alpha: float) -> float:
-    """A(alpha) in steps = lazy steps * (1 + A(alpha) T_SLOW / T).
+    """A(alpha) in steps = lazy(P) + LAZY_STEPS_P1024 A(alpha) (P/1024)^0.5 T_SLOW / T.
 
-    Fitted to FC-5L at P = 1024: A is about 1.75 at alpha = 2^-3, 4.5 at alpha = 1 and 12 at
-    alpha = 8 (A = 4.5 alpha^0.47), and falls like 1/alpha above alpha = 8 towards the lazy
-    limit, where the number of steps does not depend on T.
+    Fitted to FC-5L relu at P = 1024 (science.md): A is about 1.75 at alpha = 2^-3, 4.5 at
+    alpha = 1 and 12 at alpha = 8 (A = 4.5 alpha^0.47); it falls like 1/alpha above
+    alpha = 8 towards the lazy limit, where the number of steps does not depend on T, and
+    flattens below alpha = 2^-3 like alpha^0.18 (FC-5L gelu at P = 256: 2,700 steps at
+    alpha = 2^-8 against 5,000 at 2^-4 and 10,200 at 1, T = 2^-14).
     """
+    if alpha <= _ALPHA_LOW:
+        return 4.5 * _ALPHA_LOW**_A_EXPONENT * (alpha / _ALPHA_LOW) ** _A_LOW_EXPONENT
     if alpha <= _ALPHA_PEAK:
         return 4.5 * alpha**_A_EXPONENT
     return _A_PEAK * _ALPHA_PEAK / alpha
@@ -83,9 +95,11 @@ def _perceptron_steps(P: int, chi: float) -> float:
 def estimate_steps(group: Group, member: Member) -> float:
     """Rough expected number of SGD steps of one member, capped at group.max_steps.
 
-    FC and MNAS (MNAS assumed like FC, not measured): LAZY_STEPS_P1024 (P/1024)^1.4, times
-    1 + A(alpha) T_SLOW / T (more steps at small T for alpha around 1..8, none in the lazy
-    limit); FC at dt >= DIVERGE_DT diverges in about DIVERGE_STEPS. Perceptron: see
+    FC and MNAS (MNAS assumed like FC, not measured): LAZY_STEPS_P1024 (P/1024)^1.4, plus
+    LAZY_STEPS_P1024 A(alpha) (P/1024)^SLOW_P_EXPONENT T_SLOW / T (more steps at small T
+    away from the lazy limit, see ``_slowdown``); FC at dt >= DIVERGE_DT diverges in about
+    DIVERGE_STEPS. Within a factor 1.7 of the measured medians of FC-5L at P = 256 and
+    1024 (tested); the feature regime's diverging edge is not modelled. Perceptron: see
     ``_perceptron_steps``. Used only to group members and for the dry run's expected cost.
     """
     if group.arch == "perceptron":
@@ -93,8 +107,9 @@ def estimate_steps(group: Group, member: Member) -> float:
     elif group.arch == "fc" and group.dt(member.T) >= DIVERGE_DT:
         steps = DIVERGE_STEPS
     else:
-        lazy = LAZY_STEPS_P1024 * (group.P / 1024.0) ** P_EXPONENT
-        steps = lazy * (1.0 + _slowdown(member.alpha) * T_SLOW / member.T)
+        x = group.P / 1024.0
+        slow = LAZY_STEPS_P1024 * _slowdown(member.alpha) * x**SLOW_P_EXPONENT * T_SLOW / member.T
+        steps = LAZY_STEPS_P1024 * x**P_EXPONENT + slow
     return float(min(max(steps, 1.0), group.max_steps))
 
 
@@ -265,11 +280,12 @@ def plan_batches(
     memory_bytes : device memory for one batch; a batch then has at most
                    memory_bytes // member_bytes(group) members (None: no limit)
 
-    Inside a P, the n = ceil(cells / size) batches (size: the largest allowed) get the
-    cells sorted by (-estimate_steps, dt, alpha, seed) in snake order (batch 0, 1, ..,
-    n-1, n-1, .., 0, 0, 1, ..): batch sizes differ by at most one, planned work by at most
-    the largest estimate, and members are listed slowest first. Batches are ordered by P,
-    then by position in the deal. The result does not depend on the order of ``cells``.
+    Inside a P, the cells sorted by (-estimate_steps, dt, alpha, seed) go one by one to
+    the batch with the least planned work (ties: the lower index) among the
+    n = ceil(cells / size) batches (size: the largest allowed) that hold fewer than
+    ceil(cells / n) members. Planned work then differs by at most the largest estimate,
+    and members are listed slowest first. Batches are ordered by P, then by index. The
+    result does not depend on the order of ``cells``.
     """
     if not isinstance(max_members, int) or isinstance(max_members, bool) or max_members < 1:
         raise ValueError(f"max_members must be an integer >= 1, got {max_members!r}")
@@ -309,10 +325,13 @@ def plan_batches(
             key=lambda r: r[:4],
         )
         n = math.ceil(len(ranked) / size)
+        cap = math.ceil(len(ranked) / n)
         dealt: list[list[tuple]] = [[] for _ in range(n)]
-        for i, r in enumerate(ranked):
-            lap, pos = divmod(i, n)
-            dealt[pos if lap % 2 == 0 else n - 1 - pos].append(r)
+        load = [0.0] * n
+        for r in ranked:
+            i = min((k for k in range(n) if len(dealt[k]) < cap), key=lambda k: (load[k], k))
+            dealt[i].append(r)
+            load[i] -= r[0]
         batches += [
             Batch(
                 experiment=experiment.name,
