@@ -83,8 +83,7 @@ def make_engine(arch: str, K: int, opt: BenchOptions) -> Engine:
         y = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
         pool = (x, y)
     engine = Engine(g, K, device, pool=pool, compile=opt.compile, fused=opt.fused)
-    for s in range(K):
-        engine._fill(s, Member(alpha=2.0**15, T=2.0**-8, seed=s))
+    engine._fill(range(K), [Member(alpha=2.0**15, T=2.0**-8, seed=s) for s in range(K)])
     engine._init_f0(torch.arange(K, device=device))
     return engine
 
@@ -218,6 +217,30 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     )
 
 
+def fill_cost(K: int, device: torch.device, data_root=None) -> str:
+    """Milliseconds per member to fill K FC-5L slots (P = 1024: initial weights, training
+    set, F(w0) on it), one member at a time against all K at once (``Engine._fill`` draws
+    on the host in FILL_THREADS threads and copies each tensor once)."""
+    g = Group(**SETTINGS["fc"], data_root=data_root)
+    members = [Member(alpha=2.0**15, T=2.0**-8, seed=s) for s in range(K)]
+    engine = Engine(g, K, device)
+    times = {}
+    for mode in ("one at a time", "all at once"):
+        _sync(device)
+        t = time.perf_counter()
+        groups = [[k] for k in range(K)] if mode == "one at a time" else [list(range(K))]
+        for slots in groups:
+            engine._fill(slots, [members[k] for k in slots])
+            engine._init_f0(torch.tensor(slots, device=device))
+        _sync(device)
+        times[mode] = (time.perf_counter() - t) / K * 1e3
+    one, many = times["one at a time"], times["all at once"]
+    return (
+        f"fill {K} FC-5L slots on {device}: {one:.1f} ms per member one at a time,"
+        f" {many:.1f} ms all at once ({one / many:.1f}x; F(w0) included)"
+    )
+
+
 def occupancy(
     arch: str,
     n_members: int,
@@ -310,6 +333,9 @@ def main(a: argparse.Namespace) -> int:
     )
     if a.check:
         print(check_graph_equivalence(device, a.data_root), flush=True)
+    if a.fill:
+        print(fill_cost(a.fill, device, a.data_root))
+        return 0
     if a.occupancy:
         print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
         return 0

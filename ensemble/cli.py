@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
     b.add_argument(
+        "--fill",
+        type=int,
+        default=0,
+        metavar="K",
+        help="time filling K slots one member at a time and all at once, then stop",
+    )
+    b.add_argument(
         "--occupancy",
         type=int,
         default=0,

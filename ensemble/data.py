@@ -491,10 +491,18 @@ def train_indices(name: str, P: int, pte: int, seed: int) -> np.ndarray:
     _check_split(name, P, pte)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"seed must be an integer >= 0, got {seed!r}")
-    n = POOL_SIZE[name]
-    rest = np.random.default_rng([TEST_STREAM]).permutation(n)[pte:]
+    rest = _train_pool(name, pte)
     pick = np.random.default_rng([TRAIN_STREAM, int(seed)]).permutation(len(rest))[:P]
     return rest[pick].astype(np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_pool(name: str, pte: int) -> np.ndarray:
+    """The pool indices outside test_indices(name, pte), in the test stream's order
+    (read-only: shared by every member's draw)."""
+    rest = np.random.default_rng([TEST_STREAM]).permutation(POOL_SIZE[name])[pte:]
+    rest.flags.writeable = False
+    return rest
 
 
 # ----------------------------------------------------------------------------- perceptron

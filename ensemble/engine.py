@@ -45,6 +45,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +92,8 @@ SHRINK_AT = 0.75
 """With ``shrink``, the slots are cut to the busy ones once no member is left to refill
 them and at most this share of them is busy: a geometric rule, so a run of K slots
 shrinks at most about log(K) / log(1 / SHRINK_AT) times (each re-captures the CUDA graph)."""
+FILL_THREADS = 8
+"""Host threads that draw new members' initial weights and training sets."""
 CPU_SLOTS = 64
 """Members per ensemble on the CPU: past ~64 a step's cost grows linearly (bench)."""
 GPU_MEMORY_FRACTION = 0.7
@@ -256,19 +259,26 @@ class _TrainingData:
         self.rows = torch.zeros(slots, P, dtype=torch.int64, device=device)
         self.y = torch.zeros(slots, P, dtype=dtype, device=device)
 
-    def load(self, slot: int, seed: int) -> None:
-        """Put the training set of the member with ``seed`` into ``slot``."""
-        g, P = self.group, self.group.P
-        dev = self.rows.device
+    def draw(self, seed: int):
+        """The training set of the member with ``seed`` on the host: the perceptron's
+        (x (P, d), y (P,)), or the pool indices (P,) of an image dataset."""
+        g = self.group
         if g.dataset == "perceptron":
-            x, y = datasets.perceptron_train(g.d, g.chi, P, seed)
-            self.src[slot * P : (slot + 1) * P] = x.to(dev, self.src.dtype)
-            self.rows[slot] = torch.arange(slot * P, (slot + 1) * P, device=dev)
-            self.y[slot] = y.to(dev, self.y.dtype)
+            return datasets.perceptron_train(g.d, g.chi, g.P, seed)
+        return torch.from_numpy(datasets.train_indices(g.dataset, g.P, g.pte, seed))
+
+    def load(self, slots: torch.Tensor, drawn: Sequence) -> None:
+        """Put training sets from ``draw`` into ``slots`` (one copy per tensor)."""
+        P, dev = self.group.P, self.rows.device
+        if self.group.dataset == "perceptron":
+            rows = slots[:, None] * P + torch.arange(P, device=dev)  # each slot's own rows
+            self.src[rows.reshape(-1)] = torch.cat([x for x, _ in drawn]).to(dev, self.src.dtype)
+            self.rows[slots] = rows
+            self.y[slots] = torch.stack([y for _, y in drawn]).to(dev, self.y.dtype)
         else:
-            idx = torch.from_numpy(datasets.train_indices(g.dataset, P, g.pte, seed)).to(dev)
-            self.rows[slot] = idx
-            self.y[slot] = self.pool_y[idx]
+            idx = torch.stack(list(drawn)).to(dev)
+            self.rows[slots] = idx
+            self.y[slots] = self.pool_y[idx]
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the slots ``keep`` (in that order); the perceptron's own rows are
@@ -574,19 +584,37 @@ class Engine:
         self.K = len(keep)
         self._graph = None  # captured on the old tensors; recaptured on the next steps
 
-    def _fill(self, slot: int, member: Member) -> None:
-        init_seed, key = member_streams(member.seed)
-        w0 = init_params(self.model, init_seed, self.dtype, self.device)
+    def _fill(self, slots: Sequence[int], members: Sequence[Member]) -> None:
+        """Put ``members`` into ``slots``. Their initial weights and training sets are drawn
+        on the host in FILL_THREADS threads (torch and numpy release the GIL), then each
+        tensor goes to the device in one copy."""
+        streams = [member_streams(m.seed) for m in members]
+        cpu = torch.device("cpu")
+
+        def draw(i: int):
+            w0 = init_params(self.model, streams[i][0], self.dtype, cpu)
+            return w0, self.data.draw(members[i].seed)
+
+        n_threads = min(FILL_THREADS, len(members))
+        if n_threads > 1:
+            with ThreadPoolExecutor(n_threads) as pool:
+                drawn = list(pool.map(draw, range(len(members))))
+        else:
+            drawn = [draw(i) for i in range(len(members))]
+        dev = self.device
+        idx = torch.tensor(list(slots), device=dev)
         for n in self.params:
-            self.params[n][slot] = w0[n]
-            self.params0[n][slot] = w0[n]
-        self.data.load(slot, member.seed)
-        self.alpha[slot] = member.alpha
-        self.dt[slot] = self.group.dt(member.T)
-        self.key[slot] = key
-        self.step[slot] = 0
-        self.last_active[slot] = -1
-        self.status[slot] = _RUNNING
+            w0 = torch.stack([w[n] for w, _ in drawn]).to(dev)
+            self.params[n][idx] = w0
+            self.params0[n][idx] = w0
+        self.data.load(idx, [d for _, d in drawn])
+        self.alpha[idx] = torch.tensor([m.alpha for m in members], dtype=self.dtype).to(dev)
+        dts = [self.group.dt(m.T) for m in members]
+        self.dt[idx] = torch.tensor(dts, dtype=self.dtype).to(dev)
+        self.key[idx] = torch.tensor([key for _, key in streams], dtype=torch.int64).to(dev)
+        self.step[idx] = 0
+        self.last_active[idx] = -1
+        self.status[idx] = _RUNNING
 
     def run(
         self,
@@ -615,13 +643,13 @@ class Engine:
                 if occupant[slot] < 0 and queue:
                     i, m = queue.popleft()
                     occupant[slot], member_of[slot] = i, m
-                    self._fill(slot, m)
                     next_ckpt[slot], checked_at[slot] = 0, -2
-                    filled_at[slot] = time.perf_counter()
                     for a in ck.values():
                         a[slot] = np.nan
                     new.append(slot)
             if new:
+                self._fill(new, [member_of[s] for s in new])
+                filled_at[new] = time.perf_counter()
                 self._init_f0(torch.tensor(new, device=self.device))
 
         refill()
