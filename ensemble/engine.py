@@ -94,6 +94,8 @@ them and at most this share of them is busy: a geometric rule, so a run of K slo
 shrinks at most about log(K) / log(1 / SHRINK_AT) times (each re-captures the CUDA graph)."""
 FILL_THREADS = 8
 """Host threads that draw new members' initial weights and training sets."""
+FILL_CHUNK = 256
+"""Members drawn on the host at once when slots are filled (bounds the host memory)."""
 CPU_SLOTS = 64
 """Members per ensemble on the CPU: past ~64 a step's cost grows linearly (bench)."""
 GPU_MEMORY_FRACTION = 0.7
@@ -585,9 +587,14 @@ class Engine:
         self._graph = None  # captured on the old tensors; recaptured on the next steps
 
     def _fill(self, slots: Sequence[int], members: Sequence[Member]) -> None:
-        """Put ``members`` into ``slots``. Their initial weights and training sets are drawn
-        on the host in FILL_THREADS threads (torch and numpy release the GIL), then each
-        tensor goes to the device in one copy."""
+        """Put ``members`` into ``slots``, FILL_CHUNK at a time. Their initial weights and
+        training sets are drawn on the host in FILL_THREADS threads (torch and numpy release
+        the GIL), then each tensor of a chunk goes to the device in one copy."""
+        slots, members = list(slots), list(members)
+        for a in range(0, len(members), FILL_CHUNK):
+            self._fill_chunk(slots[a : a + FILL_CHUNK], members[a : a + FILL_CHUNK])
+
+    def _fill_chunk(self, slots: Sequence[int], members: Sequence[Member]) -> None:
         streams = [member_streams(m.seed) for m in members]
         cpu = torch.device("cpu")
 

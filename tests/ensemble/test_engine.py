@@ -147,6 +147,30 @@ def test_fused_fc_step_leaves_a_diverging_member_alone(small_fc):
         assert all(np.isfinite(w).all() for w in b.weights.values())
 
 
+@pytest.mark.parametrize("arch", ["fc", "perceptron"])
+def test_filling_many_slots_at_once_equals_one_at_a_time(arch, small_fc, monkeypatch):
+    """The batched, threaded fill (in chunks of FILL_CHUNK) puts exactly what filling one
+    slot at a time puts: weights, training sets, per-slot settings."""
+    import ensemble.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "FILL_CHUNK", 3)
+    g = small_fc if arch == "fc" else _perceptron_group(1.0, 32, "float32")
+    members = [Member(alpha=2.0 ** (s % 4), T=2.0 ** -(s % 3 + 4), seed=s) for s in range(7)]
+    slots = [6, 0, 3, 1, 5, 2, 4]
+    together = Engine(g, 7, DEVICE)
+    together._fill(slots, members)
+    apart = Engine(g, 7, DEVICE)
+    for k, m in zip(slots, members, strict=True):
+        apart._fill([k], [m])
+    for name in ("alpha", "dt", "key", "step", "last_active", "status"):
+        assert torch.equal(getattr(together, name), getattr(apart, name)), name
+    for params in ("params", "params0"):
+        for n, p in getattr(together, params).items():
+            assert torch.equal(p, getattr(apart, params)[n]), n
+    for name in ("src", "rows", "y"):
+        assert torch.equal(getattr(together.data, name), getattr(apart.data, name)), name
+
+
 def test_float32_member_matches_alone(small_fc):
     g = Group(**{**small_fc.as_dict(), "dtype": "float32", "data_root": small_fc.data_root})
     ens = train_batch(g, MEMBERS[:2], device=DEVICE, keep_weights=True)
