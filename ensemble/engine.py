@@ -302,11 +302,11 @@ class Engine:
     pool   : (x, y) dataset pool already on the device (default: ``group.dataset``'s)
     cuda_graph : replay the step from a CUDA graph on CUDA devices
     compile : CPU fast path: the step compiled by ``torch.compile`` with dynamic shapes
-             (fused C++ instead of dozens of small ops; measured 7.3x per step for the
-             perceptron, 2.6x for FC, 1.7x for MNAS, after a first compiled step of about
-             20 s, 50 s and 6 min per process and group, any ensemble size: see
-             ``bench --compile-cost``); same trajectories up to float rounding (the
-             compiler may reassociate sums)
+             (fused C++ instead of dozens of small ops; the measured cost and gain per
+             architecture are ``ensemble.launch.COMPILE_COST``, from
+             ``bench --compile-cost``); one compile per process and group serves any
+             ensemble size; same trajectories up to float rounding (the compiler may
+             reassociate sums)
     compile_after : CPU: run eager, and compile once ``run`` has spent this many seconds
              (checked between chunks of steps), so a task that turns out long pays for
              its compilation at most once more than it needed (None: never; ignored with
@@ -405,24 +405,24 @@ class Engine:
         xb = self.data.src[self.data.rows.gather(1, local)]  # (K, B, *input)
         yb = self.data.y.gather(1, local)  # (K, B)
         f0b = self.f0.gather(1, local)  # (K, B)
-        running = self.status == _RUNNING
         if self.fused:
             F_b, zs, slopes = fused.fc_forward(self.params, xb.flatten(2), g.L, g.activation)
             margin = 1 - self.alpha[:, None] * (F_b - f0b) * yb
             loss = F.relu(margin).mean(1) / self.alpha
-            update = running & torch.isfinite(loss) & (self.step < self.limit)
-            lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
+        else:
+            grads, loss = self._grad(self.params, xb, yb, f0b, self.alpha)  # loss (K,)
+        running = self.status == _RUNNING
+        finite = torch.isfinite(loss)
+        update = running & finite & (self.step < self.limit)
+        lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
+        if self.fused:
             # step size x dloss/dF, with dloss/dF = -y / B where the margin is positive
             g_F = torch.where(update[:, None] & (margin > 0), -yb / g.B, 0) * lr[:, None]
             fused.fc_backward_update(self.params, zs, slopes, g_F, update)
         else:
-            grads, loss = self._grad(self.params, xb, yb, f0b, self.alpha)  # loss (K,)
-            update = running & torch.isfinite(loss) & (self.step < self.limit)
-            lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
             for name, p in self.params.items():
                 shape = (-1,) + (1,) * (p.dim() - 1)
                 p.sub_(torch.where(update.view(shape), lr.view(shape) * grads[name], 0))
-        finite = torch.isfinite(loss)
         # in place, so that a CUDA graph of the step replays on the same tensors
         self.last_active.copy_(torch.where(update & (loss > 0), self.step, self.last_active))
         self.status.copy_(torch.where(running & ~finite, DIVERGED, self.status))
@@ -609,7 +609,7 @@ class Engine:
         else:
             drawn = [draw(i) for i in range(len(members))]
         dev = self.device
-        idx = torch.tensor(list(slots), device=dev)
+        idx = torch.tensor(slots, device=dev)
         for n in self.params:
             w0 = torch.stack([w[n] for w, _ in drawn]).to(dev)
             self.params[n][idx] = w0
