@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from ensemble.cells import POOL_SIZE, Group, Member
 from ensemble.engine import Engine, resolve_device
 from ensemble.models import INPUT_SHAPE, build_model
+from ensemble.plan import compile_break_even
 
 SETTINGS = {
     "fc": dict(dataset="mnist", arch="fc", h=128, L=5, B=16, P=1024, pte=1024),
@@ -103,6 +103,11 @@ def measure(arch: str, K: int, steps: int, opt: BenchOptions) -> float:
     return statistics.median(rates)
 
 
+def _rate(x: float) -> str:
+    """A rate with three significant digits below 100 (MNAS on a CPU), else whole numbers."""
+    return f"{x:.3g}" if x < 100 else f"{x:,.0f}"
+
+
 def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
     """The markdown table of network-steps/s against K for one architecture; for FC also
     the generic step (vmap of grad, ``Engine(fused=False)``) and the fused step's gain."""
@@ -134,11 +139,11 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
             lines.append(f"| {K} | out of memory | |")
             break
         base = base or rate
-        row = f"| {K} | {rate:,.0f} | {rate / base:.1f} |"
+        row = f"| {K} | {_rate(rate)} | {rate / base:.2f} |"
         if bound:
             row += f" {rate / bound:.2f} |"
         if generic:
-            row += f" {slow:,.0f} | {rate / slow:.2f} |"
+            row += f" {_rate(slow)} | {rate / slow:.2f} |"
         lines.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -150,17 +155,17 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> str:
 def compile_cost(arch: str, K: int, steps: int, opt: BenchOptions) -> str:
     """One markdown row: the first compiled step's wall time (tracing and compiling the
     step for this process and shapes), eager and compiled network-steps/s, and the
-    break-even work N = C r_e r_c / (r_c - r_e) in member-steps above which a task gains
-    from compiling (C compile seconds, r_e and r_c the two rates)."""
+    break-even work in member-steps above which a task gains from compiling
+    (``plan.compile_break_even``)."""
     eager = measure(arch, K, steps, dataclasses.replace(opt, compile=False))
     engine = make_engine(arch, K, dataclasses.replace(opt, compile=True))
     t = time.perf_counter()
     engine._run_steps(1)
     first = time.perf_counter() - t
     compiled = measure(arch, K, steps, dataclasses.replace(opt, compile=True))
-    even = first * eager * compiled / (compiled - eager) if compiled > eager else math.inf
+    even = compile_break_even(first, eager, compiled)[1]
     return (
-        f"| {arch} | {K} | {first:.1f} s | {eager:,.0f} | {compiled:,.0f}"
+        f"| {arch} | {K} | {first:.1f} s | {_rate(eager)} | {_rate(compiled)}"
         f" | {compiled / eager:.1f}x | {even:,.0f} |"
     )
 

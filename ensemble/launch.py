@@ -25,7 +25,7 @@ import xarray as xr
 import ensemble
 from ensemble import cube
 from ensemble.cells import Cell, Group
-from ensemble.plan import Batch, format_plan, plan_batches
+from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
 
@@ -39,21 +39,22 @@ REFILL_FACTOR = 2
 COMPILE_COST = {
     "fc": (25.4, 1_195.0, 1_343.0),
     "perceptron": (20.4, 4_151.0, 30_417.0),
-    "mnas": (358.7, 1.0, 2.0),
+    "mnas": (221.3, 3.26, 3.19),
 }
 """Per architecture: (C, r_e, r_c) = the first compiled step of a process in seconds, and
 the eager and compiled network-steps/s, from ``python -m ensemble bench --compile-cost
---threads 1 --K 8`` (K = 4 and 3 timed steps for MNAS: rough) on this project's 2-core
-CPU, 2026-11-26; FC with its fused step (the generic one gained 2.6x from compiling)."""
-COMPILE_SECONDS = {a: C * rc / (rc - re) for a, (C, re, rc) in COMPILE_COST.items()}
+--threads 1 --K 8`` (K = 4 and 3 timed steps for MNAS) on this project's 2-core CPU,
+2026-11-26; FC with its fused step (the generic one gained 2.6x from compiling), MNAS
+with its channels-last convolutions (the NCHW ones gained about 2x)."""
+COMPILE_SECONDS = {a: compile_break_even(*cost)[0] for a, cost in COMPILE_COST.items()}
 """Eager seconds after which a task that did not compile at once compiles
 (``Engine.compile_after``): C r_c / (r_c - r_e), the time whose loss against compiled
 steps equals C (ski rental: at most twice the best choice when the planned work was
-underestimated). FC 230 s, perceptron 24 s, MNAS 717 s."""
-COMPILE_BREAK_EVEN = {a: COMPILE_SECONDS[a] * COMPILE_COST[a][1] for a in COMPILE_COST}
+underestimated). FC 230 s, perceptron 24 s, MNAS never (infinite: no gain)."""
+COMPILE_BREAK_EVEN = {a: compile_break_even(*cost)[1] for a, cost in COMPILE_COST.items()}
 """Planned member-steps (``plan.estimate_steps`` summed over a task's members) above which
 ``compile`` repays the first compiled step at once: C r_e r_c / (r_c - r_e). FC 275,400,
-perceptron 98,000, MNAS 717."""
+perceptron 98,000, MNAS infinite."""
 
 
 _compiled: set[tuple] = set()
@@ -67,10 +68,11 @@ def compile_policy(batch: Batch, compile: bool, device: str) -> tuple[bool, floa
     At once when this process already compiled the group's step (free) or when the
     batch's planned work reaches `COMPILE_BREAK_EVEN` of its architecture; otherwise
     eager, compiling once the task has run `COMPILE_SECONDS`, so a sweep of many short
-    tasks is not spent compiling and a long one the planner underestimated still is."""
-    if not compile or device.split(":")[0] != "cpu":
-        return False, None
+    tasks is not spent compiling and a long one the planner underestimated still is.
+    Never for an architecture whose compiled step is no faster (MNAS)."""
     arch = batch.group.arch
+    if not compile or device.split(":")[0] != "cpu" or math.isinf(COMPILE_SECONDS[arch]):
+        return False, None
     if _group_key(batch.group) in _compiled or batch.work >= COMPILE_BREAK_EVEN[arch]:
         return True, None
     return False, COMPILE_SECONDS[arch]

@@ -116,6 +116,19 @@ def estimate_steps(group: Group, member: Member) -> float:
 # -- sizes -------------------------------------------------------------------------------
 
 
+def compile_break_even(C: float, r_e: float, r_c: float) -> tuple[float, float]:
+    """When compiling a task's step pays: (eager seconds, planned member-steps).
+
+    C is the first compiled step's wall time (s), r_e and r_c the eager and compiled
+    network-steps/s. Eager seconds C r_c / (r_c - r_e) lose C against compiled steps
+    (ski rental: switch then); member-steps C r_e r_c / (r_c - r_e) is the work above
+    which compiling at once is faster. Both are infinite when r_c <= r_e."""
+    if r_c <= r_e:
+        return math.inf, math.inf
+    seconds = C * r_c / (r_c - r_e)
+    return seconds, seconds * r_e
+
+
 def _input_shape(group: Group, input_shape: Sequence[int] | None) -> tuple[int, ...]:
     if input_shape is not None:
         return tuple(int(n) for n in input_shape)

@@ -302,3 +302,6 @@ def test_compile_only_where_the_planned_work_repays_it():
     note_compiled(large.group)  # as run_batch does once a task has compiled
     assert compile_policy(small_same, True, "cpu") == (True, None)  # same group: free
     assert compile_policy(small_other, True, "cpu") == (False, later)
+    # MNAS's compiled step gains nothing (channels-last convolutions): never compiled
+    mnas = plan_batches(load_sweep("mnas_tsweep_cifar10").experiments[0], max_members=8)[0]
+    assert compile_policy(mnas, True, "cpu") == (False, None)

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import vmap
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import grad, vmap
+from torch.overrides import TorchFunctionMode
 
 from ensemble.cells import Group
-from ensemble.models import activation_scale, build_model, init_params, normalised_activation
+from ensemble.models import (
+    _conv,
+    _same_pad,
+    activation_scale,
+    build_model,
+    init_params,
+    normalised_activation,
+)
 
 
 @pytest.mark.parametrize(
@@ -64,3 +75,61 @@ def test_mean_field_output_variance_at_init():
     x = torch.randn(8, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = vmap(model.forward, in_dims=(0, None))(stacked, x)  # (400, 8)
     assert (out**2).mean().item() * g.h == pytest.approx(1.0, rel=0.15)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(4, 20),
+    stride=st.integers(1, 3),
+    k=st.sampled_from([1, 3, 5]),
+    groups=st.sampled_from([1, 2]),
+)
+def test_same_conv_equals_padding_then_convolving(size, stride, k, groups):
+    """models._conv (symmetric padding by the larger side, a kernel with leading zeros
+    where 'SAME' pads less in front) computes the JAX/TF 'SAME' convolution."""
+    gen = torch.Generator().manual_seed(size * 100 + stride * 10 + k)
+    x = torch.randn(2, 4, size, size + 1, dtype=torch.float64, generator=gen)
+    W = torch.randn(6, 4 // groups, k, k, dtype=torch.float64, generator=gen)
+    top, bottom = _same_pad(x.shape[-2], k, stride)
+    left, right = _same_pad(x.shape[-1], k, stride)
+    expected = F.conv2d(F.pad(x, (left, right, top, bottom)), W, stride=stride, groups=groups)
+    out = _conv(x, W, stride, groups)
+    assert out.shape[-2:] == (-(-size // stride), -(-(size + 1) // stride))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_mnas_channels_last_is_the_same_function():
+    """The channels-last MNAS (the CPU's member-by-member path) has the plain one's
+    outputs and gradients, and its activations really are channels-last in memory."""
+    g = Group(dataset="cifar10", arch="mnas", P=64, B=8, h=4)
+    plain, last = build_model(g), build_model(g, channels_last=True)
+    ps = [init_params(plain, s, torch.float64, torch.device("cpu")) for s in range(2)]
+    stacked = {n: torch.stack([p[n] for p in ps]) for n in plain.shapes}
+    x = torch.randn(2, 5, 3, 32, 32, dtype=torch.float64)
+
+    def loss(model):
+        return lambda p, x: model.forward(p, x).square().sum()
+
+    expected = vmap(grad(loss(plain)))(stacked, x)
+    with _ConvLayouts() as layouts:
+        got = vmap(grad(loss(last)), chunk_size=1)(stacked, x)
+    for n in plain.shapes:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-12)
+    assert len(layouts.channel_strides) == 16 * 2 and set(layouts.channel_strides) == {1}
+
+
+class _ConvLayouts(TorchFunctionMode):
+    """Records the channel stride of every conv2d output, in memory (under vmap too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.channel_strides: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.conv2d:
+            mem = out
+            while torch._C._functorch.is_batchedtensor(mem):
+                mem = torch._C._functorch.get_unwrapped(mem)
+            self.channel_strides.append(mem.stride()[-3])
+        return out

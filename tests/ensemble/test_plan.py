@@ -13,6 +13,7 @@ from ensemble.cells import Cell, Group, Member
 from ensemble.plan import (
     Batch,
     activation_count,
+    compile_break_even,
     estimate_steps,
     format_plan,
     member_bytes,
@@ -308,3 +309,19 @@ def test_spec_and_plan_do_not_import_torch():
     code = "import sys, ensemble.spec, ensemble.plan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@given(
+    C=st.floats(0.1, 1e3),
+    r_e=st.floats(1.0, 1e5),
+    gain=st.floats(1.01, 100.0),
+)
+def test_compile_break_even_is_where_compiling_catches_up(C, r_e, gain):
+    """After the break-even seconds s, eager steps did s r_e member-steps, as many as a
+    compiled run that first spent C compiling: (s - C) r_c; a compile that gains
+    nothing never pays."""
+    r_c = gain * r_e
+    seconds, steps = compile_break_even(C, r_e, r_c)
+    assert steps == pytest.approx(seconds * r_e, rel=1e-12)
+    assert (seconds - C) * r_c == pytest.approx(steps, rel=1e-9)
+    assert compile_break_even(C, r_e, r_e) == (math.inf, math.inf)
