@@ -65,7 +65,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     s = engine.stats
     print(
         f"# {len(results)} members on {device} with {engine.K} slots in {s.seconds:.1f} s,"
-        f" {s.member_steps / s.seconds:.0f} network-steps/s, occupancy {s.occupancy:.0%}"
+        f" {s.member_steps / s.seconds:.0f} network-steps/s, occupancy {s.occupancy:.0%},"
+        f" stopping checks {s.check_seconds / s.seconds:.1%},"
+        f" checkpoints {s.checkpoint_seconds / s.seconds:.1%} of the time"
     )
     return 0
 

@@ -228,6 +228,9 @@ class EngineStats:
     simulated ones, the executed steps while its slot held a running member."""
     seconds: float = 0.0
     check_seconds: float = 0.0
+    """Wall time of the stopping checks (full training loss of quiet or budget-hit slots)."""
+    checkpoint_seconds: float = 0.0
+    """Wall time of the checkpoints (training loss and test error at ``checkpoint_steps``)."""
     checks: int = 0
     real_steps: int = 0
     """Steps executed by the ensemble (each advances every slot; with quiet-step
@@ -680,7 +683,7 @@ class Engine:
             done: dict[int, tuple[int, int]] = {}  # slot -> (outcome, steps)
             for slot in np.flatnonzero(busy & (status == DIVERGED)):
                 done[int(slot)] = (DIVERGED, int(step[slot]))
-            t_check = time.perf_counter()
+            t_ckpt = time.perf_counter()
             # checkpoints due now
             due = [
                 s
@@ -697,6 +700,8 @@ class Engine:
                     ck["t"][s, c] = float(self.dt[s]) * step[s]
                     ck["loss"][s, c], ck["err"][s, c] = loss[j], err[j]
                     next_ckpt[s] += 1
+            t_check = time.perf_counter()
+            self.stats.checkpoint_seconds += t_check - t_ckpt
             # stopping checks: quiet for an epoch and changed since the last check, or budget
             over_time = (
                 self.group.max_seconds is not None

@@ -87,6 +87,16 @@ def _group_key(group: Group) -> tuple:
     return tuple(sorted(group.as_dict().items()))
 
 
+def check_shares(check_seconds: float, checkpoint_seconds: float, seconds: float) -> str:
+    """The stopping checks' and the checkpoints' shares of ``seconds`` of engine time."""
+    if not seconds:
+        return "no engine time"
+    return (
+        f"stopping checks {check_seconds / seconds:.1%},"
+        f" checkpoints {checkpoint_seconds / seconds:.1%} of engine time"
+    )
+
+
 @dataclasses.dataclass
 class LaunchReport:
     """What one launch did: counts, wall time and throughput."""
@@ -100,6 +110,9 @@ class LaunchReport:
     member_steps: int = 0
     slot_steps: int = 0
     busy_steps: int = 0
+    engine_seconds: float = 0.0
+    check_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     """Engine counters summed over the tasks (``engine.EngineStats``)."""
     dashboard: str | None = None
     n_workers: int = 0
@@ -120,12 +133,17 @@ class LaunchReport:
     def occupancy(self) -> float:
         return self.busy_steps / self.slot_steps if self.slot_steps else math.nan
 
+    @property
+    def shares(self) -> str:
+        return check_shares(self.check_seconds, self.checkpoint_seconds, self.engine_seconds)
+
     def summary(self) -> str:
         return (
             f"{self.cells_done} cells trained in {self.seconds:.1f} s"
             f" ({self.cells_per_minute:.1f} cells/min, {self.member_steps} network-steps,"
             f" {self.member_steps / max(self.seconds, 1e-9):.0f} network-steps/s,"
-            f" slot occupancy {self.occupancy:.0%}); {self.cells_failed} failed;"
+            f" slot occupancy {self.occupancy:.0%}; {self.shares});"
+            f" {self.cells_failed} failed;"
             f" {self.cells_total - self.cells_pending} were already done"
             + (
                 f"; {self.compiled_tasks} of {self.batches} tasks compiled"
@@ -442,6 +460,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 report.member_steps += stats["member_steps"]
                 report.slot_steps += stats["slot_steps"]
                 report.busy_steps += stats["busy_steps"]
+                report.engine_seconds += stats["seconds"]
+                report.check_seconds += stats["check_seconds"]
+                report.checkpoint_seconds += stats["checkpoint_seconds"]
                 report.compiled_tasks += bool(stats.get("compiled"))
                 if mon is not None:
                     mon.finished(b, results, stats)

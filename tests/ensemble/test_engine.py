@@ -91,7 +91,12 @@ def test_continuous_batching_gives_same_results(small_fc):
     refilled = engine.run(MEMBERS)
     for a, b in zip(full, refilled, strict=True):
         _assert_same(a, b)
-    assert 0 < engine.stats.occupancy <= 1
+    s = engine.stats
+    assert 0 < s.occupancy <= 1
+    # every member converged through a stopping check; checks and checkpoints are timed
+    assert s.checks >= len(MEMBERS)
+    assert 0 < s.check_seconds and 0 < s.checkpoint_seconds
+    assert s.check_seconds + s.checkpoint_seconds < s.seconds
 
 
 @pytest.mark.parametrize("arch", ["fc", "perceptron"])

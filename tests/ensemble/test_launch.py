@@ -168,7 +168,11 @@ def test_extension_computes_only_new_cells(client, tmp_path, reference):
     def run(spec):
         return launch(spec, store, client=client, progress=False).attrs["launch_report"]
 
-    assert run(write_sweep(tmp_path / "a.toml", seeds=1))["cells_done"] == 4
+    first = run(write_sweep(tmp_path / "a.toml", seeds=1))
+    assert first["cells_done"] == 4
+    # the tasks' engine time and its stopping-check and checkpoint shares are reported
+    assert 0 < first["check_seconds"] + first["checkpoint_seconds"] < first["engine_seconds"]
+    assert "stopping checks" in first["summary"]
     # one more seed
     report = run(write_sweep(tmp_path / "b.toml", seeds=2))
     assert report["cells_done"] == 4 and report["cells_pending"] == 4
