@@ -369,13 +369,18 @@ def _launch_cells(p: Provenance) -> list[str]:
     return ["<br>".join(f"`{c}`" for c in commands), ", ".join(devices), wall_text]
 
 
+def _short(commit: str) -> str:
+    """A commit's first 10 hex digits, keeping a "+dirty" mark (uncommitted changes ran)."""
+    return commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def _commits(p: Provenance) -> str:
     """Code commits of the launches, else of the groups' creation."""
     recorded = [str(r["git_commit"]) for r in p.launches if r.get("git_commit")]
     if recorded:
-        return ", ".join(f"`{c[:10]}`" for c in dict.fromkeys(recorded))
+        return ", ".join(f"`{_short(c)}`" for c in dict.fromkeys(recorded))
     if p.fallback_commits:
-        return ", ".join(f"`{c[:10]}`" for c in p.fallback_commits) + " (at group creation)"
+        return ", ".join(f"`{_short(c)}`" for c in p.fallback_commits) + " (at group creation)"
     return "not recorded"
 
 

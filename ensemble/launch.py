@@ -154,14 +154,24 @@ class LaunchReport:
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout ``ensemble`` runs from, with "+dirty" when tracked files of the
+    package differ from it (the code that ran is then not that commit); "unknown" outside
+    a git checkout."""
     here = Path(ensemble.__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5
         )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
 
 
 def _attrs(sweep: Sweep, exp: Experiment) -> dict:

@@ -16,6 +16,7 @@ from synthetic_cube import optimum_dataset, perceptron_dataset, write_cube
 from analysis.cli import main
 from analysis.reproduction import (
     ManifestError,
+    _commits,
     absent_runs,
     error_trend,
     load_manifest,
@@ -103,7 +104,7 @@ def test_provenance_table_reads_the_launch_records(engine_page, real_cube):
         wall = re.fullmatch(r"([\d.]+) s \(1 launch\)", row[4])
         assert wall and float(wall.group(1)) > 0, row[4]
         assert row[5] == f"{cells} / {cells}"
-        assert re.fullmatch(r"`[0-9a-f]{10}`|`unknown`", row[7]), row[7]
+        assert re.fullmatch(r"`[0-9a-f]{10}(\+dirty)?`|`unknown`", row[7]), row[7]
     # one launch trained both groups: the same wall time in both rows
     assert phase[4] == tsweep[4]
 
@@ -300,6 +301,14 @@ def test_provenance_counts_each_launch_once():
     assert p.wall_s == 15.5 and p.recorded == 9
     assert (p.done, p.total) == (9, 16)
     assert p.outcomes == {"missing": 7, "converged": 9, "diverged": 0, "unfinished": 0}
+
+
+def test_commits_keep_the_dirty_mark():
+    """A launch from uncommitted code says so in the report's code column."""
+    clean = {"id": "a", "git_commit": "0123456789abcdef", "cells_trained": 1}
+    dirty = {"id": "b", "git_commit": "fedcba9876543210+dirty", "cells_trained": 1}
+    p = provenance({"g": small_group([clean, dirty], 2)})
+    assert _commits(p) == "`0123456789`, `fedcba9876+dirty`"
 
 
 def test_provenance_without_records():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def test_cube_layout(reference):
     ):
         assert key in ds.attrs, key
     assert ds.attrs["dataset"] == "mnist" and ds.attrs["h"] == 32
+    # the code's commit, marked when the package had uncommitted changes
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", ds.attrs["git_commit"])
 
 
 def test_two_worker_processes_match_one_process(client, tmp_path, reference):
