@@ -113,9 +113,6 @@ def estimate_steps(group: Group, member: Member) -> float:
     return float(min(max(steps, 1.0), group.max_steps))
 
 
-# -- sizes -------------------------------------------------------------------------------
-
-
 def compile_break_even(C: float, r_e: float, r_c: float) -> tuple[float, float]:
     """When compiling a task's step pays: (eager seconds, planned member-steps).
 
@@ -127,6 +124,9 @@ def compile_break_even(C: float, r_e: float, r_c: float) -> tuple[float, float]:
         return math.inf, math.inf
     seconds = C * r_c / (r_c - r_e)
     return seconds, seconds * r_e
+
+
+# -- sizes -------------------------------------------------------------------------------
 
 
 def _input_shape(group: Group, input_shape: Sequence[int] | None) -> tuple[int, ...]:
