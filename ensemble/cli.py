@@ -31,6 +31,7 @@ def _ints(text: str) -> list[int]:
 def _cmd_train(a: argparse.Namespace) -> int:
     from ensemble.cells import Group, Member
     from ensemble.engine import Engine, default_slots, resolve_device
+    from ensemble.launch import check_shares
     from ensemble.schema import OUTCOME_FLAGS
 
     group = Group(
@@ -66,8 +67,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     print(
         f"# {len(results)} members on {device} with {engine.K} slots in {s.seconds:.1f} s,"
         f" {s.member_steps / s.seconds:.0f} network-steps/s, occupancy {s.occupancy:.0%},"
-        f" stopping checks {s.check_seconds / s.seconds:.1%},"
-        f" checkpoints {s.checkpoint_seconds / s.seconds:.1%} of the time"
+        f" {check_shares(s.check_seconds, s.checkpoint_seconds, s.seconds)}"
     )
     return 0
 

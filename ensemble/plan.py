@@ -16,6 +16,7 @@ diverges or reaches its budget, whatever the estimate said).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -246,9 +247,9 @@ class Batch:
     members: tuple[Member, ...]
     est_steps: float
 
-    @property
+    @functools.cached_property
     def work(self) -> float:
-        """Planned member-steps: ``estimate_steps`` summed over the members."""
+        """Planned member-steps: ``estimate_steps`` summed over the members (once)."""
         return sum(estimate_steps(self.group, m) for m in self.members)
 
     @property
