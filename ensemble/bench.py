@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ensemble.cells import POOL_SIZE, Group, Member
+from ensemble.cells import INPUT_SHAPE, POOL_SIZE, Group, Member
 from ensemble.engine import Engine, resolve_device
-from ensemble.models import INPUT_SHAPE, build_model
+from ensemble.models import build_model
 from ensemble.plan import compile_break_even
 
 SETTINGS = {

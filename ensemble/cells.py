@@ -15,6 +15,8 @@ ARCHS = ("fc", "mnas", "perceptron")
 ACTIVATIONS = ("relu", "gelu")
 DTYPES = ("float32", "float64")
 POOL_SIZE = {"mnist": 70_000, "cifar10": 60_000}
+INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+"""(C, H, W) of one image; the perceptron's input is (d,)."""
 
 
 class EnsembleError(Exception):

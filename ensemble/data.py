@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ensemble.cells import POOL_SIZE, EnsembleError
+from ensemble.cells import INPUT_SHAPE, POOL_SIZE, EnsembleError
 
 DATASETS = ("mnist", "cifar10")
 
@@ -321,7 +321,7 @@ def _cache_key(name: str, source: _Source) -> str:
 
 
 def _expected_shape(name: str) -> tuple[int, ...]:
-    return (POOL_SIZE[name], 1, 28, 28) if name == "mnist" else (POOL_SIZE[name], 3, 32, 32)
+    return (POOL_SIZE[name], *INPUT_SHAPE[name])
 
 
 def _read_cache(folder: pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -17,12 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble.cells import Group
+from ensemble.cells import INPUT_SHAPE, Group
 
 Params = dict[str, torch.Tensor]
-
-INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-"""(C, H, W) of one image; the perceptron's input is (d,)."""
 
 
 @cache

@@ -23,12 +23,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ensemble.cells import Cell, Group, Member
+from ensemble.cells import INPUT_SHAPE, Cell, Group, Member
 from ensemble.spec import Experiment
 
 __all__ = [
     "Batch",
-    "INPUT_SHAPES",
     "activation_count",
     "estimate_steps",
     "format_plan",
@@ -36,9 +35,6 @@ __all__ = [
     "param_count",
     "plan_batches",
 ]
-
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-"""Input shape (C, H, W) of one image; the perceptron's input is (d,)."""
 
 # -- cost model (science.md "Typical costs"; rough, for grouping and dry runs only) -------
 
@@ -137,7 +133,7 @@ def _input_shape(group: Group, input_shape: Sequence[int] | None) -> tuple[int, 
         return tuple(int(n) for n in input_shape)
     if group.arch == "perceptron":
         return (group.d,)
-    return INPUT_SHAPES[group.dataset]
+    return INPUT_SHAPE[group.dataset]
 
 
 def _mnas_layers(h: int, C: int) -> list[tuple[int, int, int, bool, int]]:
@@ -155,7 +151,7 @@ def _mnas_layers(h: int, C: int) -> list[tuple[int, int, int, bool, int]]:
 def param_count(group: Group, input_shape: Sequence[int] | None = None) -> int:
     """Number of trained parameters of one member.
 
-    input_shape : (C, H, W) of an image, default INPUT_SHAPES[dataset]; (d,) for the
+    input_shape : (C, H, W) of an image, default INPUT_SHAPE[dataset]; (d,) for the
                   perceptron
     FC-L : d_in h + (L - 1) h^2 + h (no biases; 166,016 for FC-5L h = 128 on MNIST).
     MNAS(h) : the convolutions of science.md (no biases) + a 20h -> 1 linear with bias
