@@ -241,6 +241,56 @@ class EngineStats:
         return self.busy_steps / self.slot_steps if self.slot_steps else float("nan")
 
 
+@dataclass
+class _Ledger:
+    """Host-side state of each slot during ``Engine.run``: the member it holds (index into
+    the run's members, -1 when free) and that member's checkpoint and stopping-check
+    bookkeeping. ``select`` keeps it in step with ``Engine._select``."""
+
+    occupant: np.ndarray
+    member: list[Member | None]
+    next_ckpt: np.ndarray
+    """Index of the member's next checkpoint (N_CHECKPOINTS once all are taken)."""
+    checked_at: np.ndarray
+    """last_active at the member's last failed stopping check (-2: none yet)."""
+    filled_at: np.ndarray
+    """perf_counter() when the member entered its slot."""
+    ck: dict[str, np.ndarray]
+    """Checkpoint values so far, (K, N_CHECKPOINTS) each: "t", "loss", "err"."""
+
+    @classmethod
+    def empty(cls, K: int) -> _Ledger:
+        return cls(
+            occupant=np.full(K, -1, dtype=np.int64),
+            member=[None] * K,
+            next_ckpt=np.zeros(K, dtype=np.int64),
+            checked_at=np.full(K, -2, dtype=np.int64),
+            filled_at=np.zeros(K),
+            ck={n: np.full((K, N_CHECKPOINTS), np.nan) for n in ("t", "loss", "err")},
+        )
+
+    def assign(self, slot: int, index: int, member: Member) -> None:
+        """Record that ``member`` (the run's member ``index``) now occupies ``slot``."""
+        self.occupant[slot], self.member[slot] = index, member
+        self.next_ckpt[slot], self.checked_at[slot] = 0, -2
+        for a in self.ck.values():
+            a[slot] = np.nan
+
+    def release(self, slot: int) -> None:
+        self.occupant[slot], self.member[slot] = -1, None
+
+    def select(self, keep: Sequence[int]) -> _Ledger:
+        """The ledger of the slots ``keep``, in that order."""
+        return _Ledger(
+            occupant=self.occupant[keep],
+            member=[self.member[s] for s in keep],
+            next_ckpt=self.next_ckpt[keep],
+            checked_at=self.checked_at[keep],
+            filled_at=self.filled_at[keep],
+            ck={n: a[keep] for n, a in self.ck.items()},
+        )
+
+
 class _TrainingData:
     """Device-resident data of a group: the source rows of every slot's training set.
 
@@ -329,6 +379,11 @@ class Engine:
              members train alone, costs steps of those members only; trajectories do
              not depend on the ensemble size (up to float rounding of batched products)
     """
+
+    SLOT_STATE = ("f0", "alpha", "dt", "key", "step", "last_active", "status", "limit")
+    """Device tensors of one row per slot besides the weights and the training data:
+    ``_select`` keeps exactly these (and ``params``, ``params0``, ``data``) in step with
+    the slots, so a new per-slot tensor must be named here (a test checks it)."""
 
     def __init__(
         self,
@@ -588,7 +643,7 @@ class Engine:
         for params in (self.params, self.params0):
             for n in params:
                 params[n] = params[n][idx]
-        for name in ("f0", "alpha", "dt", "key", "step", "last_active", "status", "limit"):
+        for name in self.SLOT_STATE:
             setattr(self, name, getattr(self, name)[idx])
         self.data.select(idx)
         self.K = len(keep)
@@ -643,38 +698,30 @@ class Engine:
         queue = deque(enumerate(members))
         results: dict[int, MemberResult] = {}
         K, ckpts = self.K, checkpoint_steps()
-        occupant = [-1] * K  # member index per slot
-        member_of: list[Member | None] = [None] * K
-        next_ckpt = np.zeros(K, dtype=np.int64)
-        checked_at = np.full(K, -2, dtype=np.int64)  # last_active at the last failed check
-        filled_at = np.zeros(K)
-        ck = {n: np.full((K, N_CHECKPOINTS), np.nan) for n in ("t", "loss", "err")}
+        led = _Ledger.empty(K)
         t_start = time.perf_counter()
         max_steps = self.group.max_steps
 
         def refill() -> None:
             new = []
             for slot in range(K):
-                if occupant[slot] < 0 and queue:
-                    i, m = queue.popleft()
-                    occupant[slot], member_of[slot] = i, m
-                    next_ckpt[slot], checked_at[slot] = 0, -2
-                    for a in ck.values():
-                        a[slot] = np.nan
+                if led.occupant[slot] < 0 and queue:
+                    led.assign(slot, *queue.popleft())
                     new.append(slot)
             if new:
-                self._fill(new, [member_of[s] for s in new])
-                filled_at[new] = time.perf_counter()
+                self._fill(new, [led.member[s] for s in new])
+                led.filled_at[new] = time.perf_counter()
                 self._init_f0(torch.tensor(new, device=self.device))
 
         refill()
-        while any(o >= 0 for o in occupant):
+        while (led.occupant >= 0).any():
             state = torch.stack([self.step, self.last_active, self.status.long()]).cpu().numpy()
             step, last_active, status = state
-            busy = np.array([o >= 0 for o in occupant])
+            busy = led.occupant >= 0
             running = busy & (status == _RUNNING)
             # chunk length: stop on the next checkpoint or budget of any running slot
             n = self.sync_every
+            next_ckpt = led.next_ckpt
             ck_next = np.array([ckpts[min(c, N_CHECKPOINTS - 1)] for c in next_ckpt])
             ck_next = np.where(next_ckpt < N_CHECKPOINTS, ck_next, np.iinfo(np.int64).max)
             ck_lim = np.minimum(ck_next, max_steps)  # no slot may step past its own
@@ -697,8 +744,8 @@ class Engine:
                 loss, err = loss.cpu().numpy(), err.cpu().numpy()
                 for j, s in enumerate(due):
                     c = next_ckpt[s]
-                    ck["t"][s, c] = float(self.dt[s]) * step[s]
-                    ck["loss"][s, c], ck["err"][s, c] = loss[j], err[j]
+                    led.ck["t"][s, c] = float(self.dt[s]) * step[s]
+                    led.ck["loss"][s, c], led.ck["err"][s, c] = loss[j], err[j]
                     next_ckpt[s] += 1
             t_check = time.perf_counter()
             self.stats.checkpoint_seconds += t_check - t_ckpt
@@ -707,7 +754,7 @@ class Engine:
                 self.group.max_seconds is not None
                 and time.perf_counter() - t_start > self.group.max_seconds
             )
-            quiet = (step - last_active - 1 >= self.quiet_steps) & (last_active != checked_at)
+            quiet = (step - last_active - 1 >= self.quiet_steps) & (last_active != led.checked_at)
             budget = (step >= max_steps) | over_time
             cand = np.flatnonzero(running & (quiet | budget))
             if len(cand):
@@ -721,31 +768,27 @@ class Engine:
                     elif budget[s]:
                         done[s] = (UNFINISHED, int(step[s]))
                     else:
-                        checked_at[s] = last_active[s]
+                        led.checked_at[s] = last_active[s]
             self.stats.check_seconds += time.perf_counter() - t_check
             if done:
-                for s, r in self._harvest(done, member_of, ck, filled_at).items():
-                    results[occupant[s]] = r
+                for s, r in self._harvest(done, led).items():
+                    results[int(led.occupant[s])] = r
                     if on_result is not None:
-                        on_result(occupant[s], r)
+                        on_result(int(led.occupant[s]), r)
                     self.stats.member_steps += r.steps
                     if not self.skip_quiet:
                         self.stats.busy_steps += r.steps
-                    occupant[s], member_of[s] = -1, None
+                    led.release(s)
                     self.status[s] = _FREE
                 refill()
-                busy_slots = [s for s in range(K) if occupant[s] >= 0]
+                busy_slots = [s for s in range(K) if led.occupant[s] >= 0]
                 if self.shrink and not queue and 0 < len(busy_slots) <= SHRINK_AT * K:
                     # a compiled step keeps K >= 2: dynamic shapes specialise K = 1
-                    idle = [s for s in range(K) if occupant[s] < 0]
+                    idle = [s for s in range(K) if led.occupant[s] < 0]
                     keep = busy_slots + idle[: max(0, 2 * self.compiled - len(busy_slots))]
                     self._select(keep)
                     K = self.K
-                    occupant = [occupant[s] for s in keep]
-                    member_of = [member_of[s] for s in keep]
-                    next_ckpt, checked_at = next_ckpt[keep], checked_at[keep]
-                    filled_at = filled_at[keep]
-                    ck = {n: a[keep] for n, a in ck.items()}
+                    led = led.select(keep)
                 continue
             if (
                 self._compile_after is not None
@@ -773,9 +816,7 @@ class Engine:
     def _harvest(
         self,
         done: dict[int, tuple[int, int]],
-        member_of: Sequence[Member | None],
-        ck: dict[str, np.ndarray],
-        filled_at: np.ndarray,
+        led: _Ledger,
     ) -> dict[int, MemberResult]:
         """Final observables of the stopped slots ``done`` (slot -> (outcome, steps))."""
         slots = sorted(done)
@@ -800,10 +841,10 @@ class Engine:
         out = {}
         for j, s in enumerate(slots):
             outcome, steps = done[s]
-            member = member_of[s]
+            member = led.member[s]
             assert member is not None
             dt = self.group.dt(member.T)
-            t_ck, l_ck, e_ck = ck["t"][s].copy(), ck["loss"][s].copy(), ck["err"][s].copy()
+            t_ck, l_ck, e_ck = (led.ck[n][s].copy() for n in ("t", "loss", "err"))
             if outcome == CONVERGED:  # frozen from s* on: later checkpoints take final values
                 after = ckpts >= steps
                 t_ck[after], l_ck[after], e_ck[after] = dt * ckpts[after], 0.0, err_sub[j]
@@ -825,7 +866,7 @@ class Engine:
                 ckpt_t=t_ck.tolist(),
                 ckpt_train_loss=l_ck.tolist(),
                 ckpt_test_error=e_ck.tolist(),
-                seconds=now - filled_at[s],
+                seconds=now - led.filled_at[s],
                 perceptron={n: float(v[j]) for n, v in extra.items()},
                 weights=(
                     {

@@ -121,6 +121,31 @@ def test_shrinking_the_tail_changes_nothing_but_the_cost(arch, small_fc):
     assert shrinking.stats.occupancy > fixed.stats.occupancy
 
 
+@pytest.mark.parametrize("arch", ["fc", "perceptron"])
+def test_select_keeps_every_per_slot_tensor(arch, small_fc):
+    """Engine._select moves the tensors named in Engine.SLOT_STATE (and the weights and
+    training data); a per-slot tensor left out of SLOT_STATE would keep stale rows after
+    a shrink, so every tensor attribute with one row per slot must be named there."""
+    g = small_fc if arch == "fc" else _perceptron_group(0.0, 128, "float32")
+    K = 7
+    e = Engine(g, K, DEVICE)
+    e._fill(range(K), [Member(alpha=2.0**10, T=2.0**-8, seed=s) for s in range(K)])
+    rows = lambda: {  # noqa: E731
+        n for n, v in vars(e).items() if isinstance(v, torch.Tensor) and v.dim() and len(v) == e.K
+    }
+    assert rows() == set(Engine.SLOT_STATE)
+    before = {n: getattr(e, n).clone() for n in Engine.SLOT_STATE}
+    w = {n: p.clone() for n, p in e.params.items()}
+    y = e.data.y.clone()
+    e._select([5, 2])
+    assert e.K == 2 and rows() == set(Engine.SLOT_STATE)
+    for n, v in before.items():
+        assert torch.equal(getattr(e, n), v[[5, 2]]), n
+    for n, p in w.items():
+        assert torch.equal(e.params[n], p[[5, 2]]) and torch.equal(e.params0[n], p[[5, 2]])
+    assert torch.equal(e.data.y, y[[5, 2]])
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_fused_fc_step_follows_the_generic_step(activation, small_fc):
     """The FC step written out by hand (default for FC) against vmap(grad) of the model:
