@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ from distributed import Client, LocalCluster
 from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
+from ensemble.cluster import QuickExit, connect
 from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import (
     COMPILE_BREAK_EVEN,
@@ -312,3 +315,22 @@ def test_compile_only_where_the_planned_work_repays_it():
     # MNAS's compiled step gains nothing (channels-last convolutions): never compiled
     mnas = plan_batches(load_sweep("mnas_tsweep_cifar10").experiments[0], max_members=8)[0]
     assert compile_policy(mnas, True, "cpu") == (False, None)
+
+
+def test_embedded_cluster_shuts_down_without_killing_its_workers(data_root):
+    """connect()'s own cluster registers QuickExit on every worker, so a worker that has
+    imported the engine (as every training task does) exits within the nanny's deadline
+    instead of being killed with a "Worker process still alive" warning."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    nanny = logging.getLogger("distributed.nanny")  # "distributed" does not propagate
+    nanny.addHandler(handler)
+    try:
+        with connect(n_workers=2, dashboard_address="127.0.0.1:0") as c:
+            plugins = c.run(lambda dask_worker: sorted(dask_worker.plugins))
+            c.run(lambda: importlib.import_module("ensemble.engine").__name__)
+    finally:
+        nanny.removeHandler(handler)
+    assert len(plugins) == 2 and all(QuickExit.name in p for p in plugins.values())
+    assert not [r.getMessage() for r in records if "still alive" in r.getMessage()]
