@@ -9,6 +9,7 @@ gives the quantity, its symbol and its units from `ensemble.schema`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -92,6 +93,22 @@ def _edges(x: np.ndarray) -> np.ndarray:
     return 2.0 ** np.concatenate([[2 * lx[0] - mid[0]], mid, [2 * lx[-1] - mid[-1]]])
 
 
+GRID_TICKS_MAX = 10
+"""A phase diagram's axis gets one tick per grid value when its labels have room: no
+closer than 1 / GRID_TICKS_MAX of the axis (in log space)."""
+
+
+def _grid_ticks(axis, values: np.ndarray) -> None:
+    """Ticks at the grid values (the cell centres) of a sparse grid axis; a dense one
+    keeps matplotlib's base-2 ticks."""
+    edges = np.log2(_edges(values))
+    gaps = np.diff(np.log2(values))
+    if len(values) == 1 or gaps.min() >= (edges[-1] - edges[0]) / GRID_TICKS_MAX:
+        texts = [pow2_text(v) for v in values]
+        axis.set_ticks(values, [re.sub(r"^2\^(.+)$", r"$2^{\1}$", t) for t in texts])
+        axis.set_ticks([], minor=True)
+
+
 def phase_diagram(
     ds: xr.Dataset,
     var: str = "test_error",
@@ -130,6 +147,8 @@ def phase_diagram(
     colorbar.set_label(label(var) + "\nmean over " + "/".join(include) + " seeds")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
+    _grid_ticks(ax.xaxis, alpha)
+    _grid_ticks(ax.yaxis, T)
     ax.set_xlabel(label("alpha"))
     ax.set_ylabel(label("T"))
     ax.set_title(f"{ds.attrs.get('experiment', '')}: {var} at P = {P}", fontsize=9)

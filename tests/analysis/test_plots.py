@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import xarray as xr
 from matplotlib.figure import Figure
@@ -122,3 +123,18 @@ def test_perceptron_figures(cube):
     ]
     fig = plots.perceptron_summary(rows)
     assert fig.axes[0].get_xlabel() == r"depletion exponent $\chi$ (dimensionless)"
+
+
+def test_phase_diagram_ticks_sit_on_a_sparse_grid(cube):
+    """One tick per grid value (the cell centres) where the labels have room, as 2^k;
+    a dense grid axis keeps matplotlib's own ticks."""
+    ds = cube["fc_mnist_phase"]
+    sparse = ds.isel(alpha=[0, 3, 6], T=[0, 5])
+    ax = plots.phase_diagram(sparse).axes[0]
+    assert list(ax.get_xticks()) == list(sparse["alpha"].values)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["$2^{-4}$", "$2^{2}$", "$2^{8}$"]
+    assert list(ax.get_yticks()) == list(sparse["T"].values)
+    # half octaves on the feature side and one lazy alpha far away: labels would collide
+    dense = ds.assign_coords(alpha=2.0 ** np.array([-4, -3.5, -3, -2.5, -2, -1.5, 8]))
+    ax = plots.phase_diagram(dense).axes[0]
+    assert not set(dense["alpha"].values) <= set(ax.get_xticks())
