@@ -174,8 +174,9 @@ def _git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
 
 
-def _attrs(sweep: Sweep, exp: Experiment) -> dict:
-    """Flat group attributes: the experiment's settings and the launch's provenance."""
+def _attrs(sweep: Sweep, exp: Experiment, git_commit: str) -> dict:
+    """Flat group attributes: the experiment's settings and the launch's provenance
+    (``git_commit`` from ``_git_commit``, asked once per launch)."""
     import torch
 
     settings = {k: v for k, v in exp.group(exp.P[0]).as_dict().items() if k != "P"}
@@ -184,7 +185,7 @@ def _attrs(sweep: Sweep, exp: Experiment) -> dict:
         **settings,
         "sweep": sweep.name,
         "package_version": ensemble.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit,
         "torch_version": torch.__version__,
         "device": _device_name(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -336,7 +337,12 @@ def launch(
             g = exp.group(exp.P[0])
             grid = {d: getattr(exp, d) for d in DIMS}
             cube.ensure_experiment(
-                store, exp.name, grid, _layers(exp), g.h * g.B, _attrs(sweep, exp)
+                store,
+                exp.name,
+                grid,
+                _layers(exp),
+                g.h * g.B,
+                _attrs(sweep, exp, record["git_commit"]),
             )
         pending = pending_cells(sweep, store)
         report.cells_total = len(sweep.cells())

@@ -92,9 +92,10 @@ def _perceptron_steps(P: int, chi: float) -> float:
 def estimate_steps(group: Group, member: Member) -> float:
     """Rough expected number of SGD steps of one member, capped at group.max_steps.
 
-    FC and MNAS (MNAS assumed like FC; MNAS(8) on CIFAR-10 at alpha = 2^15, P = 64-256
-    measured 2.6-28x these estimates, most at small T, docs/reproduction/
-    mnas_tsweep_cifar10_reduced.toml): LAZY_STEPS_P1024 (P/1024)^1.4, plus
+    FC and MNAS (MNAS assumed like FC; the reduced MNAS(8) runs of docs/reproduction/,
+    P = 64-256, measured 1.7-28x these estimates, geometric mean 5.2x over 47 (alpha, T,
+    P): about 3x at large T, more at small T and in the feature regime):
+    LAZY_STEPS_P1024 (P/1024)^1.4, plus
     LAZY_STEPS_P1024 A(alpha) (P/1024)^SLOW_P_EXPONENT T_SLOW / T (more steps at small T
     away from the lazy limit, see ``_slowdown``); FC at dt >= DIVERGE_DT diverges in about
     DIVERGE_STEPS. Within a factor 1.7 of the measured medians of FC-5L at P = 256 and
