@@ -866,7 +866,7 @@ class Engine:
                 ckpt_t=t_ck.tolist(),
                 ckpt_train_loss=l_ck.tolist(),
                 ckpt_test_error=e_ck.tolist(),
-                seconds=now - led.filled_at[s],
+                seconds=float(now - led.filled_at[s]),
                 perceptron={n: float(v[j]) for n, v in extra.items()},
                 weights=(
                     {

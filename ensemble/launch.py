@@ -2,23 +2,33 @@
 
 ``launch`` validates the sweep and the data before any compute, creates or grows one
 Zarr group per experiment, plans the cells not yet done into ensemble batches, submits
-one Dask task per batch, and writes each batch's results as it arrives (values first,
-``done`` last). Rerunning the same sweep computes only the missing cells; adding grid
-values computes only the new ones.
+one Dask task per batch, and writes each member's results as soon as the member stops
+(values first, ``done`` last). Rerunning the same sweep computes only the missing cells;
+adding grid values computes only the new ones.
+
+Members stream from the workers: a task publishes each finished member on the launch's
+Dask event topic (``Worker.log_event``, the channel ``distributed.print`` uses), and the
+launching process, subscribed to it, writes what arrived every ``WRITE_EVERY`` seconds,
+one Zarr write per experiment. A killed launch or a failed task therefore loses only
+its members still training. The task also returns all its results, and the launch
+writes those no event brought, so a lost event costs nothing but time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xarray as xr
 
@@ -29,6 +39,11 @@ from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
 
+if TYPE_CHECKING:
+    from ensemble.engine import MemberResult
+
+logger = logging.getLogger(__name__)
+
 TASKS_PER_WORKER = 4
 """Cells of a P are cut into at least this many tasks per worker (load balance)."""
 MIN_MEMBERS_PER_TASK = 8
@@ -36,6 +51,11 @@ MIN_MEMBERS_PER_TASK = 8
 about 5x as fast per network as one network on a CPU core; see the README's bench)."""
 REFILL_FACTOR = 2
 """A task's members per engine slot: the slots are refilled as members stop."""
+WRITE_EVERY = 2.0
+"""Seconds between the launch's writes of the members streamed in (and its checks on
+the tasks)."""
+TOPIC_PREFIX = "ensemble-members-"
+"""A launch's Dask event topic is this prefix and a random hex id."""
 COMPILE_COST = {
     "fc": (25.4, 1_195.0, 1_343.0),
     "perceptron": (20.4, 4_151.0, 30_417.0),
@@ -245,11 +265,51 @@ def plan(
     return batches
 
 
+def member_record(result: MemberResult) -> dict:
+    """``MemberResult`` as the plain dict a task sends and ``CubeWriter.write`` takes
+    (no weights; msgpack-able)."""
+    d = dataclasses.asdict(result)
+    d.pop("weights")
+    return d
+
+
+def _publisher(topic: str | None, key: str) -> Callable | None:
+    """``Engine.run``'s ``on_result`` that publishes each finished member on ``topic`` as
+    ``{"key": key, "index": i, "result": member_record}``; None outside a Dask worker or
+    without a topic (the results then arrive with the task's return only)."""
+    if topic is None:
+        return None
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None
+
+    warned: list[BaseException] = []
+
+    def publish(index: int, result: MemberResult) -> None:
+        try:
+            worker.log_event(topic, {"key": key, "index": index, "result": member_record(result)})
+        except Exception as exc:  # noqa: BLE001  the task's return still carries the member
+            if not warned:
+                warned.append(exc)
+                logger.warning("task %s: member %d not streamed (%r)", key, index, exc)
+
+    return publish
+
+
 def run_batch(
-    batch: Batch, device: str | None, slots: int | None, data_root: str | None, compile: bool
+    batch: Batch,
+    device: str | None,
+    slots: int | None,
+    data_root: str | None,
+    compile: bool,
+    topic: str | None = None,
 ):
     """Dask task: train one batch on this worker's device; returns plain dicts (in the
     batch's member order) and the engine's counters, with ``"device"`` (readable name).
+    Each member is also published on the Dask event ``topic`` as it stops (`_publisher`).
 
     Continuous batching: the engine gets fewer slots than members (half, by default,
     within the device's memory) and refills a slot as soon as its member stops; members
@@ -267,16 +327,15 @@ def run_batch(
     k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
     at_once, later = compile_policy(batch, compile, dev)
     engine = Engine(group, min(k, n), dev, compile=at_once, compile_after=later)
-    results = engine.run(batch.members)
+    results = engine.run(batch.members, _publisher(topic, batch.key))
     if engine.compiled:
         note_compiled(batch.group)
-    out = []
-    for r in results:
-        d = dataclasses.asdict(r)
-        d.pop("weights")
-        out.append(d)
     stats = dataclasses.asdict(engine.stats)
-    return out, {**stats, "device": _device_name(dev), "compiled": engine.compiled}
+    return [member_record(r) for r in results], {
+        **stats,
+        "device": _device_name(dev),
+        "compiled": engine.compiled,
+    }
 
 
 def launch(
@@ -311,7 +370,8 @@ def launch(
                   once in the tasks whose planned work repays it (`compile_policy`), in
                   the others once they have run `COMPILE_SECONDS`
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
-                  ``started(batch)``, ``finished(batch, results, stats)``, ``failed(batch)``
+                  ``started(batch)``, ``members(batch, results)`` (members just written),
+                  ``finished(batch, stats)`` and ``failed(batch)``
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
     command     : command line recorded in the launch records (default "python API")
 
@@ -404,6 +464,87 @@ class TaskOptions:
     compile: bool = False
 
 
+class _Sink:
+    """The launching process's end of a launch: writes each member into the cube once
+    (from the event stream or from its task's return, whichever comes first), and counts
+    it in the report, the progress bar and the monitor."""
+
+    def __init__(self, store, sweep: Sweep, batches: list[Batch], report: LaunchReport, bar, mon):
+        self.writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
+        self.batches = {b.key: b for b in batches}
+        self.written: dict[str, set[int]] = {b.key: set() for b in batches}
+        self.failed: set[str] = set()
+        self.report, self.bar, self.mon = report, bar, mon
+
+    def drain(self, inbox: deque) -> None:
+        """Write the members that arrived as events (``_publisher``'s messages)."""
+        items = []
+        while inbox:
+            msg = inbox.popleft()
+            if isinstance(msg, dict) and msg.get("key") in self.batches:
+                items.append((msg["key"], int(msg["index"]), msg["result"]))
+        self.write(items)
+
+    def write(self, items: Iterable[tuple[str, int, dict]]) -> None:
+        """Write members (batch key, member index, record) not written before: one Zarr
+        write per experiment, ``done`` last; then count them."""
+        fresh: dict[str, dict[int, dict]] = {}
+        for key, i, record in items:
+            if i not in self.written[key]:
+                fresh.setdefault(key, {})[i] = record
+        by_exp: dict[str, tuple[list, list]] = {}
+        for key, members in fresh.items():
+            b = self.batches[key]
+            cells, records = by_exp.setdefault(b.experiment, ([], []))
+            for i, record in members.items():
+                m = b.members[i]
+                cells.append((m.alpha, m.T, b.group.P, m.seed))
+                records.append(record)
+        for exp, (cells, records) in by_exp.items():
+            self.writers[exp].write(cells, records)
+        r = self.report
+        for key, members in fresh.items():
+            b, n = self.batches[key], len(members)
+            self.written[key].update(members)
+            r.cells_done += n
+            r.trained[b.experiment] = r.trained.get(b.experiment, 0) + n
+            if key in self.failed:  # a failed task's member whose event came late
+                r.cells_failed -= n
+                r.failed[b.experiment] -= n
+            if self.mon is not None:
+                self.mon.members(b, list(members.values()))
+            self.bar.update(n)
+
+    def finished(self, b: Batch, results: list[dict], stats: dict) -> None:
+        """The task of ``b`` returned: write the members no event brought; add its counters."""
+        self.write((b.key, i, rec) for i, rec in enumerate(results))
+        r = self.report
+        if stats.get("device") and stats["device"] not in r.devices:
+            r.devices = sorted([*r.devices, stats["device"]])
+        r.member_steps += stats["member_steps"]
+        r.slot_steps += stats["slot_steps"]
+        r.busy_steps += stats["busy_steps"]
+        r.engine_seconds += stats["seconds"]
+        r.check_seconds += stats["check_seconds"]
+        r.checkpoint_seconds += stats["checkpoint_seconds"]
+        r.compiled_tasks += bool(stats.get("compiled"))
+        if self.mon is not None:
+            self.mon.finished(b, stats)
+
+    def lost(self, b: Batch, exc: BaseException) -> None:
+        """The task of ``b`` raised: its members not yet written stay missing."""
+        n = len(b.members) - len(self.written[b.key])
+        self.failed.add(b.key)
+        self.report.cells_failed += n
+        self.report.failed[b.experiment] = self.report.failed.get(b.experiment, 0) + n
+        self.bar.write(
+            f"batch {b.key} failed: {exc!r}; its {n} unfinished cells stay missing"
+            f" ({len(self.written[b.key])} finished ones were written)"
+        )
+        if self.mon is not None:
+            self.mon.failed(b)
+
+
 def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, monitor, report):
     from distributed import wait
     from tqdm.auto import tqdm
@@ -421,70 +562,66 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
             print(f"Dask dashboard: {c.dashboard_link}")
             if mon is not None and getattr(mon, "url", None):
                 print(f"Sweep page:     {mon.url}")
-        writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
-        futures = {
-            c.submit(
-                run_batch,
-                b,
-                task.device,
-                task.slots,
-                task.data_root,
-                task.compile,
-                key=b.key,
-                pure=False,
-                # the most planned work first, so no long task starts last and runs alone
-                priority=int(b.work),
-            ): b
-            for b in batches
-        }
         bar = tqdm(total=report.cells_pending, unit="cell", disable=not progress, smoothing=0)
-        remaining = set(futures)
-        started: set = set()
-        while remaining:
-            try:
-                finished, remaining = wait(remaining, timeout=2, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                finished = set()
-            processing = executing_keys(c)
-            for f in remaining:
-                if f.key in processing and f.key not in started:
-                    started.add(f.key)
-                    if mon is not None:
-                        mon.started(futures[f])
-            # set before the updates below redraw the bar, so the count shown is current
-            running = sum(len(futures[f].members) for f in remaining if f.key in processing)
-            bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
-            for f in finished:
-                b = futures[f]
+        sink = _Sink(store, sweep, batches, report, bar, mon)
+        topic = TOPIC_PREFIX + uuid.uuid4().hex[:12]
+        inbox: deque = deque()  # appended to by the client's event loop thread
+        c.subscribe_topic(topic, lambda event: inbox.append(event[1]))
+        try:
+            futures = {
+                c.submit(
+                    run_batch,
+                    b,
+                    task.device,
+                    task.slots,
+                    task.data_root,
+                    task.compile,
+                    topic,
+                    key=b.key,
+                    pure=False,
+                    # the most planned work first, so no long task starts last and runs alone
+                    priority=int(b.work),
+                ): b
+                for b in batches
+            }
+            remaining = set(futures)
+            started: set = set()
+            while remaining:
                 try:
-                    results, stats = f.result()
-                except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
-                    report.cells_failed += len(b.members)
-                    report.failed[b.experiment] = report.failed.get(b.experiment, 0) + len(
-                        b.members
+                    finished, remaining = wait(
+                        remaining, timeout=WRITE_EVERY, return_when="FIRST_COMPLETED"
                     )
-                    bar.write(f"batch {b.key} failed: {exc!r}; its cells stay missing")
-                    if mon is not None:
-                        mon.failed(b)
-                    continue
-                cells = [(c_.alpha, c_.T, c_.P, c_.seed) for c_ in b.cells()]
-                writers[b.experiment].write(cells, results)
-                report.cells_done += len(cells)
-                report.trained[b.experiment] = report.trained.get(b.experiment, 0) + len(cells)
-                if stats.get("device") and stats["device"] not in report.devices:
-                    report.devices = sorted([*report.devices, stats["device"]])
-                report.member_steps += stats["member_steps"]
-                report.slot_steps += stats["slot_steps"]
-                report.busy_steps += stats["busy_steps"]
-                report.engine_seconds += stats["seconds"]
-                report.check_seconds += stats["check_seconds"]
-                report.checkpoint_seconds += stats["checkpoint_seconds"]
-                report.compiled_tasks += bool(stats.get("compiled"))
-                if mon is not None:
-                    mon.finished(b, results, stats)
-                bar.update(len(cells))
-            bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
-        bar.close()
+                except TimeoutError:
+                    finished = set()
+                processing = executing_keys(c)
+                for f in remaining:
+                    if f.key in processing and f.key not in started:
+                        started.add(f.key)
+                        if mon is not None:
+                            mon.started(futures[f])
+                # set before the updates below redraw the bar, so the count shown is current
+                running = sum(
+                    len(futures[f].members) - len(sink.written[f.key])
+                    for f in remaining
+                    if f.key in processing
+                )
+                bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
+                sink.drain(inbox)
+                for f in finished:
+                    try:
+                        results, stats = f.result()
+                    except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
+                        sink.lost(futures[f], exc)
+                    else:
+                        sink.finished(futures[f], results, stats)
+                bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
+            sink.drain(inbox)
+        finally:
+            bar.close()
+            try:
+                c.unsubscribe_topic(topic)
+            except Exception:  # noqa: BLE001  a closing client drops its topics anyway
+                pass
 
 
 def dry_run(

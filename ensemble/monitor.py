@@ -9,9 +9,9 @@ distributed adds its own dashboard (``distributed.dashboard.core.BokehApplicatio
 passed to ``scheduler.http_application.add_application``); the page uses the
 dashboard's template, so it carries the Dask navigation bar. The sweep's state lives in
 the plugin, on the scheduler: the launching process pushes small events (a batch's key,
-a few numbers per member) with ``Client.run_on_scheduler``, never arrays. The page
-refreshes every ``REFRESH_MS``. The scheduler needs this package importable (it is, in
-the launching process, with the embedded LocalCluster).
+a few numbers per member as the members are written) with ``Client.run_on_scheduler``,
+never arrays. The page refreshes every ``REFRESH_MS``. The scheduler needs this package
+importable (it is, in the launching process, with the embedded LocalCluster).
 
 Static page. ``write_status_html(store, path)`` builds the same view from the cube
 alone (``done``, ``outcome``, ``test_error``) and writes one HTML file with Bokeh's
@@ -43,6 +43,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 from tornado.ioloop import IOLoop
 
+from ensemble.plan import estimate_steps
 from ensemble.schema import CONVERGED, DIVERGED, UNFINISHED
 
 __all__ = [
@@ -192,16 +193,18 @@ class SweepBoard:
         self.experiments: list[dict] = info["experiments"]
         self.tallies: dict[Square, dict] = {tuple(k): dict(v) for k, v in info["prior"]}
         self.batches: dict[str, dict] = {}
-        for key, exp, P, cells, est in info["batches"]:
-            members: dict[Square, int] = {}
-            for alpha, T in cells:
+        for key, exp, P, members in info["batches"]:
+            left: dict[Square, int] = {}  # members not yet reported, per square
+            est: dict[Square, float] = {}  # planned steps of one member of the square
+            for alpha, T, steps in members:
                 sq = (exp, P, alpha, T)
-                members[sq] = members.get(sq, 0) + 1
-            self.batches[key] = {"members": members, "est": est, "state": "pending"}
+                left[sq] = left.get(sq, 0) + 1
+                est[sq] = steps
+            self.batches[key] = {"left": left, "est": est, "state": "pending"}
         self.cells_done = 0
         self.cells_failed = 0
         self.steps = 0.0  # network-steps of the members finished in this launch
-        self.est_finished = 0.0  # estimated member-steps of the finished batches
+        self.est_finished = 0.0  # planned member-steps of the members finished
         self.member_steps = 0  # engine counters (occupancy), when launch passes them
         self.slot_steps = 0
         self.busy_steps = 0
@@ -214,7 +217,7 @@ class SweepBoard:
             self.ended = self.ended or time.time()
 
     def _add_running(self, key: str, sign: int) -> None:
-        for sq, n in self.batches[key]["members"].items():
+        for sq, n in self.batches[key]["left"].items():
             self.tallies.setdefault(sq, _tally())["running"] += sign * n
 
     def started(self, key: str) -> None:
@@ -225,16 +228,22 @@ class SweepBoard:
         self._add_running(key, +1)
         self._changed()
 
-    def finished(self, key: str, exp: str, P: int, rows: list, stats: dict | None) -> None:
-        """rows: (alpha, T, outcome, test_error, steps) per member."""
+    def members(self, key: str, exp: str, P: int, rows: list) -> None:
+        """Members of batch ``key`` written to the cube; rows: (alpha, T, outcome,
+        test_error, steps) per member. A batch still shown pending starts running."""
         b = self.batches.get(key)
-        if b is not None:
-            if b["state"] == "running":
-                self._add_running(key, -1)
-            b["state"] = "done"
-            self.est_finished += b["est"]
+        if b is not None and b["state"] == "pending":
+            self.started(key)
         for alpha, T, outcome, err, steps in rows:
-            t = self.tallies.setdefault((exp, P, alpha, T), _tally())
+            sq = (exp, P, alpha, T)
+            t = self.tallies.setdefault(sq, _tally())
+            if b is not None and b["left"].get(sq, 0) > 0:
+                b["left"][sq] -= 1
+                self.est_finished += b["est"][sq]
+                if b["state"] == "running":
+                    t["running"] -= 1
+                elif b["state"] == "failed":  # its event came after the failure
+                    self.cells_failed -= 1
             state = _OUTCOMES.get(int(outcome))
             if state is None:
                 continue
@@ -244,6 +253,16 @@ class SweepBoard:
             if steps is not None and math.isfinite(steps):
                 self.steps += steps
             self.cells_done += 1
+        self._changed()
+
+    def finished(self, key: str, stats: dict | None) -> None:
+        """Batch ``key``'s task ended (its members were reported by ``members``);
+        ``stats``: the engine's counters (member_steps, slot_steps, busy_steps)."""
+        b = self.batches.get(key)
+        if b is not None:
+            if b["state"] == "running":
+                self._add_running(key, -1)
+            b["state"] = "done"
         if stats:
             self.member_steps += int(stats.get("member_steps", 0))
             self.slot_steps += int(stats.get("slot_steps", 0))
@@ -251,22 +270,23 @@ class SweepBoard:
         self._changed()
 
     def failed(self, key: str) -> None:
+        """Batch ``key``'s task raised: its members not reported stay missing."""
         b = self.batches.get(key)
         if b is None:
             return
         if b["state"] == "running":
             self._add_running(key, -1)
         b["state"] = "failed"
-        self.cells_failed += sum(b["members"].values())
+        self.cells_failed += sum(b["left"].values())
         self._changed()
 
     def view(self, n_workers: int, now: float | None = None) -> dict:
         """The page's data: JSON-able, small (one record per square).
 
         Rates are over the time since launch (until the last batch ended). The time to
-        completion is the planner's estimated member-steps of the batches not yet done,
-        scaled by (steps taken / steps estimated) of the finished batches, over the
-        network-steps per second so far."""
+        completion is the planner's estimated steps of the members not yet done (in
+        pending or running batches), scaled by (steps taken / steps estimated) of the
+        finished members, over the network-steps per second so far."""
         now = time.time() if now is None else now
         if self.ended is not None:  # rates and elapsed time stop with the last batch
             now = min(now, self.ended)
@@ -279,7 +299,7 @@ class SweepBoard:
         for b in self.batches.values():
             by_state[b["state"]] += 1
             if b["state"] in ("pending", "running"):
-                remaining_est += b["est"]
+                remaining_est += sum(n * b["est"][sq] for sq, n in b["left"].items())
         rate = self.steps / elapsed  # network-steps per second, all workers
         eta = None
         if self.est_finished > 0 and rate > 0:
@@ -733,13 +753,16 @@ def _on_scheduler(event: str, sweep_id: str, payload: Any, dask_scheduler: Any =
     board = plugin.boards[sweep_id]
     if event == "started":
         board.started(payload)
+    elif event == "members":
+        board.members(*payload)
     elif event == "finished":
         board.finished(*payload)
     elif event == "failed":
         board.failed(payload)
     else:
         raise ValueError(
-            f"unknown sweep page event {event!r}; expected open, started, finished, failed or views"
+            f"unknown sweep page event {event!r}; expected open, started, members, finished,"
+            " failed or views"
         )
     return None
 
@@ -806,8 +829,7 @@ class SweepMonitor:
                     b.key,
                     b.experiment,
                     b.group.P,
-                    [(m.alpha, m.T) for m in b.members],
-                    b.work,
+                    [(m.alpha, m.T, estimate_steps(b.group, m)) for m in b.members],
                 )
                 for b in batches
             ],
@@ -841,10 +863,8 @@ class SweepMonitor:
         """The batch's cells are training."""
         self._push("started", batch.key)
 
-    def finished(self, batch: Any, results: Sequence[dict], stats: dict | None = None) -> None:
-        """The batch's results (``MemberResult`` dicts) were written; ``stats`` are the
-        engine's counters of the task (member_steps, slot_steps, busy_steps) if launch
-        passes them."""
+    def members(self, batch: Any, results: Sequence[dict]) -> None:
+        """Members of ``batch`` (``MemberResult`` dicts) were written to the cube."""
         rows = [
             (
                 r["member"]["alpha"],
@@ -855,11 +875,16 @@ class SweepMonitor:
             )
             for r in results
         ]
+        self._push("members", (batch.key, batch.experiment, batch.group.P, rows))
+
+    def finished(self, batch: Any, stats: dict | None = None) -> None:
+        """The batch's task ended, all its members written; ``stats`` are the engine's
+        counters of the task (member_steps, slot_steps, busy_steps) if launch passes them."""
         small = None
         if stats:
             keys = ("member_steps", "slot_steps", "busy_steps")
             small = {k: int(stats[k]) for k in keys if k in stats}
-        self._push("finished", (batch.key, batch.experiment, batch.group.P, rows, small))
+        self._push("finished", (batch.key, small))
 
     def failed(self, batch: Any) -> None:
         """The batch's task raised: its cells stay missing."""

@@ -27,6 +27,7 @@ from ensemble.launch import (
     launch,
     note_compiled,
     pending_cells,
+    plan,
 )
 from ensemble.plan import Batch, estimate_steps, plan_batches
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
@@ -122,8 +123,11 @@ def test_killed_worker_still_gives_complete_cube(client, tmp_path, reference):
     assert_same_cube(reference, xr.open_zarr(tmp_path / "k.zarr", group="tiny_fc").load())
 
 
-def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, reference, data_root):
-    spec = write_sweep(tmp_path / "tiny.toml")
+def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, data_root):
+    """One task trains 4 members one after another (about 2 s each): they reach the cube
+    as they stop, so a launch killed partway through its only task keeps them, and the
+    rerun trains only the rest, to the same cube as an uninterrupted launch."""
+    spec = write_sweep(tmp_path / "slow.toml", alpha="[1.0]", T="[0.0009765625]", seeds=4)
     store = tmp_path / "s.zarr"
     cmd = [
         sys.executable,
@@ -136,36 +140,43 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, reference
         "--workers",
         "1",
         "--max-members",
+        "4",
+        "--slots",
         "1",
         "--no-monitor",
         "--dashboard-address",
         ":0",
     ]
+    sweep = load_sweep(spec)
+    assert len(plan(sweep, {"tiny_fc": sweep.experiments[0].cells()}, 1, 4)) == 1
     env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    sweep = load_sweep(spec)
     done = 0
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if store.exists():
             try:
-                done = 8 - len(pending_cells(sweep, store)["tiny_fc"])
+                done = 4 - len(pending_cells(sweep, store)["tiny_fc"])
             except Exception:  # noqa: BLE001  group not yet created
                 done = 0
-            if 1 <= done < 8:
+            if 1 <= done < 4:
                 break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 1 <= done < 8, f"the launch was not caught partway ({done} cells done)"
+    assert 1 <= done < 4, f"the launch was not caught partway ({done} cells done)"
     xr.open_zarr(store, group="tiny_fc")  # opens after kill -9
     missing = len(pending_cells(sweep, store)["tiny_fc"])
     report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
     assert report["cells_pending"] == missing
     assert report["cells_done"] == missing
-    assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
+    launch(spec, tmp_path / "whole.zarr", client=client, progress=False)
+    assert_same_cube(
+        xr.open_zarr(tmp_path / "whole.zarr", group="tiny_fc").load(),
+        xr.open_zarr(store, group="tiny_fc").load(),
+    )
 
 
 def test_extension_computes_only_new_cells(client, tmp_path, reference):
@@ -334,3 +345,37 @@ def test_embedded_cluster_shuts_down_without_killing_its_workers(data_root):
         nanny.removeHandler(handler)
     assert len(plugins) == 2 and all(QuickExit.name in p for p in plugins.values())
     assert not [r.getMessage() for r in records if "still alive" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"dataset": "mnist", "arch": "fc", "h": 16, "L": 2, "B": 8, "P": 64, "pte": 128},
+        {
+            "dataset": "perceptron",
+            "arch": "perceptron",
+            "h": 1,
+            "d": 8,
+            "chi": 1.0,
+            "B": 2,
+            "P": 64,
+            "pte": 128,
+        },
+    ],
+    ids=["fc", "perceptron"],
+)
+def test_member_records_are_plain_msgpack(settings, data_root):
+    """What a task streams must pass msgpack with strict types (``Worker.log_event``
+    refuses numpy scalars): every field of a real member's record is a plain type."""
+    import msgpack
+
+    from ensemble.cells import Group, Member
+    from ensemble.engine import Engine
+    from ensemble.launch import member_record
+
+    group = Group(**settings, max_steps=300, data_root=str(data_root))
+    results = Engine(group, 2, "cpu").run([Member(1.0, 0.01, 0), Member(1024.0, 0.01, 1)])
+    for r in results:
+        record = member_record(r)
+        assert "weights" not in record
+        msgpack.packb(record, strict_types=True)

@@ -283,8 +283,8 @@ def test_board_counts_running_failed_and_finished_seeds():
             )
         ],
         "batches": [
-            ("b1", "e", 8, [(1.0, 0.5), (1.0, 0.5)], 100.0),
-            ("b2", "e", 8, [(1.0, 1.0)], 50.0),
+            ("b1", "e", 8, [(1.0, 0.5, 50.0), (1.0, 0.5, 50.0)]),
+            ("b2", "e", 8, [(1.0, 1.0, 50.0)]),
         ],
     }
     board = SweepBoard(info)
@@ -301,13 +301,17 @@ def test_board_counts_running_failed_and_finished_seeds():
     }
     assert [s["state"] for s in v["squares"]] == ["running", "converged"]
     board.failed("b2")
-    board.finished(
-        "b1",
-        "e",
-        8,
-        [(1.0, 0.5, CONVERGED, 0.5, 300), (1.0, 0.5, DIVERGED, None, 7)],
-        {"member_steps": 307, "slot_steps": 600, "busy_steps": 290},
-    )
+    # one member of b1 is written while its task goes on: the square shows it at once
+    board.members("b1", "e", 8, [(1.0, 0.5, CONVERGED, 0.5, 300)])
+    v = board.view(n_workers=2, now=110.0)
+    assert v["counts"]["running"] == 1 and v["counts"]["converged"] == 2
+    sq = {s["T"]: s for s in v["squares"]}
+    assert sq[0.5]["done"] == 1 and sq[0.5]["running"] == 1
+    assert v["throughput"]["batches"]["running"] == 1
+    # planned 50 steps for the member left, at 300 / 50 taken per planned, 300 / 10 s
+    assert v["throughput"]["eta_seconds"] == pytest.approx(50 * 6 / 30)
+    board.members("b1", "e", 8, [(1.0, 0.5, DIVERGED, None, 7)])
+    board.finished("b1", {"member_steps": 307, "slot_steps": 600, "busy_steps": 290})
     v = board.view(n_workers=2, now=110.0)
     assert v["counts"] == {
         "pending": 1,
@@ -326,6 +330,35 @@ def test_board_counts_running_failed_and_finished_seeds():
     assert tp["occupancy"] == pytest.approx(290 / 600)
     assert tp["eta_seconds"] == 0  # the failed batch is not waited for
     assert tp["batches"] == {"total": 2, "pending": 0, "running": 0, "done": 1, "failed": 1}
+
+
+def test_board_counts_a_member_of_a_failed_batch_written_late():
+    """A failed task's member whose event arrived after the failure is done, not failed;
+    a member reported before its batch was seen starting leaves no seed running."""
+    info = {
+        "id": "s",
+        "sweep": "s",
+        "store": "x.zarr",
+        "launched": 0.0,
+        "experiments": [{"name": "e", "alpha": [1.0], "T": [0.5], "P": [8], "seeds": 2}],
+        "prior": [],
+        "batches": [("b", "e", 8, [(1.0, 0.5, 10.0), (1.0, 0.5, 10.0)])],
+    }
+    board = SweepBoard(info)
+    board.members("b", "e", 8, [(1.0, 0.5, CONVERGED, 0.25, 12)])  # before "started"
+    assert board.view(1, now=1.0)["counts"]["running"] == 1
+    board.failed("b")
+    assert board.view(1, now=1.0)["counts"]["failed"] == 1
+    board.members("b", "e", 8, [(1.0, 0.5, UNFINISHED, 0.5, 10)])
+    v = board.view(1, now=1.0)
+    assert v["counts"] == {
+        "pending": 0,
+        "running": 0,
+        "converged": 1,
+        "diverged": 0,
+        "unfinished": 1,
+        "failed": 0,
+    }
 
 
 # -- the static page from a cube -------------------------------------------------------
