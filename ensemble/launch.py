@@ -10,8 +10,9 @@ Members stream from the workers: a task publishes each finished member on the la
 Dask event topic (``Worker.log_event``, the channel ``distributed.print`` uses), and the
 launching process, subscribed to it, writes what arrived every ``WRITE_EVERY`` seconds,
 one Zarr write per experiment. A killed launch or a failed task therefore loses only
-its members still training. The task also returns all its results, and the launch
-writes those no event brought, so a lost event costs nothing but time.
+its members still training, and a task Dask retries after its worker died trains only
+the members its earlier attempt had not published. The task also returns its results,
+and the launch writes those no event brought.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class LaunchReport:
     """Cells per experiment whose task failed."""
     compiled_tasks: int = 0
     """Finished tasks that compiled their step (``compile_policy``)."""
+    skipped: int = 0
+    """Members that retried tasks (their worker died) did not train again: an earlier
+    attempt had published them (``MemberStream``)."""
 
     @property
     def cells_per_minute(self) -> float:
@@ -168,6 +172,11 @@ class LaunchReport:
             + (
                 f"; {self.compiled_tasks} of {self.batches} tasks compiled"
                 if self.compiled_tasks
+                else ""
+            )
+            + (
+                f"; {self.skipped} cells not retrained by tasks retried after a worker died"
+                if self.skipped
                 else ""
             )
         )
@@ -273,30 +282,54 @@ def member_record(result: MemberResult) -> dict:
     return d
 
 
-def _publisher(topic: str | None, key: str) -> Callable | None:
-    """``Engine.run``'s ``on_result`` that publishes each finished member on ``topic`` as
-    ``{"key": key, "index": i, "result": member_record}``; None outside a Dask worker or
-    without a topic (the results then arrive with the task's return only)."""
-    if topic is None:
-        return None
-    from distributed import get_worker
+class MemberStream:
+    """A task's end of its launch's event stream (``run_batch`` on a Dask worker).
 
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None
+    ``publish(index, result)`` (``Engine.run``'s ``on_result``) sends the member's record
+    as ``{"key": key, "index": index, "result": member_record}`` on ``topic``, which the
+    launching process writes, then the bare index on ``topic/key``. ``published()`` reads
+    those indices back: a task that Dask retries after its worker died skips the members
+    an earlier attempt already sent (the records went out first, so every index read back
+    has its record on its way to the launching process)."""
 
-    warned: list[BaseException] = []
+    def __init__(self, topic: str, key: str):
+        from distributed import get_worker
 
-    def publish(index: int, result: MemberResult) -> None:
+        self.worker = get_worker()  # ValueError outside a worker
+        self.topic, self.key = topic, key
+        self.marks = f"{topic}/{key}"
+        self._warned = False
+
+    @classmethod
+    def open(cls, topic: str | None, key: str) -> MemberStream | None:
+        """The stream of task ``key``; None without a topic or outside a Dask worker (the
+        results then reach the launch with the task's return only)."""
+        if topic is None:
+            return None
         try:
-            worker.log_event(topic, {"key": key, "index": index, "result": member_record(result)})
-        except Exception as exc:  # noqa: BLE001  the task's return still carries the member
-            if not warned:
-                warned.append(exc)
-                logger.warning("task %s: member %d not streamed (%r)", key, index, exc)
+            return cls(topic, key)
+        except ValueError:
+            return None
 
-    return publish
+    def published(self) -> set[int]:
+        """Indices of the members an earlier attempt of this task published."""
+        from distributed import get_client
+
+        try:
+            return {int(msg) for _, msg in get_client().get_events(self.marks)}
+        except Exception as exc:  # noqa: BLE001  then retrain them all (the launch dedups)
+            logger.warning("task %s: could not read its earlier members (%r)", self.key, exc)
+            return set()
+
+    def publish(self, index: int, result: MemberResult) -> None:
+        try:
+            record = member_record(result)
+            self.worker.log_event(self.topic, {"key": self.key, "index": index, "result": record})
+            self.worker.log_event(self.marks, index)
+        except Exception as exc:  # noqa: BLE001  the task's return still carries the member
+            if not self._warned:
+                self._warned = True
+                logger.warning("task %s: member %d not streamed (%r)", self.key, index, exc)
 
 
 def run_batch(
@@ -307,9 +340,11 @@ def run_batch(
     compile: bool,
     topic: str | None = None,
 ):
-    """Dask task: train one batch on this worker's device; returns plain dicts (in the
-    batch's member order) and the engine's counters, with ``"device"`` (readable name).
-    Each member is also published on the Dask event ``topic`` as it stops (`_publisher`).
+    """Dask task: train one batch on this worker's device; returns plain dicts in the
+    batch's member order (None for a member an earlier attempt of the task published and
+    this one skipped) and the engine's counters, with ``"device"`` (readable name) and
+    ``"skipped"``. Each member is also published on the Dask event ``topic`` as it stops
+    (``MemberStream``).
 
     Continuous batching: the engine gets fewer slots than members (half, by default,
     within the device's memory) and refills a slot as soon as its member stops; members
@@ -317,25 +352,32 @@ def run_batch(
     end waiting for one of them.
     """
     from ensemble.cluster import worker_device
-    from ensemble.engine import Engine, default_slots
+    from ensemble.engine import Engine, EngineStats, default_slots
 
     group = batch.group
     if data_root is not None:
         group = Group(**{**group.as_dict(), "data_root": data_root})
     dev = worker_device(device)
-    n = len(batch.members)
+    stream = MemberStream.open(topic, batch.key)
+    skip = stream.published() if stream is not None else set()
+    todo = [i for i in range(len(batch.members)) if i not in skip]
+    records: list[dict | None] = [None] * len(batch.members)
+    info = {"device": _device_name(dev), "compiled": False, "skipped": len(skip)}
+    if not todo:
+        return records, {**dataclasses.asdict(EngineStats()), **info}
+    n = len(todo)
     k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
     at_once, later = compile_policy(batch, compile, dev)
     engine = Engine(group, min(k, n), dev, compile=at_once, compile_after=later)
-    results = engine.run(batch.members, _publisher(topic, batch.key))
+    on_result = None
+    if stream is not None:
+        on_result = lambda j, r: stream.publish(todo[j], r)  # noqa: E731
+    results = engine.run([batch.members[i] for i in todo], on_result)
     if engine.compiled:
         note_compiled(batch.group)
-    stats = dataclasses.asdict(engine.stats)
-    return [member_record(r) for r in results], {
-        **stats,
-        "device": _device_name(dev),
-        "compiled": engine.compiled,
-    }
+    for i, r in zip(todo, results, strict=True):
+        records[i] = member_record(r)
+    return records, {**dataclasses.asdict(engine.stats), **info, "compiled": engine.compiled}
 
 
 def launch(
@@ -467,25 +509,26 @@ class TaskOptions:
 class _Sink:
     """The launching process's end of a launch: writes each member into the cube once
     (from the event stream or from its task's return, whichever comes first), and counts
-    it in the report, the progress bar and the monitor."""
+    it in the report and the monitor; each call returns the cells it wrote."""
 
     def __init__(self, store, sweep: Sweep, batches: list[Batch], report: LaunchReport, bar, mon):
+        """``bar``: the progress bar, for messages; ``mon``: the monitor or None."""
         self.writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
         self.batches = {b.key: b for b in batches}
         self.written: dict[str, set[int]] = {b.key: set() for b in batches}
         self.failed: set[str] = set()
         self.report, self.bar, self.mon = report, bar, mon
 
-    def drain(self, inbox: deque) -> None:
-        """Write the members that arrived as events (``_publisher``'s messages)."""
+    def drain(self, inbox: deque) -> int:
+        """Write the members that arrived as events (``MemberStream.publish``)."""
         items = []
         while inbox:
             msg = inbox.popleft()
             if isinstance(msg, dict) and msg.get("key") in self.batches:
                 items.append((msg["key"], int(msg["index"]), msg["result"]))
-        self.write(items)
+        return self.write(items)
 
-    def write(self, items: Iterable[tuple[str, int, dict]]) -> None:
+    def write(self, items: Iterable[tuple[str, int, dict]]) -> int:
         """Write members (batch key, member index, record) not written before: one Zarr
         write per experiment, ``done`` last; then count them."""
         fresh: dict[str, dict[int, dict]] = {}
@@ -513,12 +556,21 @@ class _Sink:
                 r.failed[b.experiment] -= n
             if self.mon is not None:
                 self.mon.members(b, list(members.values()))
-            self.bar.update(n)
+        return sum(len(members) for members in fresh.values())
 
-    def finished(self, b: Batch, results: list[dict], stats: dict) -> None:
-        """The task of ``b`` returned: write the members no event brought; add its counters."""
-        self.write((b.key, i, rec) for i, rec in enumerate(results))
+    def finished(self, b: Batch, results: list[dict | None], stats: dict) -> int:
+        """The task of ``b`` returned: write the members no event brought; add its
+        counters. A member neither streamed nor returned (published by an attempt that
+        died, its record lost on the way) counts as failed: it stays missing."""
+        n = self.write((b.key, i, rec) for i, rec in enumerate(results) if rec is not None)
         r = self.report
+        lost = len(b.members) - len(self.written[b.key])
+        if lost:
+            self.failed.add(b.key)
+            r.cells_failed += lost
+            r.failed[b.experiment] = r.failed.get(b.experiment, 0) + lost
+            self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")
+        r.skipped += int(stats.get("skipped", 0))
         if stats.get("device") and stats["device"] not in r.devices:
             r.devices = sorted([*r.devices, stats["device"]])
         r.member_steps += stats["member_steps"]
@@ -530,8 +582,9 @@ class _Sink:
         r.compiled_tasks += bool(stats.get("compiled"))
         if self.mon is not None:
             self.mon.finished(b, stats)
+        return n
 
-    def lost(self, b: Batch, exc: BaseException) -> None:
+    def lost(self, b: Batch, exc: BaseException) -> int:
         """The task of ``b`` raised: its members not yet written stay missing."""
         n = len(b.members) - len(self.written[b.key])
         self.failed.add(b.key)
@@ -543,6 +596,7 @@ class _Sink:
         )
         if self.mon is not None:
             self.mon.failed(b)
+        return 0
 
 
 def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, monitor, report):
@@ -599,23 +653,25 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                         started.add(f.key)
                         if mon is not None:
                             mon.started(futures[f])
-                # set before the updates below redraw the bar, so the count shown is current
+                new = sink.drain(inbox)
+                for f in finished:
+                    try:
+                        results, stats = f.result()
+                    except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
+                        new += sink.lost(futures[f], exc)
+                    else:
+                        new += sink.finished(futures[f], results, stats)
                 running = sum(
                     len(futures[f].members) - len(sink.written[f.key])
                     for f in remaining
                     if f.key in processing
                 )
                 bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
-                sink.drain(inbox)
-                for f in finished:
-                    try:
-                        results, stats = f.result()
-                    except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
-                        sink.lost(futures[f], exc)
-                    else:
-                        sink.finished(futures[f], results, stats)
-                bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
-            sink.drain(inbox)
+                if new:
+                    bar.update(new)
+                else:
+                    bar.refresh()  # the postfix changed
+            bar.update(sink.drain(inbox))
         finally:
             bar.close()
             try:

@@ -123,11 +123,28 @@ def test_killed_worker_still_gives_complete_cube(client, tmp_path, reference):
     assert_same_cube(reference, xr.open_zarr(tmp_path / "k.zarr", group="tiny_fc").load())
 
 
-def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, data_root):
-    """One task trains 4 members one after another (about 2 s each): they reach the cube
-    as they stop, so a launch killed partway through its only task keeps them, and the
-    rerun trains only the rest, to the same cube as an uninterrupted launch."""
-    spec = write_sweep(tmp_path / "slow.toml", alpha="[1.0]", T="[0.0009765625]", seeds=4)
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory, client):
+    """A sweep of 4 cells of about 2 s each on this CPU, and its cube from a launch that
+    nothing interrupted: (spec, reference dataset)."""
+    tmp = tmp_path_factory.mktemp("slow")
+    spec = write_sweep(tmp / "slow.toml", alpha="[1.0]", T="[0.0009765625]", seeds=4)
+    launch(spec, tmp / "whole.zarr", client=client, progress=False)
+    return spec, xr.open_zarr(tmp / "whole.zarr", group="tiny_fc").load()
+
+
+def _done(sweep, store) -> int:
+    try:
+        return 4 - len(pending_cells(sweep, store)["tiny_fc"])
+    except Exception:  # noqa: BLE001  store or group not yet created
+        return 0
+
+
+def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, data_root):
+    """One task trains 4 members one after another: they reach the cube as they stop,
+    so a launch killed partway through its only task keeps them, and the rerun trains
+    only the rest, to the same cube as an uninterrupted launch."""
+    spec, reference = slow
     store = tmp_path / "s.zarr"
     cmd = [
         sys.executable,
@@ -156,13 +173,9 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, data_root
     done = 0
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if store.exists():
-            try:
-                done = 4 - len(pending_cells(sweep, store)["tiny_fc"])
-            except Exception:  # noqa: BLE001  group not yet created
-                done = 0
-            if 1 <= done < 4:
-                break
+        done = _done(sweep, store) if store.exists() else 0
+        if 1 <= done < 4:
+            break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -172,11 +185,55 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, data_root
     report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
     assert report["cells_pending"] == missing
     assert report["cells_done"] == missing
-    launch(spec, tmp_path / "whole.zarr", client=client, progress=False)
-    assert_same_cube(
-        xr.open_zarr(tmp_path / "whole.zarr", group="tiny_fc").load(),
-        xr.open_zarr(store, group="tiny_fc").load(),
-    )
+    assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
+
+
+def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, slow):
+    """The worker of a launch's only task is killed once a member is in the cube: Dask
+    retries the task on a worker, which skips the members already published, and the
+    cube comes out the same as an uninterrupted launch's."""
+    spec, reference = slow
+    sweep = load_sweep(spec)
+    store = tmp_path / "r.zarr"
+    caught: list[tuple[int, int]] = []  # (cells done, pid killed)
+    errors: list[BaseException] = []
+
+    def kill_after_first_member() -> None:
+        deadline = time.time() + 300
+        try:
+            while time.time() < deadline:
+                done = _done(sweep, store) if store.exists() else 0
+                busy = [w for w, keys in client.processing().items() if keys]
+                if 1 <= done < 4 and busy:
+                    pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    caught.append((done, pid))
+                    return
+                if done == 4:
+                    return
+                time.sleep(0.1)
+        except BaseException as exc:  # noqa: BLE001  re-raised in the test thread
+            errors.append(exc)
+
+    import threading
+
+    killer = threading.Thread(target=kill_after_first_member)
+    killer.start()
+    tree = launch(spec, store, client=client, progress=False, max_members=4, slots=1)
+    killer.join()
+    if errors:
+        raise errors[0]
+    assert caught, "the task's worker was not caught with 1-3 members written"
+    done_at_kill, victim = caught[0]
+    assert victim not in client.run(os.getpid).values()  # the worker really died
+    report = tree.attrs["launch_report"]
+    assert report["batches"] == 1 and report["cells_failed"] == 0
+    assert report["skipped"] >= done_at_kill
+    ds = xr.open_zarr(store, group="tiny_fc").load()
+    # the retry trained only the members not yet published (the killed attempt's
+    # counters are lost with its worker)
+    assert report["member_steps"] < int(ds["steps"].sum())
+    assert_same_cube(reference, ds)
 
 
 def test_extension_computes_only_new_cells(client, tmp_path, reference):
