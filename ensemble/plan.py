@@ -53,6 +53,15 @@ DIVERGE_DT = 1024.0
 """FC diverges (NaN) within about 20 steps at dt >= 1024 at every alpha tried."""
 DIVERGE_STEPS = 20.0
 
+MNAS_LAZY = 3.1
+"""MNAS(h) takes about 3.1x FC-5L's lazy steps at large dt ..."""
+MNAS_DT_GF = 0.26
+MNAS_DT_EXPONENT = 0.61
+"""... times 1 + (MNAS_DT_GF / dt)^MNAS_DT_EXPONENT: more steps at small dt = T h B (towards
+gradient flow, where the steps grow like 1/dt), an empirical fit over dt = 2^-5 .. 2^6."""
+MNAS_SLOW = 26.0
+"""MNAS's feature-regime (small-T) term is about 26x FC-5L's."""
+
 _ALPHA_PEAK = 8.0
 _A_PEAK = 12.0
 _A_EXPONENT = math.log(_A_PEAK / 4.5) / math.log(_ALPHA_PEAK)  # 0.47: A(1) = 4.5, A(8) = 12
@@ -92,15 +101,20 @@ def _perceptron_steps(P: int, chi: float) -> float:
 def estimate_steps(group: Group, member: Member) -> float:
     """Rough expected number of SGD steps of one member, capped at group.max_steps.
 
-    FC and MNAS (MNAS assumed like FC; the reduced MNAS(8) runs of docs/reproduction/,
-    P = 64-256, measured 1.7-28x these estimates, geometric mean 5.2x over 47 (alpha, T,
-    P): about 3x at large T, more at small T and in the feature regime):
-    LAZY_STEPS_P1024 (P/1024)^1.4, plus
-    LAZY_STEPS_P1024 A(alpha) (P/1024)^SLOW_P_EXPONENT T_SLOW / T (more steps at small T
-    away from the lazy limit, see ``_slowdown``); FC at dt >= DIVERGE_DT diverges in about
-    DIVERGE_STEPS. Within a factor 1.7 of the measured medians of FC-5L at P = 256 and
-    1024 (tested); the feature regime's diverging edge is not modelled. Perceptron: see
-    ``_perceptron_steps``. Used only to group members and for the dry run's expected cost.
+    FC: lazy = LAZY_STEPS_P1024 (P/1024)^1.4, plus
+    slow = LAZY_STEPS_P1024 A(alpha) (P/1024)^SLOW_P_EXPONENT T_SLOW / T (more steps at
+    small T away from the lazy limit, see ``_slowdown``); FC at dt >= DIVERGE_DT diverges
+    in about DIVERGE_STEPS. Within a factor 1.7 of the measured medians of FC-5L at P = 256
+    and 1024 (tested); the feature regime's diverging edge is not modelled.
+
+    MNAS: MNAS_LAZY lazy (1 + (MNAS_DT_GF / dt)^MNAS_DT_EXPONENT) + MNAS_SLOW slow, fitted
+    (least squares in log steps) to the geometric seed means of the 47 (alpha, T, P) of the
+    three reduced MNAS(8) runs of docs/reproduction/ (B = 16, P = 64-256, MNIST and
+    CIFAR-10): measured / estimated 0.52-5.9, rms 1.6x (it was 1.7-28x, geometric mean
+    5.2x, with MNAS costed as FC). Wider MNAS and larger P are extrapolation.
+
+    Perceptron: see ``_perceptron_steps``. Used to group members, order them, and for the
+    dry run's expected cost.
     """
     if group.arch == "perceptron":
         steps = _perceptron_steps(group.P, group.chi)
@@ -109,7 +123,11 @@ def estimate_steps(group: Group, member: Member) -> float:
     else:
         x = group.P / 1024.0
         slow = LAZY_STEPS_P1024 * _slowdown(member.alpha) * x**SLOW_P_EXPONENT * T_SLOW / member.T
-        steps = LAZY_STEPS_P1024 * x**P_EXPONENT + slow
+        lazy = LAZY_STEPS_P1024 * x**P_EXPONENT
+        if group.arch == "mnas":
+            gf = (MNAS_DT_GF / group.dt(member.T)) ** MNAS_DT_EXPONENT
+            lazy, slow = MNAS_LAZY * lazy * (1 + gf), MNAS_SLOW * slow
+        steps = lazy + slow
     return float(min(max(steps, 1.0), group.max_steps))
 
 
