@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import logging
 import math
 import time
 from collections import deque
@@ -449,6 +450,8 @@ class Engine:
     def _compile(self) -> None:
         """Switch to the compiled step and look-ahead (dynamic shapes: one compile serves
         every ensemble size K of a process)."""
+        if not torch.cuda.is_available():  # then its "No CUDA runtime is found" is moot
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self._step_fn = torch.compile(self._step, dynamic=True)
         self._skip_fn = torch.compile(self._skip, dynamic=True)
         self.compiled = True
