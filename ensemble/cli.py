@@ -103,7 +103,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_status(a: argparse.Namespace) -> int:
     from ensemble.launch import store_status
 
-    print(store_status(a.store))
+    print(store_status(a.store, estimates=a.estimates))
     if a.html:
         from ensemble.monitor import write_status_html
 
@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="what is done and missing in a cube")
     s.add_argument("store")
     s.add_argument("--html", default=None, help="also write the sweep page as a static HTML file")
+    s.add_argument(
+        "--estimates",
+        action="store_true",
+        help="also compare the steps taken with the planner's estimates",
+    )
     s.set_defaults(func=_cmd_status)
 
     f = sub.add_parser("fetch-data", help="download MNIST / CIFAR-10 into the data root")

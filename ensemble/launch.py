@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import xarray as xr
 
 import ensemble
@@ -699,8 +700,9 @@ def dry_run(
     )
 
 
-def store_status(store: str | os.PathLike) -> str:
-    """Per experiment: cells done / total and counts per outcome."""
+def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
+    """Per experiment: cells done / total and counts per outcome; with ``estimates``, also
+    how the planner's step estimates compare with the steps taken (`estimate_ratios`)."""
     from ensemble.schema import OUTCOME_FLAGS
 
     tree = xr.open_datatree(store, engine="zarr")
@@ -716,7 +718,46 @@ def store_status(store: str | os.PathLike) -> str:
             + ", ".join(f"{k} {v}" for k, v in counts.items())
             + f"  [sweep {ds.attrs.get('sweep')}, {dict(ds.sizes)}]"
         )
+        if estimates:
+            r = estimate_ratios(ds)
+            lines.append(
+                "    steps / planner estimate (seed means of converged cells): "
+                + (
+                    f"geometric mean {math.exp(float(np.log(r).mean())):.2f},"
+                    f" range {r.min():.2f}-{r.max():.2f}, rms"
+                    f" {math.exp(math.sqrt(float((np.log(r) ** 2).mean()))):.2f}x"
+                    f" over {r.size} (alpha, T, P)"
+                    if r.size
+                    else "no converged cell yet"
+                )
+            )
     return "\n".join(lines)
+
+
+def estimate_ratios(ds: xr.Dataset) -> np.ndarray:
+    """Measured / estimated steps (``plan.estimate_steps``) of one experiment's group, per
+    (alpha, T, P) with a converged seed: the geometric mean of its converged seeds' steps
+    over the estimate for its settings (read from the group's attributes). What a
+    researcher checks the dry run's expected cost against, and what refits the cost model."""
+    from ensemble.cells import Member
+    from ensemble.plan import estimate_steps
+    from ensemble.schema import CONVERGED
+
+    fields = {f.name for f in dataclasses.fields(Group)} - {"P", "data_root"}
+    settings = {k: v for k, v in ds.attrs.items() if k in fields}
+    converged = (ds["done"] & (ds["outcome"] == CONVERGED)).values  # (alpha, T, P, seed)
+    steps = np.where(converged, ds["steps"].values, np.nan)
+    out = []
+    for i, alpha in enumerate(ds["alpha"].values):
+        for j, T in enumerate(ds["T"].values):
+            for k, P in enumerate(ds["P"].values):
+                s = steps[i, j, k]
+                s = s[np.isfinite(s) & (s > 0)]
+                if s.size:
+                    group = Group(**settings, P=int(P))
+                    est = estimate_steps(group, Member(float(alpha), float(T), 0))
+                    out.append(math.exp(float(np.log(s).mean())) / est)
+    return np.array(out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -353,6 +354,36 @@ def test_cli_status_and_dry_run(tmp_path, reference, data_root):
         check=True,
     )
     assert "total: 8 batches, 8 members" in capped.stdout, capped.stdout
+
+
+def test_status_compares_steps_with_the_planner(tmp_path, reference):
+    """``status --estimates``: per (alpha, T, P) with a converged seed, the geometric mean
+    of the converged seeds' steps over ``estimate_steps`` of the group's settings."""
+    from ensemble.cells import Group, Member
+    from ensemble.launch import estimate_ratios, store_status
+    from ensemble.schema import CONVERGED
+
+    ratios = estimate_ratios(reference)
+    conv = reference["outcome"] == CONVERGED
+    squares = [
+        (a, t, p)
+        for a in reference["alpha"].values
+        for t in reference["T"].values
+        for p in reference["P"].values
+        if bool(conv.sel(alpha=a, T=t, P=p).any())
+    ]
+    assert len(ratios) == len(squares) > 0
+    a, t, p = squares[0]
+    steps = reference["steps"].sel(alpha=a, T=t, P=p).values[conv.sel(alpha=a, T=t, P=p).values]
+    group = Group(dataset="mnist", arch="fc", h=32, L=2, B=8, pte=256, max_steps=3000, P=int(p))
+    want = np.exp(np.log(steps).mean()) / estimate_steps(group, Member(float(a), float(t), 0))
+    assert ratios[0] == pytest.approx(want, rel=1e-12)
+    store = tmp_path / "r.zarr"
+    with warnings.catch_warnings():  # as ensemble.cube writes: consolidated, notice silenced
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        reference.to_zarr(store, group="tiny_fc", consolidated=True)
+    text = store_status(store, estimates=True)
+    assert f"over {len(squares)} (alpha, T, P)" in text and "geometric mean" in text
 
 
 def test_compile_only_where_the_planned_work_repays_it():
