@@ -1,11 +1,12 @@
 """The results cube: one Zarr group per experiment, laid out as ``ensemble.schema`` says.
 
-Writing is done by one process (the launcher), which receives results as Dask tasks
-finish. A batch's values are written first and its cells' ``done`` flags last, and every
-Zarr chunk is written atomically (``zarr.storage.LocalStore`` writes to a temporary file
-and renames it), so a process killed at any moment leaves a store that opens and whose
-``done`` cells are complete. Growing a grid rewrites the (small) group under a temporary
-name and swaps it in with a directory rename.
+Writing is done by one process (the launcher), which receives each member's results as
+the member stops (streamed from its Dask task). Each write's values are written first and
+its cells' ``done`` flags last, and every Zarr chunk is written atomically
+(``zarr.storage.LocalStore`` writes to a temporary file and renames it), so a process
+killed at any moment leaves a store that opens and whose ``done`` cells are complete.
+Growing a grid rewrites the (small) group under a temporary name and swaps it in with a
+directory rename.
 """
 
 from __future__ import annotations
