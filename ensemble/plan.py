@@ -110,8 +110,9 @@ def estimate_steps(group: Group, member: Member) -> float:
     MNAS: MNAS_LAZY lazy (1 + (MNAS_DT_GF / dt)^MNAS_DT_EXPONENT) + MNAS_SLOW slow, fitted
     (least squares in log steps) to the geometric seed means of the 47 (alpha, T, P) of the
     three reduced MNAS(8) runs of docs/reproduction/ (B = 16, P = 64-256, MNIST and
-    CIFAR-10): measured / estimated 0.52-5.9, rms 1.6x (it was 1.7-28x, geometric mean
-    5.2x, with MNAS costed as FC). Wider MNAS and larger P are extrapolation.
+    CIFAR-10; the phase diagram's first 2 seeds): measured / estimated 0.52-5.9, rms 1.6x
+    (it was 1.7-28x, geometric mean 5.2x, with MNAS costed as FC). Wider MNAS and larger P
+    are extrapolation. ``python -m ensemble status <cube> --estimates`` compares a cube.
 
     Perceptron: see ``_perceptron_steps``. Used to group members, order them, and for the
     dry run's expected cost.

@@ -177,7 +177,8 @@ MNAS_PHASE = {
     (8, -1): 262, (13, -7): 416, (13, -5): 231, (13, -3): 151, (13, -1): 169,
 }  # fmt: skip
 """Geometric seed means of the converged steps of MNAS(8), B = 16, in the three reduced
-MNAS runs of docs/reproduction/ (every (alpha, T, P) with a converged seed): 47 in all."""
+MNAS runs of docs/reproduction/ (every (alpha, T, P) with a converged seed; the phase
+diagram's first 2 seeds, the data the model was fitted to): 47 in all."""
 
 
 def test_estimate_steps_mnas_matches_the_reduced_runs():
