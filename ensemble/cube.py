@@ -51,9 +51,12 @@ class StoreBusyError(EnsembleError, RuntimeError):
 
 @contextmanager
 def _quiet_zarr() -> Iterator[None]:
-    """Silence zarr's notice that consolidated metadata is not in the v3 spec."""
+    """Silence zarr's notice that consolidated metadata is not in the v3 spec, and its
+    notice, to a reader beside a running launch, that a chunk being written (LocalStore's
+    temporary ``*.partial`` file) "is not recognized as a component"."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata")
+        warnings.filterwarnings("ignore", message=r".*\.partial is not recognized")
         yield
 
 
