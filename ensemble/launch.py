@@ -520,6 +520,12 @@ class _Sink:
         self.failed: set[str] = set()
         self.report, self.bar, self.mon = report, bar, mon
 
+    def _count_failed(self, b: Batch, n: int) -> None:
+        """Count ``n`` cells of ``b`` as failed (negative: a late one arrived after all)."""
+        self.failed.add(b.key)
+        self.report.cells_failed += n
+        self.report.failed[b.experiment] = self.report.failed.get(b.experiment, 0) + n
+
     def drain(self, inbox: deque) -> int:
         """Write the members that arrived as events (``MemberStream.publish``)."""
         items = []
@@ -553,8 +559,7 @@ class _Sink:
             r.cells_done += n
             r.trained[b.experiment] = r.trained.get(b.experiment, 0) + n
             if key in self.failed:  # a failed task's member whose event came late
-                r.cells_failed -= n
-                r.failed[b.experiment] -= n
+                self._count_failed(b, -n)
             if self.mon is not None:
                 self.mon.members(b, list(members.values()))
         return sum(len(members) for members in fresh.values())
@@ -567,9 +572,7 @@ class _Sink:
         r = self.report
         lost = len(b.members) - len(self.written[b.key])
         if lost:
-            self.failed.add(b.key)
-            r.cells_failed += lost
-            r.failed[b.experiment] = r.failed.get(b.experiment, 0) + lost
+            self._count_failed(b, lost)
             self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")
         r.skipped += int(stats.get("skipped", 0))
         if stats.get("device") and stats["device"] not in r.devices:
@@ -588,9 +591,7 @@ class _Sink:
     def lost(self, b: Batch, exc: BaseException) -> int:
         """The task of ``b`` raised: its members not yet written stay missing."""
         n = len(b.members) - len(self.written[b.key])
-        self.failed.add(b.key)
-        self.report.cells_failed += n
-        self.report.failed[b.experiment] = self.report.failed.get(b.experiment, 0) + n
+        self._count_failed(b, n)
         self.bar.write(
             f"batch {b.key} failed: {exc!r}; its {n} unfinished cells stay missing"
             f" ({len(self.written[b.key])} finished ones were written)"

@@ -43,7 +43,6 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 from tornado.ioloop import IOLoop
 
-from ensemble.plan import estimate_steps
 from ensemble.schema import CONVERGED, DIVERGED, UNFINISHED
 
 __all__ = [
@@ -829,7 +828,7 @@ class SweepMonitor:
                     b.key,
                     b.experiment,
                     b.group.P,
-                    [(m.alpha, m.T, estimate_steps(b.group, m)) for m in b.members],
+                    [(m.alpha, m.T, est) for m, est in zip(b.members, b.estimates, strict=True)],
                 )
                 for b in batches
             ],

@@ -264,9 +264,14 @@ class Batch:
     est_steps: float
 
     @functools.cached_property
+    def estimates(self) -> tuple[float, ...]:
+        """``estimate_steps`` of each member (computed once)."""
+        return tuple(estimate_steps(self.group, m) for m in self.members)
+
+    @property
     def work(self) -> float:
-        """Planned member-steps: ``estimate_steps`` summed over the members (once)."""
-        return sum(estimate_steps(self.group, m) for m in self.members)
+        """Planned member-steps: ``estimates`` summed over the members."""
+        return sum(self.estimates)
 
     @property
     def dt_range(self) -> tuple[float, float]:
