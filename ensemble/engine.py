@@ -232,6 +232,8 @@ class EngineStats:
     """Wall time of the stopping checks (full training loss of quiet or budget-hit slots)."""
     checkpoint_seconds: float = 0.0
     """Wall time of the checkpoints (training loss and test error at ``checkpoint_steps``)."""
+    fill_seconds: float = 0.0
+    """Wall time of filling slots (initial weights, training sets, F(w0))."""
     checks: int = 0
     real_steps: int = 0
     """Steps executed by the ensemble (each advances every slot; with quiet-step
@@ -483,7 +485,7 @@ class Engine:
         if self.fused:
             # step size x dloss/dF, with dloss/dF = -y / B where the margin is positive
             g_F = torch.where(update[:, None] & (margin > 0), -yb / g.B, 0) * lr[:, None]
-            fused.fc_backward_update(self.params, zs, slopes, g_F, update)
+            fused.fc_backward_update(self.params, zs, slopes, g_F, update, g.activation)
         else:
             for name, p in self.params.items():
                 shape = (-1,) + (1,) * (p.dim() - 1)
@@ -553,14 +555,16 @@ class Engine:
             burst = min(2 * burst, SKIP_ROUNDS)
 
     def _run_steps(self, n: int) -> None:
-        """n steps of every slot. On CUDA the step is captured once in a CUDA graph of
-        GRAPH_STEPS steps and replayed (one launch for many kernels); the arithmetic is the
-        same kernels as the eager step."""
+        """n steps of every slot. On CUDA the step is captured in a CUDA graph of
+        GRAPH_STEPS steps, in the first call of more than two steps after the engine was
+        built or shrunk (two eager warm-up steps, then the capture), and replayed (one
+        launch for many kernels; ``run``'s chunks are ``sync_every`` >= GRAPH_STEPS steps);
+        the arithmetic is the same kernels as the eager step."""
         if self.device.type != "cuda" or not self.cuda_graph:
             for _ in range(n):
                 self._step_fn()
             return
-        if self._graph is None and n >= GRAPH_STEPS + 2:
+        if self._graph is None and n > 2:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: two real steps outside the graph
@@ -698,9 +702,17 @@ class Engine:
 
         on_result(index, result) is called as each member finishes (for streaming writes).
         """
+        with _tf32(self.group.tf32):  # evaluation too: cuDNN allows TF32 by default
+            return self._run(members, on_result)
+
+    def _run(
+        self,
+        members: Iterable[Member],
+        on_result: Callable[[int, MemberResult], None] | None,
+    ) -> list[MemberResult]:
         queue = deque(enumerate(members))
         results: dict[int, MemberResult] = {}
-        K, ckpts = self.K, checkpoint_steps()
+        K, ckpts = self.K, np.array(checkpoint_steps() + [np.iinfo(np.int64).max])
         led = _Ledger.empty(K)
         t_start = time.perf_counter()
         max_steps = self.group.max_steps
@@ -712,9 +724,11 @@ class Engine:
                     led.assign(slot, *queue.popleft())
                     new.append(slot)
             if new:
+                t = time.perf_counter()
                 self._fill(new, [led.member[s] for s in new])
                 led.filled_at[new] = time.perf_counter()
                 self._init_f0(torch.tensor(new, device=self.device))
+                self.stats.fill_seconds += time.perf_counter() - t
 
         refill()
         while (led.occupant >= 0).any():
@@ -725,8 +739,7 @@ class Engine:
             # chunk length: stop on the next checkpoint or budget of any running slot
             n = self.sync_every
             next_ckpt = led.next_ckpt
-            ck_next = np.array([ckpts[min(c, N_CHECKPOINTS - 1)] for c in next_ckpt])
-            ck_next = np.where(next_ckpt < N_CHECKPOINTS, ck_next, np.iinfo(np.int64).max)
+            ck_next = ckpts[next_ckpt]  # int64 max once all are taken
             ck_lim = np.minimum(ck_next, max_steps)  # no slot may step past its own
             if running.any():
                 n = int(min(n, (ck_lim - step)[running].min()))
@@ -735,12 +748,8 @@ class Engine:
                 done[int(slot)] = (DIVERGED, int(step[slot]))
             t_ckpt = time.perf_counter()
             # checkpoints due now
-            due = [
-                s
-                for s in np.flatnonzero(running)
-                if next_ckpt[s] < N_CHECKPOINTS and step[s] == ckpts[next_ckpt[s]]
-            ]
-            if due:
+            due = np.flatnonzero(running & (step == ck_next))
+            if len(due):
                 idx = torch.tensor(due, device=self.device)
                 loss, _ = self._train_loss(idx)
                 err = self._test_error(idx, N_CKPT_TEST)
@@ -799,19 +808,18 @@ class Engine:
                 and time.perf_counter() - t_start >= self._compile_after
             ):
                 self._compile()
-            with _tf32(self.group.tf32):
-                if self.skip_quiet:
-                    span = SKIP_SPAN_EPOCHS * self.quiet_steps
-                    target = np.where(running, np.minimum(ck_lim, step + span), step)
-                    self.limit.copy_(torch.from_numpy(target).to(self.device))
-                    rounds = self._advance_skipping()
-                    self.stats.real_steps += rounds
-                    self.stats.slot_steps += K * rounds
-                    self.stats.busy_steps += int(running.sum()) * rounds
-                else:
-                    self._run_steps(max(n, 1))
-                    self.stats.real_steps += max(n, 1)
-                    self.stats.slot_steps += K * max(n, 1)
+            if self.skip_quiet:
+                span = SKIP_SPAN_EPOCHS * self.quiet_steps
+                target = np.where(running, np.minimum(ck_lim, step + span), step)
+                self.limit.copy_(torch.from_numpy(target).to(self.device))
+                rounds = self._advance_skipping()
+                self.stats.real_steps += rounds
+                self.stats.slot_steps += K * rounds
+                self.stats.busy_steps += int(running.sum()) * rounds
+            else:
+                self._run_steps(max(n, 1))
+                self.stats.real_steps += max(n, 1)
+                self.stats.slot_steps += K * max(n, 1)
         self.stats.seconds += time.perf_counter() - t_start
         return [results[i] for i in sorted(results)]
 

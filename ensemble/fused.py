@@ -4,8 +4,14 @@ The generic step (``torch.func.vmap`` of ``grad_and_value``) materialises every 
 gradient, then scales, masks and subtracts it: four passes over the weights after the
 backward product. Here the backward pass is written out with batched matrix products,
 and each weight update is accumulated in place by the product that computes it
-(``W.baddbmm_(g^T, z, alpha=-1/sqrt(fan_in))``, with the step size already folded into g),
-so the gradient of W is never stored and W is read and written once for its update.
+(``W.baddbmm_(g, u^T, alpha=-scale)``, with the step size already folded into g), so the
+gradient of W is never stored and W is read and written once for its update.
+
+Fewer passes over the activations: they are kept transposed, (K, width, B), so that every
+product has the layer's width as its long side, and the constant factors (1 / sqrt(fan_in),
+the activation's normalisation s, 1 / h) ride on the products' alpha instead of separate
+elementwise passes; relu's slope is a bool mask. On an H200 at K = 8192 this cut the
+elementwise kernels' time from 2.5 to 1.3 ms per step (``bench --profile``).
 
 The arithmetic is the model's (``ensemble.models._fc``): pre-activations z W^T / sqrt(fan_in),
 phi = the normalised activation, F = z_L . w_out / h; loss relu(1 - alpha f y) / alpha, batch
@@ -27,58 +33,77 @@ _SCALE = {name: activation_scale(name) for name in ("relu", "gelu")}
 """The normalised activations' scales, computed once (not traced by torch.compile)."""
 
 
-def _phi_and_slope(
-    pre: torch.Tensor, activation: str, s: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(phi(pre), phi'(pre)) of the normalised activation, s = activation_scale(activation)."""
-    if activation == "relu":
-        return torch.relu(pre) * s, (pre > 0).to(pre.dtype) * s
-    cdf = 0.5 * (1.0 + torch.erf(pre * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
-    return pre * cdf * s, (cdf + pre * pdf) * s
+_NOTHING: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+"""A (1, 1, 1) zero per (dtype, device): the ignored ``input`` of ``baddbmm(beta=0)``."""
+
+
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    key = (like.dtype, like.device)
+    if key not in _NOTHING:
+        _NOTHING[key] = torch.zeros(1, 1, 1, dtype=like.dtype, device=like.device)
+    return _NOTHING[key]
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (a @ b), batched, in one product (the scale is the product's alpha)."""
+    return torch.baddbmm(_nothing(a), a, b, beta=0.0, alpha=scale)
 
 
 def fc_forward(
     params: Params, x: torch.Tensor, L: int, activation: str
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """F(w, x) of K members on their own inputs x (K, B, d_in): (F (K, B), layer inputs
-    [z_0 .. z_L], activation slopes [phi'(pre_0) .. phi'(pre_{L-1})])."""
+    """F(w, x) of K members on their own inputs x (K, B, d_in).
+
+    Returns (F (K, B), layer inputs, activation slopes). The activations are kept
+    transposed, (K, width, B), with the activation's scale s left out: u_0 = x^T,
+    u_{l+1} = act(pre_l) and z_l = s u_l for l >= 1, the scale folded into the next
+    product. Slopes are act'(pre_l) without s: a bool mask (pre_l > 0) for relu."""
     s = _SCALE[activation]
-    z, zs, slopes = x, [x], []
+    u, us, slopes = x.transpose(1, 2), [x.transpose(1, 2)], []
     for layer in range(L):
         W = params[f"W{layer}"]  # (K, h, fan_in)
-        pre = torch.bmm(z, W.transpose(1, 2)) / math.sqrt(W.shape[2])
-        z, slope = _phi_and_slope(pre, activation, s)
-        zs.append(z)
+        pre = _scaled_bmm(W, u, (s if layer else 1.0) / math.sqrt(W.shape[2]))  # (K, h, B)
+        if activation == "relu":
+            u, slope = torch.relu(pre), pre > 0
+        else:
+            cdf = 0.5 * (1.0 + torch.erf(pre * _INV_SQRT_2))
+            u, slope = pre * cdf, cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
+        us.append(u)
         slopes.append(slope)
     w_out = params["w_out"]  # (K, h)
-    F = torch.bmm(z, w_out.unsqueeze(2)).squeeze(2) / w_out.shape[1]
-    return F, zs, slopes
+    F = _scaled_bmm(w_out.unsqueeze(1), u, s / w_out.shape[1]).squeeze(1)
+    return F, us, slopes
 
 
 def fc_backward_update(
     params: Params,
-    zs: list[torch.Tensor],
+    us: list[torch.Tensor],
     slopes: list[torch.Tensor],
     g_F: torch.Tensor,
     update: torch.Tensor,
+    activation: str,
 ) -> None:
     """w <- w - d(sum_k g_F[k] . F_k)/dw in place, for every member: g_F (K, B) is the step
-    size times dloss/dF, zero where ``update`` (K,) is False. The factors of each product
-    are masked with ``where`` (not multiplied by zero), so a member with non-finite
-    activations (one that diverged) gets exactly no update."""
+    size times dloss/dF, zero where ``update`` (K,) is False. ``us`` and ``slopes`` are
+    fc_forward's. The factors of each product are masked with ``where`` (not multiplied
+    by zero), so a member with non-finite activations (one that diverged) gets exactly
+    no update; the inputs u_0 = x^T are finite and need no mask."""
+    s = _SCALE[activation]
     L = len(slopes)
     w_out = params["w_out"]
     h = w_out.shape[1]
     keep = update.view(-1, 1, 1)
-    delta = g_F.unsqueeze(2) * w_out.unsqueeze(1) / h  # dloss/dz_L, before w_out changes
-    z = torch.where(keep, zs[L], 0)
-    w_out.unsqueeze(1).baddbmm_(g_F.unsqueeze(1), z, alpha=-1.0 / h)
+    # dloss/du_L, transposed (K, h, B), before w_out changes
+    delta = w_out.unsqueeze(2) * (g_F.unsqueeze(1) * (s / h))
+    w_out.unsqueeze(2).baddbmm_(torch.where(keep, us[L], 0), g_F.unsqueeze(2), alpha=-s / h)
     for layer in reversed(range(L)):
-        W = params[f"W{layer}"]
-        g_pre = torch.where(keep, delta * slopes[layer], 0)  # (K, B, h)
-        scale = 1.0 / math.sqrt(W.shape[2])
-        if layer:
-            delta = torch.bmm(g_pre, W) * scale  # dloss/dz_layer, before W changes
-        z = torch.where(keep, zs[layer], 0)
-        W.baddbmm_(g_pre.transpose(1, 2), z, alpha=-scale)
+        W = params[f"W{layer}"]  # (K, h, fan_in)
+        if activation == "relu":
+            g_pre = torch.where(keep & slopes[layer], delta, 0)  # (K, h, B)
+        else:
+            g_pre = torch.where(keep, delta * slopes[layer], 0)
+        scale = (s if layer else 1.0) / math.sqrt(W.shape[2])
+        if layer:  # dloss/du_layer = scale W^T g_pre, before W changes
+            delta = _scaled_bmm(W.transpose(1, 2), g_pre, scale)
+        u = torch.where(keep, us[layer], 0) if layer else us[0]
+        W.baddbmm_(g_pre, u.transpose(1, 2), alpha=-scale)

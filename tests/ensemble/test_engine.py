@@ -103,8 +103,10 @@ def test_continuous_batching_gives_same_results(small_fc):
 def test_shrinking_the_tail_changes_nothing_but_the_cost(arch, small_fc):
     """Once no member is left to refill a slot, the engine drops its idle slots: every
     member's trajectory stays the same (refills and checkpoints included; bit for bit
-    for the perceptron with quiet-step skipping, up to float64 rounding of the batched
-    matrix products for FC), and fewer slot-steps are spent."""
+    for the perceptron with quiet-step skipping on the CPU, up to float64 rounding of the
+    batched matrix products for FC), and fewer slot-steps are spent. On CUDA the
+    perceptron matches to float32 rounding: cuBLAS picks its kernels by the batch size
+    (seen on an H200: one weight of 8 one ulp apart)."""
     if arch == "fc":
         g, members = small_fc, [*MEMBERS, Member(alpha=2.0**10, T=2.0**-8, seed=5)]
     else:
@@ -114,7 +116,12 @@ def test_shrinking_the_tail_changes_nothing_but_the_cost(arch, small_fc):
     shrinking = Engine(g, 4, DEVICE, keep_weights=True)
     for a, b in zip(fixed.run(members), shrinking.run(members), strict=True):
         assert a.outcome == CONVERGED
-        (_assert_same if arch == "fc" else _assert_bitwise)(a, b)
+        if arch == "fc":
+            _assert_same(a, b)
+        elif DEVICE == "cpu":
+            _assert_bitwise(a, b)
+        else:
+            _assert_same(a, b, rtol=1e-6)
     assert fixed.K == 4 and shrinking.K < 4
     assert shrinking.stats.slot_steps < fixed.stats.slot_steps
     assert shrinking.stats.busy_steps == fixed.stats.busy_steps
