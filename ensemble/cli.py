@@ -173,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=None, help="workers of the embedded cluster")
     r.add_argument("--device", default=None, help="torch device for every task (default: auto)")
     r.add_argument("--slots", type=int, default=None, help="members trained at once per task")
-    r.add_argument("--max-members", type=int, default=None, help="most members per task")
+    r.add_argument(
+        "--max-members",
+        type=int,
+        default=None,
+        help="most members per task (default 256 on CPUs; on GPUs one task per P and GPU)",
+    )
     r.add_argument("--data-root", default=None)
     r.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")
     r.add_argument("--dashboard-address", default=":8787")
@@ -241,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="perceptron to zero loss at these P, quiet-step skipping against plain steps",
     )
     b.add_argument("--chi", type=float, default=0.0, help="--skip: depletion exponent")
+    b.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls and convs")
+    b.add_argument(
+        "--run",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="time Engine.run (fill, checks, checkpoints) of K members against the hot loop",
+    )
+    b.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="CUDA: the kernels of one eager step of K members (torch.profiler), then stop",
+    )
     b.set_defaults(func=_cmd_bench)
     return p
 

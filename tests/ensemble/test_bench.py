@@ -1,0 +1,45 @@
+"""``python -m ensemble bench`` on the CPU, at toy sizes: every mode runs and prints the
+rows it promises (its numbers are measurements, not asserted)."""
+
+from __future__ import annotations
+
+import re
+
+from ensemble.cli import main
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The data rows of the markdown tables in ``text``, as lists of cells."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| K ") and "---" not in line:
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return [r for r in rows if not r[0].isalpha() or r[0] in ("fc", "perceptron")]
+
+
+def test_bench_table_has_a_row_per_K(capsys, data_root):
+    assert (
+        main(["bench", "--arch", "perceptron", "--K", "1,3", "--steps", "4", "--repeats", "1"]) == 0
+    )
+    rows = _rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["1", "3"]
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows)
+    assert rows[0][2] == "1.00"
+
+
+def test_bench_fc_compares_fused_with_generic_and_profiles(capsys, data_root):
+    argv = ["bench", "--arch", "fc", "--K", "2", "--steps", "2", "--repeats", "1"]
+    assert main([*argv, "--data-root", str(data_root)]) == 0
+    (row,) = _rows(capsys.readouterr().out)
+    assert len(row) == 5 and float(row[4]) > 0  # K, rate, x one, generic, fused / generic
+    assert main(["bench", "--arch", "fc", "--profile", "2", "--data-root", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "operators (self CPU time)" in out and re.search(r"\| aten::\w+ \|", out)
+
+
+def test_bench_run_reports_the_engine_against_its_hot_loop(capsys, data_root):
+    argv = ["bench", "--arch", "fc", "--run", "40", "--K", "2", "--repeats", "1"]
+    assert main([*argv, "--data-root", str(data_root)]) == 0
+    (row,) = _rows(capsys.readouterr().out)
+    assert row[:3] == ["fc", "2", "80"]  # 2 members x 40 steps (lazy: none stops sooner)
+    assert row[-1] == "100%"
