@@ -48,11 +48,18 @@ logger = logging.getLogger(__name__)
 
 TASKS_PER_WORKER = 4
 """Cells of a P are cut into at least this many tasks per worker (load balance)."""
+MAX_MEMBERS = 256
+"""Members per task on CPU workers by default (a CPU ensemble gains nothing past ~64 slots)."""
+GPU_MAX_MEMBERS = 65536
+"""Members per task on GPU workers by default: one task per worker and P, so the ensemble
+is as large as the device's memory allows (``engine.default_slots``) and the sweep has
+one tail per P rather than one per task (the H200 bench gains up to K = 16384)."""
 MIN_MEMBERS_PER_TASK = 8
 """Load balance never cuts tasks below this many members (an ensemble of 8 is already
 about 5x as fast per network as one network on a CPU core; see the README's bench)."""
 REFILL_FACTOR = 2
-"""A task's members per engine slot: the slots are refilled as members stop."""
+"""A task's members per engine slot on the CPU, where a step's cost grows with K: the
+slots are refilled as members stop. On a GPU every member gets a slot (within memory)."""
 WRITE_EVERY = 2.0
 """Seconds between the launch's writes of the members streamed in (and its checks on
 the tasks)."""
@@ -259,20 +266,43 @@ def pending_cells(sweep: Sweep, store: str | os.PathLike) -> dict[str, list[Cell
 
 
 def plan(
-    sweep: Sweep, pending: dict[str, list[Cell]], n_workers: int, max_members: int | None
+    sweep: Sweep,
+    pending: dict[str, list[Cell]],
+    n_workers: int,
+    max_members: int | None,
+    gpu: bool = False,
 ) -> list[Batch]:
-    """Batches of the pending cells: at most ``max_members`` members (default 256) and
-    at least TASKS_PER_WORKER tasks per worker for each P where there are enough cells
-    (but no fewer than MIN_MEMBERS_PER_TASK members per task)."""
+    """Batches of the pending cells. CPU workers: at most ``max_members`` members (default
+    MAX_MEMBERS) and at least TASKS_PER_WORKER tasks per worker for each P where there are
+    enough cells (but no fewer than MIN_MEMBERS_PER_TASK members per task). GPU workers
+    (``gpu``): one task per worker for each P, of at most ``max_members`` (default
+    GPU_MAX_MEMBERS)."""
+    tasks = 1 if gpu else TASKS_PER_WORKER
+    cap = max_members or (GPU_MAX_MEMBERS if gpu else MAX_MEMBERS)
     batches = []
     for exp in sweep.experiments:
         cells = pending[exp.name]
         for P in sorted({c.P for c in cells}):
             at_P = [c for c in cells if c.P == P]
-            per_task = math.ceil(len(at_P) / (TASKS_PER_WORKER * max(n_workers, 1)))
-            size = max(1, min(max_members or 256, max(per_task, MIN_MEMBERS_PER_TASK)))
+            per_task = math.ceil(len(at_P) / (tasks * max(n_workers, 1)))
+            size = max(1, min(cap, max(per_task, MIN_MEMBERS_PER_TASK)))
             batches += plan_batches(exp, at_P, max_members=size)
     return batches
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_workers(client, device: str | None) -> bool:
+    """Whether the launch's tasks train on GPUs: ``device`` if given, else whether any
+    worker of ``client`` sees CUDA (``cluster.worker_device``'s default)."""
+    if device:
+        return device.startswith("cuda")
+    answers = client.run(_cuda_available, on_error="ignore")
+    return any(v is True for v in answers.values())
 
 
 def member_record(result: MemberResult) -> dict:
@@ -347,11 +377,15 @@ def run_batch(
     ``"skipped"``. Each member is also published on the Dask event ``topic`` as it stops
     (``MemberStream``).
 
-    Continuous batching: the engine gets fewer slots than members (half, by default,
-    within the device's memory) and refills a slot as soon as its member stops; members
-    run in the batch's order, which the planner makes slowest first, so the batch does not
-    end waiting for one of them.
+    Continuous batching: on the CPU the engine gets fewer slots than members (half, by
+    default) and refills a slot as soon as its member stops; members run in the batch's
+    order, which the planner makes slowest first, so the batch does not end waiting for
+    one of them. On a GPU every member gets a slot within the device's memory (more
+    members than fit are refilled likewise). Either way the engine drops idle slots in
+    the tail (``Engine(shrink=True)``).
     """
+    import torch
+
     from ensemble.cluster import worker_device
     from ensemble.engine import Engine, EngineStats, default_slots
 
@@ -367,9 +401,11 @@ def run_batch(
     if not todo:
         return records, {**dataclasses.asdict(EngineStats()), **info}
     n = len(todo)
-    k = slots or default_slots(group, dev, math.ceil(n / REFILL_FACTOR))
+    if slots is None:  # a GPU step costs about the same for any K up to thousands
+        gpu = torch.device(dev).type == "cuda"
+        slots = default_slots(group, dev, n if gpu else math.ceil(n / REFILL_FACTOR))
     at_once, later = compile_policy(batch, compile, dev)
-    engine = Engine(group, min(k, n), dev, compile=at_once, compile_after=later)
+    engine = Engine(group, min(slots, n), dev, compile=at_once, compile_after=later)
     on_result = None
     if stream is not None:
         on_result = lambda j, r: stream.publish(todo[j], r)  # noqa: E731
@@ -408,7 +444,8 @@ def launch(
                   else one per core)
     device      : torch device for every task (default: the worker's GPU, else CPU)
     slots       : members trained at once per task (default from device memory, CPU 64)
-    max_members : most members per task (continuous batching refills the slots)
+    max_members : most members per task (continuous batching refills the slots); default
+                  MAX_MEMBERS on CPU workers, GPU_MAX_MEMBERS (one task per P) on GPUs
     compile     : CPU workers compile the step with torch.compile (see ``Engine``) at
                   once in the tasks whose planned work repays it (`compile_policy`), in
                   the others once they have run `COMPILE_SECONDS`
@@ -610,7 +647,8 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
     with connect(**cluster) as c:
         report.dashboard = c.dashboard_link
         report.n_workers = worker_count(c)
-        batches = plan(sweep, pending, report.n_workers, task.max_members)
+        gpu = gpu_workers(c, task.device)
+        batches = plan(sweep, pending, report.n_workers, task.max_members, gpu)
         report.batches = len(batches)
         mon = monitor(c, sweep, store, batches) if monitor else None
         if progress:
@@ -687,15 +725,19 @@ def dry_run(
     store: str | os.PathLike | None,
     n_workers: int,
     max_members: int | None = None,
+    gpu: bool | None = None,
 ) -> str:
     """The plan of the cells still missing in ``store`` (all cells without a store), as
-    ``launch`` with the same ``n_workers`` and ``max_members`` would cut it."""
+    ``launch`` with the same ``n_workers`` and ``max_members`` would cut it, for GPU
+    workers if ``gpu`` (default: whether this machine has CUDA)."""
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     if store is None or not Path(str(store)).exists():
         pending = {e.name: e.cells() for e in sweep.experiments}
     else:
         pending = pending_cells(sweep, store)
-    batches = plan(sweep, pending, n_workers, max_members)
+    if gpu is None:
+        gpu = _cuda_available()
+    batches = plan(sweep, pending, n_workers, max_members, gpu)
     return f"{sweep.name}: {sum(len(v) for v in pending.values())} cells pending\n" + format_plan(
         batches
     )

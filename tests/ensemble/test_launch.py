@@ -24,7 +24,9 @@ from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import (
     COMPILE_BREAK_EVEN,
     COMPILE_SECONDS,
+    MAX_MEMBERS,
     compile_policy,
+    gpu_workers,
     launch,
     note_compiled,
     pending_cells,
@@ -384,6 +386,30 @@ def test_status_compares_steps_with_the_planner(tmp_path, reference):
         reference.to_zarr(store, group="tiny_fc", consolidated=True)
     text = store_status(store, estimates=True)
     assert f"over {len(squares)} (alpha, T, P)" in text and "geometric mean" in text
+
+
+def test_gpu_workers_get_one_task_per_worker_and_P(client):
+    """On GPU workers a sweep's cells of one P go to one task per worker (the ensemble as
+    large as memory allows), on CPU workers to at least TASKS_PER_WORKER tasks of at most
+    MAX_MEMBERS; every cell is planned exactly once either way."""
+    sweep = load_sweep("fc_tsweep_mnist")
+    pending = {e.name: e.cells() for e in sweep.experiments}
+    cells = sorted((e, c.alpha, c.T, c.P, c.seed) for e, cs in pending.items() for c in cs)
+    n_P = sum(len({c.P for c in cs}) for cs in pending.values())
+    for workers in (1, 3):
+        gpu = plan(sweep, pending, workers, None, gpu=True)
+        cpu = plan(sweep, pending, workers, None)
+        for batches in (gpu, cpu):
+            planned = [
+                (b.experiment, m.alpha, m.T, b.group.P, m.seed) for b in batches for m in b.members
+            ]
+            assert sorted(planned) == cells
+        assert len(gpu) <= workers * n_P < len(cpu)
+        assert max(len(b.members) for b in cpu) <= MAX_MEMBERS
+    assert gpu_workers(client, "cuda:0") and not gpu_workers(client, "cpu")
+    import torch
+
+    assert gpu_workers(client, None) == torch.cuda.is_available()
 
 
 def test_compile_only_where_the_planned_work_repays_it():

@@ -138,9 +138,11 @@ def client(data_root):
 @pytest.fixture(scope="module")
 def live(client, tmp_path_factory):
     """Launch the tiny sweep in a thread; poll the page over HTTP while it runs and open
-    it in Chromium (when present); return after the launch ends."""
+    it in Chromium (when present); return after the launch ends. Half its cells are at
+    T = 2^-10, about 2 s each on this CPU, so its one task runs for several of the
+    launch's WRITE_EVERY rounds, where it looks for running tasks."""
     tmp = tmp_path_factory.mktemp("live")
-    spec = write_sweep(tmp / "tiny.toml")
+    spec = write_sweep(tmp / "tiny.toml", T="[0.0009765625, 0.03125]")
     store = tmp / "tiny.zarr"
     made: list[SweepMonitor] = []
     errors: list[BaseException] = []
