@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ensemble.cells import INPUT_SHAPE, POOL_SIZE, Group, Member
-from ensemble.engine import Engine, _tf32, resolve_device
+from ensemble.engine import Engine, allow_tf32, resolve_device
 from ensemble.models import build_model
 from ensemble.plan import compile_break_even
 
@@ -97,7 +97,7 @@ def measure(arch: str, K: int, steps: int, opt: BenchOptions) -> float:
     device = opt.device
     engine = make_engine(arch, K, opt)
     rates = []
-    with _tf32(opt.tf32):
+    with allow_tf32(opt.tf32):
         engine._run_steps(min(steps, 20) + 18)  # warm-up (and CUDA graph capture)
         for _ in range(opt.repeats):
             _sync(device)
@@ -149,7 +149,7 @@ def profile(arch: str, K: int, opt: BenchOptions, steps: int = 16) -> str:
 
     cuda = opt.device.type == "cuda"
     engine = make_engine(arch, K, opt)
-    with _tf32(opt.tf32):
+    with allow_tf32(opt.tf32):
         engine.cuda_graph = False
         engine._run_steps(4)
         _sync(opt.device)

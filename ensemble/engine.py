@@ -128,8 +128,9 @@ def _device_pool(name: str, root: str | None, device: torch.device, dtype: torch
 
 
 @contextlib.contextmanager
-def _tf32(allow: bool):
-    """Allow TF32 matmuls and convolutions (CUDA only) inside the block, if asked."""
+def allow_tf32(allow: bool):
+    """TF32 matmuls and convolutions (CUDA only) allowed inside the block if ``allow``,
+    else forbidden (strict float32: cuDNN's own default allows TF32 convolutions)."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
     try:
@@ -702,7 +703,7 @@ class Engine:
 
         on_result(index, result) is called as each member finishes (for streaming writes).
         """
-        with _tf32(self.group.tf32):  # evaluation too: cuDNN allows TF32 by default
+        with allow_tf32(self.group.tf32):  # evaluation too: cuDNN allows TF32 by default
             return self._run(members, on_result)
 
     def _run(

@@ -540,6 +540,23 @@ def test_compile_after_waits():
         Engine(g, 2, "cpu", compile_after=-1.0)
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_setting_holds_for_the_whole_run(tf32, small_fc):
+    """Group.tf32 sets TF32 for matmuls and cuDNN for the whole of Engine.run, evaluation
+    and harvest included (cuDNN's own default allows TF32 convolutions), and the previous
+    settings come back afterwards."""
+    g = Group(**{**small_fc.as_dict(), "tf32": tf32, "max_steps": 40})
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    seen = []
+
+    def on_result(index, result):  # called as each member is harvested
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    Engine(g, 2, DEVICE).run(MEMBERS[:2], on_result)
+    assert seen == [(tf32, tf32)] * 2
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
 def test_compile_is_refused_on_cuda():
     g = Group(dataset="perceptron", arch="perceptron", P=16, B=2, d=4)
     with pytest.raises(ValueError, match="CPU fast path"):
