@@ -71,6 +71,21 @@ def worker_count(client: Client) -> int:
     return len(client.scheduler_info(n_workers=-1)["workers"])
 
 
+def _sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_workers(client: Client, device: str | None) -> bool:
+    """Whether a launch's tasks train on GPUs: ``device`` if given, else whether any
+    worker of ``client`` sees CUDA (``worker_device``'s default)."""
+    if device:
+        return device.startswith("cuda")
+    answers = client.run(_sees_cuda, on_error="ignore")
+    return any(v is True for v in answers.values())
+
+
 def worker_device(device: str | None) -> str:
     """The device a task on this worker trains on: ``device`` if given, else a GPU chosen
     by the worker's index in its cluster (round robin), else the CPU."""

@@ -290,21 +290,6 @@ def plan(
     return batches
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def gpu_workers(client, device: str | None) -> bool:
-    """Whether the launch's tasks train on GPUs: ``device`` if given, else whether any
-    worker of ``client`` sees CUDA (``cluster.worker_device``'s default)."""
-    if device:
-        return device.startswith("cuda")
-    answers = client.run(_cuda_available, on_error="ignore")
-    return any(v is True for v in answers.values())
-
-
 def member_record(result: MemberResult) -> dict:
     """``MemberResult`` as the plain dict a task sends and ``CubeWriter.write`` takes
     (no weights; msgpack-able)."""
@@ -642,7 +627,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
     from distributed import wait
     from tqdm.auto import tqdm
 
-    from ensemble.cluster import connect, executing_keys, worker_count
+    from ensemble.cluster import connect, executing_keys, gpu_workers, worker_count
 
     with connect(**cluster) as c:
         report.dashboard = c.dashboard_link
@@ -736,7 +721,9 @@ def dry_run(
     else:
         pending = pending_cells(sweep, store)
     if gpu is None:
-        gpu = _cuda_available()
+        import torch
+
+        gpu = torch.cuda.is_available()
     batches = plan(sweep, pending, n_workers, max_members, gpu)
     return f"{sweep.name}: {sum(len(v) for v in pending.values())} cells pending\n" + format_plan(
         batches

@@ -19,14 +19,13 @@ from distributed import Client, LocalCluster
 from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
-from ensemble.cluster import QuickExit, connect
+from ensemble.cluster import QuickExit, connect, gpu_workers
 from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import (
     COMPILE_BREAK_EVEN,
     COMPILE_SECONDS,
     MAX_MEMBERS,
     compile_policy,
-    gpu_workers,
     launch,
     note_compiled,
     pending_cells,
