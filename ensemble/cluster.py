@@ -1,4 +1,4 @@
-"""Dask: the only module that imports ``distributed``.
+"""Dask clusters and workers: connecting, counting workers, and a worker's device.
 
 ``connect`` yields a Client: the one given, one connected to a scheduler address (any
 deployment: SSH, Kubernetes, dask-jobqueue on SLURM/PBS), or an embedded
@@ -102,18 +102,3 @@ def worker_device(device: str | None) -> str:
     digits = re.findall(r"\d+", name)
     index = int(digits[-1]) if digits else 0
     return f"cuda:{index % torch.cuda.device_count()}"
-
-
-def executing_keys(client: Client) -> set[str]:
-    """Keys of the tasks the workers are executing now (the scheduler's ``processing``
-    also counts tasks merely assigned to a worker and waiting there). A worker that dies
-    or does not answer meanwhile counts as executing nothing."""
-
-    def executing(dask_worker) -> list[str]:
-        return [str(ts.key) for ts in dask_worker.state.executing]
-
-    try:
-        answers = client.run(executing, on_error="ignore")
-    except OSError:  # the scheduler itself went away; the launch notices elsewhere
-        return set()
-    return {k for keys in answers.values() if isinstance(keys, list) for k in keys}

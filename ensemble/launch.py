@@ -6,20 +6,15 @@ one Dask task per batch, and writes each member's results as soon as the member 
 (values first, ``done`` last). Rerunning the same sweep computes only the missing cells;
 adding grid values computes only the new ones.
 
-Members stream from the workers: a task publishes each finished member on the launch's
-Dask event topic (``Worker.log_event``, the channel ``distributed.print`` uses), and the
-launching process, subscribed to it, writes what arrived every ``WRITE_EVERY`` seconds,
-one Zarr write per experiment. A killed launch or a failed task therefore loses only
-its members still training, and a task Dask retries after its worker died trains only
-the members its earlier attempt had not published. The task also returns its results,
-and the launch writes those no event brought.
+Members stream from the workers as they stop (``ensemble.stream``): a killed launch or
+a failed task loses only its members still training, and a retried task trains only the
+members its earlier attempt had not published.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import logging
 import math
 import os
 import subprocess
@@ -27,9 +22,8 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -40,11 +34,7 @@ from ensemble.cells import Cell, Group
 from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
-
-if TYPE_CHECKING:
-    from ensemble.engine import MemberResult
-
-logger = logging.getLogger(__name__)
+from ensemble.stream import TOPIC_PREFIX, MemberStream, Sink, member_record
 
 TASKS_PER_WORKER = 4
 """Cells of a P are cut into at least this many tasks per worker (load balance)."""
@@ -61,10 +51,7 @@ REFILL_FACTOR = 2
 """A task's members per engine slot on the CPU, where a step's cost grows with K: the
 slots are refilled as members stop. On a GPU every member gets a slot (within memory)."""
 WRITE_EVERY = 2.0
-"""Seconds between the launch's writes of the members streamed in (and its checks on
-the tasks)."""
-TOPIC_PREFIX = "ensemble-members-"
-"""A launch's Dask event topic is this prefix and a random hex id."""
+"""Seconds between the launch's writes of the members streamed in (``stream.Sink``)."""
 COMPILE_COST = {
     "fc": (25.4, 1_195.0, 1_343.0),
     "perceptron": (20.4, 4_151.0, 30_417.0),
@@ -290,64 +277,6 @@ def plan(
     return batches
 
 
-def member_record(result: MemberResult) -> dict:
-    """``MemberResult`` as the plain dict a task sends and ``CubeWriter.write`` takes
-    (no weights; msgpack-able)."""
-    d = dataclasses.asdict(result)
-    d.pop("weights")
-    return d
-
-
-class MemberStream:
-    """A task's end of its launch's event stream (``run_batch`` on a Dask worker).
-
-    ``publish(index, result)`` (``Engine.run``'s ``on_result``) sends the member's record
-    as ``{"key": key, "index": index, "result": member_record}`` on ``topic``, which the
-    launching process writes, then the bare index on ``topic/key``. ``published()`` reads
-    those indices back: a task that Dask retries after its worker died skips the members
-    an earlier attempt already sent (the records went out first, so every index read back
-    has its record on its way to the launching process)."""
-
-    def __init__(self, topic: str, key: str):
-        from distributed import get_worker
-
-        self.worker = get_worker()  # ValueError outside a worker
-        self.topic, self.key = topic, key
-        self.marks = f"{topic}/{key}"
-        self._warned = False
-
-    @classmethod
-    def open(cls, topic: str | None, key: str) -> MemberStream | None:
-        """The stream of task ``key``; None without a topic or outside a Dask worker (the
-        results then reach the launch with the task's return only)."""
-        if topic is None:
-            return None
-        try:
-            return cls(topic, key)
-        except ValueError:
-            return None
-
-    def published(self) -> set[int]:
-        """Indices of the members an earlier attempt of this task published."""
-        from distributed import get_client
-
-        try:
-            return {int(msg) for _, msg in get_client().get_events(self.marks)}
-        except Exception as exc:  # noqa: BLE001  then retrain them all (the launch dedups)
-            logger.warning("task %s: could not read its earlier members (%r)", self.key, exc)
-            return set()
-
-    def publish(self, index: int, result: MemberResult) -> None:
-        try:
-            record = member_record(result)
-            self.worker.log_event(self.topic, {"key": self.key, "index": index, "result": record})
-            self.worker.log_event(self.marks, index)
-        except Exception as exc:  # noqa: BLE001  the task's return still carries the member
-            if not self._warned:
-                self._warned = True
-                logger.warning("task %s: member %d not streamed (%r)", self.key, index, exc)
-
-
 def run_batch(
     batch: Batch,
     device: str | None,
@@ -360,7 +289,7 @@ def run_batch(
     batch's member order (None for a member an earlier attempt of the task published and
     this one skipped) and the engine's counters, with ``"device"`` (readable name) and
     ``"skipped"``. Each member is also published on the Dask event ``topic`` as it stops
-    (``MemberStream``).
+    (``stream.MemberStream``), after an event that says the task started.
 
     Continuous batching: on the CPU the engine gets fewer slots than members (half, by
     default) and refills a slot as soon as its member stops; members run in the batch's
@@ -379,6 +308,8 @@ def run_batch(
         group = Group(**{**group.as_dict(), "data_root": data_root})
     dev = worker_device(device)
     stream = MemberStream.open(topic, batch.key)
+    if stream is not None:
+        stream.started()
     skip = stream.published() if stream is not None else set()
     todo = [i for i in range(len(batch.members)) if i not in skip]
     records: list[dict | None] = [None] * len(batch.members)
@@ -529,105 +460,11 @@ class TaskOptions:
     compile: bool = False
 
 
-class _Sink:
-    """The launching process's end of a launch: writes each member into the cube once
-    (from the event stream or from its task's return, whichever comes first), and counts
-    it in the report and the monitor; each call returns the cells it wrote."""
-
-    def __init__(self, store, sweep: Sweep, batches: list[Batch], report: LaunchReport, bar, mon):
-        """``bar``: the progress bar, for messages; ``mon``: the monitor or None."""
-        self.writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
-        self.batches = {b.key: b for b in batches}
-        self.written: dict[str, set[int]] = {b.key: set() for b in batches}
-        self.failed: set[str] = set()
-        self.report, self.bar, self.mon = report, bar, mon
-
-    def _count_failed(self, b: Batch, n: int) -> None:
-        """Count ``n`` cells of ``b`` as failed (negative: a late one arrived after all)."""
-        self.failed.add(b.key)
-        self.report.cells_failed += n
-        self.report.failed[b.experiment] = self.report.failed.get(b.experiment, 0) + n
-
-    def drain(self, inbox: deque) -> int:
-        """Write the members that arrived as events (``MemberStream.publish``)."""
-        items = []
-        while inbox:
-            msg = inbox.popleft()
-            if isinstance(msg, dict) and msg.get("key") in self.batches:
-                items.append((msg["key"], int(msg["index"]), msg["result"]))
-        return self.write(items)
-
-    def write(self, items: Iterable[tuple[str, int, dict]]) -> int:
-        """Write members (batch key, member index, record) not written before: one Zarr
-        write per experiment, ``done`` last; then count them."""
-        fresh: dict[str, dict[int, dict]] = {}
-        for key, i, record in items:
-            if i not in self.written[key]:
-                fresh.setdefault(key, {})[i] = record
-        by_exp: dict[str, tuple[list, list]] = {}
-        for key, members in fresh.items():
-            b = self.batches[key]
-            cells, records = by_exp.setdefault(b.experiment, ([], []))
-            for i, record in members.items():
-                m = b.members[i]
-                cells.append((m.alpha, m.T, b.group.P, m.seed))
-                records.append(record)
-        for exp, (cells, records) in by_exp.items():
-            self.writers[exp].write(cells, records)
-        r = self.report
-        for key, members in fresh.items():
-            b, n = self.batches[key], len(members)
-            self.written[key].update(members)
-            r.cells_done += n
-            r.trained[b.experiment] = r.trained.get(b.experiment, 0) + n
-            if key in self.failed:  # a failed task's member whose event came late
-                self._count_failed(b, -n)
-            if self.mon is not None:
-                self.mon.members(b, list(members.values()))
-        return sum(len(members) for members in fresh.values())
-
-    def finished(self, b: Batch, results: list[dict | None], stats: dict) -> int:
-        """The task of ``b`` returned: write the members no event brought; add its
-        counters. A member neither streamed nor returned (published by an attempt that
-        died, its record lost on the way) counts as failed: it stays missing."""
-        n = self.write((b.key, i, rec) for i, rec in enumerate(results) if rec is not None)
-        r = self.report
-        lost = len(b.members) - len(self.written[b.key])
-        if lost:
-            self._count_failed(b, lost)
-            self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")
-        r.skipped += int(stats.get("skipped", 0))
-        if stats.get("device") and stats["device"] not in r.devices:
-            r.devices = sorted([*r.devices, stats["device"]])
-        r.member_steps += stats["member_steps"]
-        r.slot_steps += stats["slot_steps"]
-        r.busy_steps += stats["busy_steps"]
-        r.engine_seconds += stats["seconds"]
-        r.check_seconds += stats["check_seconds"]
-        r.checkpoint_seconds += stats["checkpoint_seconds"]
-        r.compiled_tasks += bool(stats.get("compiled"))
-        if self.mon is not None:
-            self.mon.finished(b, stats)
-        return n
-
-    def lost(self, b: Batch, exc: BaseException) -> int:
-        """The task of ``b`` raised: its members not yet written stay missing."""
-        n = len(b.members) - len(self.written[b.key])
-        self._count_failed(b, n)
-        self.bar.write(
-            f"batch {b.key} failed: {exc!r}; its {n} unfinished cells stay missing"
-            f" ({len(self.written[b.key])} finished ones were written)"
-        )
-        if self.mon is not None:
-            self.mon.failed(b)
-        return 0
-
-
 def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, monitor, report):
     from distributed import wait
     from tqdm.auto import tqdm
 
-    from ensemble.cluster import connect, executing_keys, gpu_workers, worker_count
+    from ensemble.cluster import connect, gpu_workers, worker_count
 
     with connect(**cluster) as c:
         report.dashboard = c.dashboard_link
@@ -642,7 +479,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
             if mon is not None and getattr(mon, "url", None):
                 print(f"Sweep page:     {mon.url}")
         bar = tqdm(total=report.cells_pending, unit="cell", disable=not progress, smoothing=0)
-        sink = _Sink(store, sweep, batches, report, bar, mon)
+        sink = Sink(store, sweep, batches, report, bar, mon)
         topic = TOPIC_PREFIX + uuid.uuid4().hex[:12]
         inbox: deque = deque()  # appended to by the client's event loop thread
         c.subscribe_topic(topic, lambda event: inbox.append(event[1]))
@@ -664,7 +501,6 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 for b in batches
             }
             remaining = set(futures)
-            started: set = set()
             while remaining:
                 try:
                     finished, remaining = wait(
@@ -672,12 +508,6 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     )
                 except TimeoutError:
                     finished = set()
-                processing = executing_keys(c)
-                for f in remaining:
-                    if f.key in processing and f.key not in started:
-                        started.add(f.key)
-                        if mon is not None:
-                            mon.started(futures[f])
                 new = sink.drain(inbox)
                 for f in finished:
                     try:
@@ -689,7 +519,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 running = sum(
                     len(futures[f].members) - len(sink.written[f.key])
                     for f in remaining
-                    if f.key in processing
+                    if f.key in sink.started
                 )
                 bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
                 if new:

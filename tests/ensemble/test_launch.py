@@ -484,7 +484,7 @@ def test_member_records_are_plain_msgpack(settings, data_root):
 
     from ensemble.cells import Group, Member
     from ensemble.engine import Engine
-    from ensemble.launch import member_record
+    from ensemble.stream import member_record
 
     group = Group(**settings, max_steps=300, data_root=str(data_root))
     results = Engine(group, 2, "cpu").run([Member(1.0, 0.01, 0), Member(1024.0, 0.01, 1)])

@@ -245,6 +245,47 @@ def test_state_after_the_sweep_matches_the_cube(live, client):
     assert served["squares"] == view["squares"] and served["counts"] == view["counts"]
 
 
+class RecordingMonitor(SweepMonitor):
+    """The sweep page, recording the order in which the launch reported each task."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls: list[tuple[str, str]] = []
+
+    def started(self, batch) -> None:
+        self.calls.append(("started", batch.key))
+        super().started(batch)
+
+    def finished(self, batch, stats=None) -> None:
+        self.calls.append(("finished", batch.key))
+        super().finished(batch, stats)
+
+
+def test_every_task_is_seen_starting_even_when_shorter_than_the_polling(client, tmp_path):
+    """Tasks of 2 cells at T = 2^-5 (well under a second each) start and end between two of
+    the launch's WRITE_EVERY polls; their start still reaches the monitor (from the task's
+    own event), once, before their end."""
+    spec = write_sweep(tmp_path / "tiny.toml", T="[0.03125]")
+    made: list[RecordingMonitor] = []
+
+    def monitor(*args) -> RecordingMonitor:
+        made.append(RecordingMonitor(*args))
+        return made[-1]
+
+    tree = launch(
+        spec, tmp_path / "s.zarr", client=client, max_members=1, monitor=monitor, progress=False
+    )
+    report = tree.attrs["launch_report"]
+    assert report["batches"] == 4 and report["cells_done"] == 4
+    calls = made[0].calls
+    keys = {k for _, k in calls}
+    assert len(keys) == 4
+    for key in keys:
+        assert [e for e, k in calls if k == key] == ["started", "finished"], calls
+    seconds = xr.open_zarr(tmp_path / "s.zarr", group="tiny_fc")["seconds"].values
+    assert np.nanmax(seconds) < 2.0  # each task was shorter than the polling interval
+
+
 def test_page_renders_and_updates_in_chromium(live, tmp_path):
     if live.driver is None:
         pytest.skip(NO_CHROMIUM)

@@ -1,0 +1,208 @@
+"""The member stream: how finished members travel from the Dask tasks into the cube.
+
+A task (``launch.run_batch``) opens its end, ``MemberStream``: it announces that it
+started, then publishes each finished member on the launch's Dask event topic
+(``Worker.log_event``, the channel ``distributed.print`` uses). The launching process,
+subscribed to that topic, hands what arrived to its end, ``Sink``, every
+``launch.WRITE_EVERY`` seconds: one Zarr write per experiment, values first and ``done``
+last. A killed launch or a failed task therefore loses only its members still training,
+and a task Dask retries after its worker died trains only the members its earlier
+attempt had not published. The task also returns its results, and the sink writes those
+no event brought. The monitor hears of a task's start from its event, so a task shorter
+than the launch's polling interval is still seen running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ensemble import cube
+
+if TYPE_CHECKING:
+    from ensemble.engine import MemberResult
+    from ensemble.launch import LaunchReport
+    from ensemble.plan import Batch
+    from ensemble.spec import Sweep
+
+logger = logging.getLogger(__name__)
+
+TOPIC_PREFIX = "ensemble-members-"
+"""A launch's Dask event topic is this prefix and a random hex id."""
+
+
+def member_record(result: MemberResult) -> dict:
+    """``MemberResult`` as the plain dict a task sends and ``CubeWriter.write`` takes
+    (no weights; msgpack-able)."""
+    d = dataclasses.asdict(result)
+    d.pop("weights")
+    return d
+
+
+class MemberStream:
+    """A task's end of its launch's event stream (``launch.run_batch`` on a Dask worker).
+
+    ``started()`` sends ``{"key": key, "started": True}`` on ``topic`` as the task begins.
+    ``publish(index, result)`` (``Engine.run``'s ``on_result``) sends the member's record
+    as ``{"key": key, "index": index, "result": member_record}`` on ``topic``, which the
+    launching process writes, then the bare index on ``topic/key``. ``published()`` reads
+    those indices back: a task that Dask retries after its worker died skips the members
+    an earlier attempt already sent (the records went out first, so every index read back
+    has its record on its way to the launching process)."""
+
+    def __init__(self, topic: str, key: str):
+        from distributed import get_worker
+
+        self.worker = get_worker()  # ValueError outside a worker
+        self.topic, self.key = topic, key
+        self.marks = f"{topic}/{key}"
+        self._warned = False
+
+    @classmethod
+    def open(cls, topic: str | None, key: str) -> MemberStream | None:
+        """The stream of task ``key``; None without a topic or outside a Dask worker (the
+        results then reach the launch with the task's return only)."""
+        if topic is None:
+            return None
+        try:
+            return cls(topic, key)
+        except ValueError:
+            return None
+
+    def published(self) -> set[int]:
+        """Indices of the members an earlier attempt of this task published."""
+        from distributed import get_client
+
+        try:
+            return {int(msg) for _, msg in get_client().get_events(self.marks)}
+        except Exception as exc:  # noqa: BLE001  then retrain them all (the launch dedups)
+            logger.warning("task %s: could not read its earlier members (%r)", self.key, exc)
+            return set()
+
+    def started(self) -> None:
+        """Announce that this task began (before its data and engine are set up)."""
+        try:
+            self.worker.log_event(self.topic, {"key": self.key, "started": True})
+        except Exception as exc:  # noqa: BLE001  its first member will say so instead
+            logger.warning("task %s: start not streamed (%r)", self.key, exc)
+
+    def publish(self, index: int, result: MemberResult) -> None:
+        try:
+            record = member_record(result)
+            self.worker.log_event(self.topic, {"key": self.key, "index": index, "result": record})
+            self.worker.log_event(self.marks, index)
+        except Exception as exc:  # noqa: BLE001  the task's return still carries the member
+            if not self._warned:
+                self._warned = True
+                logger.warning("task %s: member %d not streamed (%r)", self.key, index, exc)
+
+
+class Sink:
+    """The launching process's end of a launch: writes each member into the cube once
+    (from the event stream or from its task's return, whichever comes first), and counts
+    it in the report and the monitor; each call returns the cells it wrote. ``started``
+    holds the keys of the tasks that announced their start."""
+
+    def __init__(self, store, sweep: Sweep, batches: list[Batch], report: LaunchReport, bar, mon):
+        """``bar``: the progress bar, for messages; ``mon``: the monitor or None."""
+        self.writers = {e.name: cube.CubeWriter(store, e.name) for e in sweep.experiments}
+        self.batches = {b.key: b for b in batches}
+        self.written: dict[str, set[int]] = {b.key: set() for b in batches}
+        self.failed: set[str] = set()
+        self.started: set[str] = set()
+        self.report, self.bar, self.mon = report, bar, mon
+
+    def _count_failed(self, b: Batch, n: int) -> None:
+        """Count ``n`` cells of ``b`` as failed (negative: a late one arrived after all)."""
+        self.failed.add(b.key)
+        self.report.cells_failed += n
+        self.report.failed[b.experiment] = self.report.failed.get(b.experiment, 0) + n
+
+    def drain(self, inbox: deque) -> int:
+        """Take the events that arrived (``MemberStream.started`` and ``publish``): mark
+        the tasks that started, then write the members."""
+        items = []
+        while inbox:
+            msg = inbox.popleft()
+            if not isinstance(msg, dict) or msg.get("key") not in self.batches:
+                continue
+            if msg.get("started"):
+                self.start(msg["key"])
+            else:
+                items.append((msg["key"], int(msg["index"]), msg["result"]))
+        return self.write(items)
+
+    def start(self, key: str) -> None:
+        """Task ``key`` began training (once per task, a retried one included)."""
+        if key not in self.started:
+            self.started.add(key)
+            if self.mon is not None:
+                self.mon.started(self.batches[key])
+
+    def write(self, items: Iterable[tuple[str, int, dict]]) -> int:
+        """Write members (batch key, member index, record) not written before: one Zarr
+        write per experiment, ``done`` last; then count them."""
+        fresh: dict[str, dict[int, dict]] = {}
+        for key, i, record in items:
+            if i not in self.written[key]:
+                fresh.setdefault(key, {})[i] = record
+        by_exp: dict[str, tuple[list, list]] = {}
+        for key, members in fresh.items():
+            b = self.batches[key]
+            cells, records = by_exp.setdefault(b.experiment, ([], []))
+            for i, record in members.items():
+                m = b.members[i]
+                cells.append((m.alpha, m.T, b.group.P, m.seed))
+                records.append(record)
+        for exp, (cells, records) in by_exp.items():
+            self.writers[exp].write(cells, records)
+        r = self.report
+        for key, members in fresh.items():
+            b, n = self.batches[key], len(members)
+            self.written[key].update(members)
+            r.cells_done += n
+            r.trained[b.experiment] = r.trained.get(b.experiment, 0) + n
+            if key in self.failed:  # a failed task's member whose event came late
+                self._count_failed(b, -n)
+            if self.mon is not None:
+                self.mon.members(b, list(members.values()))
+        return sum(len(members) for members in fresh.values())
+
+    def finished(self, b: Batch, results: list[dict | None], stats: dict) -> int:
+        """The task of ``b`` returned: write the members no event brought; add its
+        counters. A member neither streamed nor returned (published by an attempt that
+        died, its record lost on the way) counts as failed: it stays missing."""
+        n = self.write((b.key, i, rec) for i, rec in enumerate(results) if rec is not None)
+        r = self.report
+        lost = len(b.members) - len(self.written[b.key])
+        if lost:
+            self._count_failed(b, lost)
+            self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")
+        r.skipped += int(stats.get("skipped", 0))
+        if stats.get("device") and stats["device"] not in r.devices:
+            r.devices = sorted([*r.devices, stats["device"]])
+        r.member_steps += stats["member_steps"]
+        r.slot_steps += stats["slot_steps"]
+        r.busy_steps += stats["busy_steps"]
+        r.engine_seconds += stats["seconds"]
+        r.check_seconds += stats["check_seconds"]
+        r.checkpoint_seconds += stats["checkpoint_seconds"]
+        r.compiled_tasks += bool(stats.get("compiled"))
+        if self.mon is not None:
+            self.mon.finished(b, stats)
+        return n
+
+    def lost(self, b: Batch, exc: BaseException) -> int:
+        """The task of ``b`` raised: its members not yet written stay missing."""
+        n = len(b.members) - len(self.written[b.key])
+        self._count_failed(b, n)
+        self.bar.write(
+            f"batch {b.key} failed: {exc!r}; its {n} unfinished cells stay missing"
+            f" ({len(self.written[b.key])} finished ones were written)"
+        )
+        if self.mon is not None:
+            self.mon.failed(b)
+        return 0
