@@ -43,11 +43,13 @@ import functools
 import gc
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,8 +99,13 @@ SHRINK_AT = 0.75
 """With ``shrink``, the slots are cut to the busy ones once no member is left to refill
 them and at most this share of them is busy: a geometric rule, so a run of K slots
 shrinks at most about log(K) / log(1 / SHRINK_AT) times (each re-captures the CUDA graph)."""
-FILL_THREADS = 8
-"""Host threads that draw new members' initial weights and training sets."""
+FILL_THREADS = min(
+    32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+"""Host threads that draw new members' initial weights and training sets: the cores this
+process may use (a member's float64 normal draws take about 5 ms of one core for FC-5L,
+h = 128; 7 ms per member with 1 thread and 4 with 2 on this project's 2-core CPU),
+in the background while the first slots train (``_Feeder``)."""
 FILL_CHUNK = 256
 """Members drawn on the host at once when slots are filled (bounds the host memory)."""
 CPU_SLOTS = 64
@@ -234,7 +241,8 @@ class EngineStats:
     checkpoint_seconds: float = 0.0
     """Wall time of the checkpoints (training loss and test error at ``checkpoint_steps``)."""
     fill_seconds: float = 0.0
-    """Wall time of filling slots (initial weights, training sets, F(w0))."""
+    """Wall time the run spent filling slots (waiting for host draws, copying them to the
+    device, F(w0)); draws made in the background while slots train are not counted."""
     checks: int = 0
     real_steps: int = 0
     """Steps executed by the ensemble (each advances every slot; with quiet-step
@@ -293,6 +301,55 @@ class _Ledger:
             filled_at=self.filled_at[keep],
             ck={n: a[keep] for n, a in self.ck.items()},
         )
+
+
+class _Feeder:
+    """The members of an ``Engine.run`` waiting for a slot, in order, and the host draws
+    (``Engine._draw``) of the next ``chunk`` of them, made in a background thread while
+    the device trains: a GPU task, whose members all get a slot, starts stepping once its
+    first chunk is drawn rather than once all are (about 1.2 ms of host time per FC
+    member on the H200's host). ``len`` counts the members not yet taken."""
+
+    def __init__(self, members: Iterable[Member], draw: Callable[[list[Member]], list], chunk: int):
+        self.queue = deque(enumerate(members))
+        self.draw, self.chunk = draw, max(1, chunk)
+        self.ready: deque = deque()  # (index, member, drawn) of drawn members
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ensemble-fill")
+        self.drawing = None  # Future of the chunk being drawn, [(index, member, drawn)]
+        self.n_drawing = 0
+        self._next()
+
+    def __len__(self) -> int:
+        return len(self.queue) + len(self.ready) + self.n_drawing
+
+    def __enter__(self) -> _Feeder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _next(self) -> None:
+        """Start drawing the next chunk, unless one is being drawn or none is left."""
+        if self.drawing is not None or not self.queue:
+            return
+        batch = [self.queue.popleft() for _ in range(min(self.chunk, len(self.queue)))]
+
+        def work() -> list:
+            drawn = self.draw([m for _, m in batch])
+            return [(i, m, d) for (i, m), d in zip(batch, drawn, strict=True)]
+
+        self.drawing, self.n_drawing = self.pool.submit(work), len(batch)
+
+    def take(self, n: int, wait: bool) -> list[tuple[int, Member, tuple]]:
+        """Up to ``n`` members (index, member, drawn) whose draws are done; with ``wait``,
+        waits for the chunk being drawn when none is ready."""
+        if self.drawing is not None and (self.drawing.done() or (wait and not self.ready)):
+            self.ready.extend(self.drawing.result())  # re-raises a failed draw
+            self.drawing, self.n_drawing = None, 0
+        out = [self.ready.popleft() for _ in range(min(n, len(self.ready)))]
+        if not self.ready:
+            self._next()
+        return out
 
 
 class _TrainingData:
@@ -658,38 +715,44 @@ class Engine:
         self._graph = None  # captured on the old tensors; recaptured on the next steps
 
     def _fill(self, slots: Sequence[int], members: Sequence[Member]) -> None:
-        """Put ``members`` into ``slots``, FILL_CHUNK at a time. Their initial weights and
-        training sets are drawn on the host in FILL_THREADS threads (torch and numpy release
-        the GIL), then each tensor of a chunk goes to the device in one copy."""
+        """Put ``members`` into ``slots``, FILL_CHUNK at a time (``_draw`` then ``_load``)."""
         slots, members = list(slots), list(members)
         for a in range(0, len(members), FILL_CHUNK):
-            self._fill_chunk(slots[a : a + FILL_CHUNK], members[a : a + FILL_CHUNK])
+            chunk = members[a : a + FILL_CHUNK]
+            self._load(slots[a : a + FILL_CHUNK], chunk, self._draw(chunk))
 
-    def _fill_chunk(self, slots: Sequence[int], members: Sequence[Member]) -> None:
-        streams = [member_streams(m.seed) for m in members]
+    def _draw(self, members: Sequence[Member]) -> list[tuple[Params, Any, int]]:
+        """Host side of filling: each member's (initial weights, training set, batch key),
+        drawn in FILL_THREADS threads (torch and numpy release the GIL). Touches no slot,
+        so it may run while the device trains (``_Feeder``)."""
         cpu = torch.device("cpu")
 
-        def draw(i: int):
-            w0 = init_params(self.model, streams[i][0], self.dtype, cpu)
-            return w0, self.data.draw(members[i].seed)
+        def draw(m: Member) -> tuple[Params, Any, int]:
+            init, key = member_streams(m.seed)
+            return init_params(self.model, init, self.dtype, cpu), self.data.draw(m.seed), key
 
         n_threads = min(FILL_THREADS, len(members))
-        if n_threads > 1:
-            with ThreadPoolExecutor(n_threads) as pool:
-                drawn = list(pool.map(draw, range(len(members))))
-        else:
-            drawn = [draw(i) for i in range(len(members))]
+        if n_threads <= 1:
+            return [draw(m) for m in members]
+        with ThreadPoolExecutor(n_threads) as pool:
+            return list(pool.map(draw, members))
+
+    def _load(
+        self, slots: Sequence[int], members: Sequence[Member], drawn: Sequence[tuple]
+    ) -> None:
+        """Device side of filling: ``members`` and their ``_draw`` into ``slots``, each
+        tensor in one copy."""
         dev = self.device
-        idx = torch.tensor(slots, device=dev)
+        idx = torch.tensor(list(slots), device=dev)
         for n in self.params:
-            w0 = torch.stack([w[n] for w, _ in drawn]).to(dev)
+            w0 = torch.stack([w[n] for w, _, _ in drawn]).to(dev)
             self.params[n][idx] = w0
             self.params0[n][idx] = w0
-        self.data.load(idx, [d for _, d in drawn])
+        self.data.load(idx, [d for _, d, _ in drawn])
         self.alpha[idx] = torch.tensor([m.alpha for m in members], dtype=self.dtype).to(dev)
         dts = [self.group.dt(m.T) for m in members]
         self.dt[idx] = torch.tensor(dts, dtype=self.dtype).to(dev)
-        self.key[idx] = torch.tensor([key for _, key in streams], dtype=torch.int64).to(dev)
+        self.key[idx] = torch.tensor([key for _, _, key in drawn], dtype=torch.int64).to(dev)
         self.step[idx] = 0
         self.last_active[idx] = -1
         self.status[idx] = _RUNNING
@@ -703,15 +766,17 @@ class Engine:
 
         on_result(index, result) is called as each member finishes (for streaming writes).
         """
-        with allow_tf32(self.group.tf32):  # evaluation too: cuDNN allows TF32 by default
-            return self._run(members, on_result)
+        with (
+            allow_tf32(self.group.tf32),  # evaluation too: cuDNN allows TF32 by default
+            _Feeder(members, self._draw, min(FILL_CHUNK, self.K)) as feeder,
+        ):
+            return self._run(feeder, on_result)
 
     def _run(
         self,
-        members: Iterable[Member],
+        feeder: _Feeder,
         on_result: Callable[[int, MemberResult], None] | None,
     ) -> list[MemberResult]:
-        queue = deque(enumerate(members))
         results: dict[int, MemberResult] = {}
         K, ckpts = self.K, np.array(checkpoint_steps() + [np.iinfo(np.int64).max])
         led = _Ledger.empty(K)
@@ -719,20 +784,25 @@ class Engine:
         max_steps = self.group.max_steps
 
         def refill() -> None:
-            new = []
-            for slot in range(K):
-                if led.occupant[slot] < 0 and queue:
-                    led.assign(slot, *queue.popleft())
-                    new.append(slot)
-            if new:
-                t = time.perf_counter()
-                self._fill(new, [led.member[s] for s in new])
+            """Free slots take the members whose host draws are ready; only when no slot
+            is busy does it wait for the draws in progress."""
+            free = np.flatnonzero(led.occupant < 0)
+            if not len(free) or not feeder:
+                return
+            t = time.perf_counter()
+            got = feeder.take(len(free), wait=len(free) == K)
+            if got:
+                new = free[: len(got)].tolist()
+                for slot, (index, member, _) in zip(new, got, strict=True):
+                    led.assign(slot, index, member)
+                self._load(new, [m for _, m, _ in got], [d for _, _, d in got])
                 led.filled_at[new] = time.perf_counter()
                 self._init_f0(torch.tensor(new, device=self.device))
-                self.stats.fill_seconds += time.perf_counter() - t
+            self.stats.fill_seconds += time.perf_counter() - t
 
         refill()
         while (led.occupant >= 0).any():
+            refill()  # members drawn meanwhile, as a GPU task's first slots train
             state = torch.stack([self.step, self.last_active, self.status.long()]).cpu().numpy()
             step, last_active, status = state
             busy = led.occupant >= 0
@@ -795,7 +865,7 @@ class Engine:
                     self.status[s] = _FREE
                 refill()
                 busy_slots = [s for s in range(K) if led.occupant[s] >= 0]
-                if self.shrink and not queue and 0 < len(busy_slots) <= SHRINK_AT * K:
+                if self.shrink and not feeder and 0 < len(busy_slots) <= SHRINK_AT * K:
                     # a compiled step keeps K >= 2: dynamic shapes specialise K = 1
                     idle = [s for s in range(K) if led.occupant[s] < 0]
                     keep = busy_slots + idle[: max(0, 2 * self.compiled - len(busy_slots))]

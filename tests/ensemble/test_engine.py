@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -206,6 +207,56 @@ def test_filling_many_slots_at_once_equals_one_at_a_time(arch, small_fc, monkeyp
             assert torch.equal(p, getattr(apart, params)[n]), n
     for name in ("src", "rows", "y"):
         assert torch.equal(getattr(together.data, name), getattr(apart.data, name)), name
+
+
+def test_slots_filled_while_training_give_the_same_results(small_fc, monkeypatch):
+    """With draws of one member at a time, the run starts stepping after the first and
+    loads the others into their slots as their host draws finish (``_Feeder``): every
+    member's trajectory is the one it has when all slots are filled before the first step."""
+    import ensemble.engine as engine_module
+
+    members = [*MEMBERS, Member(alpha=2.0**10, T=2.0**-8, seed=5)]
+    at_once = Engine(small_fc, 5, DEVICE, keep_weights=True, shrink=False).run(members)
+    monkeypatch.setattr(engine_module, "FILL_CHUNK", 1)
+    engine = Engine(small_fc, 5, DEVICE, keep_weights=True, shrink=False)
+    for a, b in zip(at_once, engine.run(members), strict=True):
+        _assert_same(a, b)
+    assert engine.stats.busy_steps == sum(r.steps for r in at_once)
+
+
+def test_feeder_hands_out_drawn_members_in_order_and_waits_only_when_asked():
+    from ensemble.engine import _Feeder
+
+    gate = threading.Event()
+    calls: list[list[int]] = []
+
+    def draw(ms):
+        gate.wait(30)
+        calls.append([m.seed for m in ms])
+        return [f"drawn {m.seed}" for m in ms]
+
+    members = [Member(alpha=1.0, T=0.1, seed=s) for s in range(5)]
+    with _Feeder(members, draw, chunk=2) as feeder:
+        assert len(feeder) == 5
+        assert feeder.take(3, wait=False) == []  # the first chunk is still being drawn
+        gate.set()
+        got = feeder.take(3, wait=True)  # only the first chunk's two are ready
+        assert [(i, m, d) for i, m, d in got] == [(i, members[i], f"drawn {i}") for i in (0, 1)]
+        assert len(feeder) == 3
+        assert [i for i, _, _ in feeder.take(1, wait=True)] == [2]
+        assert [i for i, _, _ in feeder.take(9, wait=True)] == [3]
+        assert [i for i, _, _ in feeder.take(9, wait=True)] == [4]
+        assert not feeder and feeder.take(9, wait=True) == []
+    assert calls == [[0, 1], [2, 3], [4]]
+
+    def broken(ms):
+        raise datasets.DataError("mnist: checksum mismatch")
+
+    with (
+        _Feeder(members, broken, chunk=2) as feeder,
+        pytest.raises(datasets.DataError, match="checksum"),
+    ):
+        feeder.take(2, wait=True)
 
 
 def test_float32_member_matches_alone(small_fc):
