@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import statistics
 import time
 from collections.abc import Iterator
@@ -73,6 +74,8 @@ class BenchOptions:
     tf32: bool = False
     """Group(tf32=...): TF32 matmuls and convolutions on CUDA; else strict float32 (cuDNN's
     own default allows TF32 convolutions, so every measurement sets it explicitly)."""
+    triton: bool = False
+    """Engine(triton=...): FC's fused step in Triton kernels (``ensemble.fused_triton``)."""
 
 
 def make_engine(arch: str, K: int, opt: BenchOptions) -> Engine:
@@ -86,7 +89,9 @@ def make_engine(arch: str, K: int, opt: BenchOptions) -> Engine:
         x = torch.randn(n, *INPUT_SHAPE[g.dataset], generator=gen, device=device)
         y = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
         pool = (x, y)
-    engine = Engine(g, K, device, pool=pool, compile=opt.compile, fused=opt.fused)
+    engine = Engine(
+        g, K, device, pool=pool, compile=opt.compile, fused=opt.fused, triton=opt.triton
+    )
     engine._fill(range(K), [Member(alpha=2.0**15, T=2.0**-8, seed=s) for s in range(K)])
     engine._init_f0(torch.arange(K, device=device))
     return engine
@@ -116,7 +121,7 @@ def run_row(arch: str, K: int, steps: int, opt: BenchOptions) -> str:
         **SETTINGS[arch], max_steps=steps, data_root=opt.data_root, tf32=opt.tf32
     )  # fmt: skip
     members = [Member(alpha=2.0**15, T=2.0**-8, seed=s) for s in range(K)]
-    engine = Engine(g, K, opt.device, fused=opt.fused)
+    engine = Engine(g, K, opt.device, fused=opt.fused, triton=opt.triton)
     _sync(opt.device)
     t = time.perf_counter()
     engine.run(members)
@@ -188,7 +193,8 @@ def _rate(x: float) -> str:
 def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> Iterator[str]:
     """The markdown table of network-steps/s against K for one architecture, line by line
     as measured; for FC in strict float32 also the generic step (vmap of grad,
-    ``Engine(fused=False)``) and the fused step's gain."""
+    ``Engine(fused=False)``) and the fused step's gain, or with ``opt.triton`` the torch
+    fused step and the Triton kernels' gain over it."""
     device = opt.device
     g = Group(**SETTINGS[arch])
     n_params = build_model(g).n_params
@@ -196,24 +202,29 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> Iterator[s
     if device.type == "cuda":
         bound = copy_bandwidth(device) / (5 * 4 * n_params)
     generic = arch == "fc" and not opt.tf32
+    if opt.triton:
+        other, label = dataclasses.replace(opt, triton=False), "torch fused step | triton / torch"
+    else:
+        other, label = dataclasses.replace(opt, fused=False), "generic step | fused / generic"
     yield from [
         f"## {arch}: {SETTINGS[arch]}  ({n_params:,} parameters, float32, {steps} steps, {device}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
         + (", synthetic inputs" if opt.synthetic and g.dataset != "perceptron" else "")
         + (", torch.compile" if opt.compile else "")
         + (", TF32" if opt.tf32 else "")
+        + (", Triton kernels" if opt.triton else "")
         + ")",
         "",
         "| K | network-steps/s | x one-at-a-time |"
         + (" x bandwidth bound |" if bound else "")
-        + (" generic step | fused / generic |" if generic else ""),
+        + (f" {label} |" if generic else ""),
         "|---:|---:|---:|" + ("---:|" if bound else "") + ("---:|---:|" if generic else ""),
     ]
     base = None
     for K in Ks:
         try:
             rate = measure(arch, K, steps, opt)
-            slow = measure(arch, K, steps, dataclasses.replace(opt, fused=False)) if generic else 0
+            slow = measure(arch, K, steps, other) if generic else 0
         except torch.OutOfMemoryError:
             yield f"| {K} | out of memory | |"
             break
@@ -253,7 +264,8 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     8 members that converge in 10^2-10^3 steps). In float64, where float rounding does
     not move t*: the CUDA-graph step against the eager step, shrinking slots against
     fixed ones and the fused FC step against the generic one (vmap of grad) must give the
-    same outcomes and steps and weights to 1e-6 (AssertionError otherwise). In float32,
+    same outcomes and steps and weights to 1e-6 (AssertionError otherwise), and so must
+    FC's Triton kernels on CUDA where Triton is installed. In float32,
     the graph against the eager step and ensemble members against the same members
     trained alone are reported: there rounding differences can move t*. Returns a
     summary line."""
@@ -278,6 +290,8 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
         "fixed slots": Engine(g, n, device, keep_weights=True, shrink=False).run(members),
         "generic step": Engine(g, n, device, keep_weights=True, fused=False).run(members),
     }
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        others["triton kernels"] = Engine(g, n, device, keep_weights=True, triton=True).run(members)
     for name, res in others.items():
         for a, b in zip(graph, res, strict=True):
             assert (a.outcome, a.steps) == (b.outcome, b.steps), (name, a.member, a.steps, b.steps)
@@ -300,7 +314,7 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
         for w in a.weights
     )
     return (
-        f"float64, {n} members: CUDA graph = eager = fixed slots = generic step (outcomes,"
+        f"float64, {n} members: CUDA graph = {' = '.join(others)} (outcomes,"
         f" steps, weights to 1e-6); float32: graph vs eager {compare(eager)}, max |dw|"
         f" {worst:.2e}; ensemble vs alone {compare(alone)}"
     )
@@ -428,7 +442,9 @@ def main(a: argparse.Namespace) -> int:
     if a.occupancy:
         print(occupancy("fc", a.occupancy, max(1, a.occupancy // 4), device, a.data_root))
         return 0
-    opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root, a.compile, tf32=a.tf32)
+    opt = BenchOptions(
+        device, a.repeats, a.synthetic, a.data_root, a.compile, tf32=a.tf32, triton=a.triton
+    )
     if a.profile:
         for arch in archs:
             print(profile(arch, a.profile, opt), flush=True)

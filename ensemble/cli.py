@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
     b.add_argument(
+        "--triton",
+        action="store_true",
+        help="FC: the fused step in Triton kernels (CUDA), against the torch fused step",
+    )
+    b.add_argument(
         "--fill",
         type=int,
         default=0,

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from ensemble import data as datasets
-from ensemble import fused
+from ensemble import fused as fused_torch
 from ensemble.cells import Group, Member
 from ensemble.models import Model, Params, build_model, init_params
 from ensemble.schema import CONVERGED, DIVERGED, N_CHECKPOINTS, UNFINISHED, checkpoint_steps
@@ -144,6 +144,23 @@ def allow_tf32(allow: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _triton_step(device: torch.device, compile: bool):
+    """``ensemble.fused_triton``, where its kernels can run: CUDA, or the CPU under
+    Triton's interpreter; ValueError otherwise."""
+    if compile:
+        raise ValueError("triton=True is a CUDA path; compile is the CPU one")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"triton=True runs on CUDA devices, not {device} (on the CPU only under"
+            " Triton's interpreter, TRITON_INTERPRET=1, which is for tests)"
+        )
+    try:
+        from ensemble import fused_triton
+    except ImportError as exc:
+        raise ValueError(f"triton=True needs the triton package ({exc})") from exc
+    return fused_triton
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -435,6 +452,9 @@ class Engine:
     fused  : FC only, default on: the step written out by hand (``ensemble.fused``),
              which accumulates each weight update in place in the product that computes
              it instead of materialising gradients; same trajectories up to float rounding
+    triton : FC, opt-in: the fused step's layers as Triton kernels
+             (``ensemble.fused_triton``: each weight read once forward, read and written
+             once in its update); CUDA, or the CPU under ``TRITON_INTERPRET=1`` (tests)
     shrink : once no member is left to refill a slot and at most SHRINK_AT of the slots
              are busy, drop the idle slots (``K`` shrinks), so a run's tail, where the slowest
              members train alone, costs steps of those members only; trajectories do
@@ -459,6 +479,7 @@ class Engine:
         compile_after: float | None = None,
         shrink: bool = True,
         fused: bool | None = None,
+        triton: bool = False,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -479,6 +500,9 @@ class Engine:
         self.fused = group.arch == "fc" if fused is None else fused
         if self.fused and group.arch != "fc":
             raise ValueError(f"the fused step is written for arch 'fc', not {group.arch!r}")
+        if triton and not self.fused:
+            raise ValueError("triton=True runs the fused FC step: arch 'fc', fused not False")
+        self._fc = _triton_step(self.device, compile) if triton else fused_torch
         self._step_fn, self._skip_fn = self._step, self._skip
         self.compiled = False
         self._compile_after = None if compile else compile_after
@@ -531,7 +555,7 @@ class Engine:
         yb = self.data.y.gather(1, local)  # (K, B)
         f0b = self.f0.gather(1, local)  # (K, B)
         if self.fused:
-            F_b, zs, slopes = fused.fc_forward(self.params, xb.flatten(2), g.L, g.activation)
+            F_b, zs, slopes = self._fc.fc_forward(self.params, xb.flatten(2), g.L, g.activation)
             margin = 1 - self.alpha[:, None] * (F_b - f0b) * yb
             loss = F.relu(margin).mean(1) / self.alpha
         else:
@@ -543,7 +567,7 @@ class Engine:
         if self.fused:
             # step size x dloss/dF, with dloss/dF = -y / B where the margin is positive
             g_F = torch.where(update[:, None] & (margin > 0), -yb / g.B, 0) * lr[:, None]
-            fused.fc_backward_update(self.params, zs, slopes, g_F, update, g.activation)
+            self._fc.fc_backward_update(self.params, zs, slopes, g_F, update, g.activation)
         else:
             for name, p in self.params.items():
                 shape = (-1,) + (1,) * (p.dim() - 1)

@@ -1,0 +1,138 @@
+"""The Triton kernels of the fused FC step (``ensemble.fused_triton``) against the torch
+fused step (``ensemble.fused``), itself tested against vmap(grad).
+
+They run where Triton can run them: on CUDA (``ENSEMBLE_TEST_DEVICE=cuda``) or, on the
+CPU, under Triton's interpreter, which must be switched on before the kernels are
+defined: there ``test_kernels_under_the_interpreter`` runs this file again in a
+subprocess with ``TRITON_INTERPRET=1`` (slow: about a quarter second per launch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble import fused
+from ensemble.cells import Group, Member
+from ensemble.engine import Engine
+
+DEVICE = os.environ.get("ENSEMBLE_TEST_DEVICE", "cpu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+runs_here = pytest.mark.skipif(
+    not HAS_TRITON or not (INTERPRETED or DEVICE == "cuda"),
+    reason="Triton kernels run on CUDA, or here under test_kernels_under_the_interpreter",
+)
+
+
+def _params(K: int, h: int, d_in: int, L: int, dtype, gen) -> dict:
+    p = {"W0": torch.randn(K, h, d_in, dtype=dtype, generator=gen)}
+    for layer in range(1, L):
+        p[f"W{layer}"] = torch.randn(K, h, h, dtype=dtype, generator=gen)
+    p["w_out"] = torch.randn(K, h, dtype=dtype, generator=gen)
+    return {n: v.to(DEVICE) for n, v in p.items()}
+
+
+@runs_here
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize(
+    "dtype,h,d_in,B,L",
+    [
+        (torch.float64, 24, 50, 5, 3),  # widths and batch below and off the 16-wide tiles
+        (torch.float64, 32, 784, 16, 2),  # MNIST's fan-in: many slices
+        (torch.float32, 40, 100, 16, 5),
+    ],
+)
+def test_one_step_matches_the_torch_fused_step(activation, dtype, h, d_in, B, L):
+    """Forward (F, layer inputs) and the in-place update, for 4 members: one updating
+    normally, one that does not update (stopped), one with an infinite weight (diverged:
+    F not finite where torch's is not, and not updated), and one updating with a zero
+    step size."""
+    from ensemble import fused_triton
+
+    gen = torch.Generator().manual_seed(h * B + L)
+    K = 4
+    params = _params(K, h, d_in, L, dtype, gen)
+    params["W1"][2, 0, 0] = math.inf
+    x = torch.randn(K, B, d_in, dtype=dtype, generator=gen).to(DEVICE)
+    g_F = (0.1 * torch.randn(K, B, dtype=dtype, generator=gen)).to(DEVICE)
+    g_F[3] = 0.0
+    update = torch.tensor([True, False, False, True], device=DEVICE)
+    ref = {n: v.clone() for n, v in params.items()}
+    new = {n: v.clone() for n, v in params.items()}
+    F_ref, us_ref, slopes_ref = fused.fc_forward(ref, x, L, activation)
+    F_new, us_new, slopes_new = fused_triton.fc_forward(new, x, L, activation)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    ok = [0, 1, 3]
+    torch.testing.assert_close(F_new[ok], F_ref[ok], rtol=tol, atol=tol)
+    assert torch.equal(torch.isfinite(F_new[2]), torch.isfinite(F_ref[2]))
+    assert not torch.isfinite(F_ref[2]).all()
+    for a, b in zip(us_new[1:], us_ref[1:], strict=True):
+        torch.testing.assert_close(a[ok], b[ok], rtol=tol, atol=tol)
+    fused.fc_backward_update(ref, us_ref, slopes_ref, g_F, update, activation)
+    fused_triton.fc_backward_update(new, us_new, slopes_new, g_F, update, activation)
+    for n in params:
+        moved = (ref[n][0] - params[n][0]).abs().max()
+        assert moved > 100 * tol, f"{n} did not move"
+        torch.testing.assert_close(new[n][[0, 3]], ref[n][[0, 3]], rtol=tol, atol=tol)
+        assert torch.equal(new[n][1:3], params[n][1:3]), f"{n} of a member that does not update"
+    assert torch.equal(new["W0"][3], params["W0"][3])  # a zero step changes nothing
+
+
+@runs_here
+def test_engine_with_the_kernels_follows_the_torch_fused_step(data_root):
+    """Engine(triton=True) against the default engine, float64, 12 steps of 3 members."""
+    g = Group(
+        dataset="mnist", arch="fc", P=64, B=8, pte=256, h=32, L=2, max_steps=12,
+        dtype="float64", data_root=str(data_root),
+    )  # fmt: skip
+    members = [Member(alpha=2.0**10, T=2.0**-6, seed=0), Member(alpha=1.0, T=2.0**-4, seed=1)]
+    members.append(Member(alpha=2.0**-2, T=2.0**-7, seed=2))
+    ref = Engine(g, 3, DEVICE, keep_weights=True).run(members)
+    new = Engine(g, 3, DEVICE, keep_weights=True, triton=True).run(members)
+    for a, b in zip(ref, new, strict=True):
+        assert (a.outcome, a.steps) == (b.outcome, b.steps)
+        assert a.test_error == pytest.approx(b.test_error, abs=1e-12)
+        for n in a.weights:
+            np.testing.assert_allclose(b.weights[n], a.weights[n], rtol=1e-9, atol=1e-12)
+
+
+@runs_here
+def test_bench_compares_the_kernels_with_the_torch_fused_step(capsys, data_root):
+    from ensemble.cli import main
+
+    argv = ["bench", "--arch", "fc", "--triton", "--K", "2", "--steps", "1", "--repeats", "1"]
+    assert main([*argv, "--data-root", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "Triton kernels)" in out and "| torch fused step | triton / torch |" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(row.strip("|").split("|")) == 5 and float(row.split("|")[4].replace(",", "")) > 0
+
+
+def test_engine_refuses_the_kernels_where_they_cannot_run():
+    g = Group(dataset="perceptron", arch="perceptron", P=16, B=2, d=4)
+    with pytest.raises(ValueError, match="fused FC step"):
+        Engine(g, 1, DEVICE, triton=True)
+    if DEVICE == "cpu" and not INTERPRETED:
+        fc = Group(dataset="mnist", arch="fc", P=16, B=2, h=8, L=2)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            Engine(fc, 1, "cpu", triton=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_under_the_interpreter():
+    """On the CPU: this file's kernel tests, run by Triton's interpreter in a subprocess."""
+    if INTERPRETED or DEVICE == "cuda":
+        pytest.skip("the kernel tests run directly in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "9 passed, 1 skipped" in r.stdout, r.stdout[-1000:]
