@@ -16,7 +16,7 @@ of a 9.5 ms step, 3.5 times its bandwidth time: cuBLAS pads B = 16 to a 64-wide 
 
 So each weight is read once in the forward pass and read and written once in the update,
 three passes per step (``ensemble.fused`` makes about 3.4, with the products below
-bandwidth). Products are float32 FMA (``input_precision="ieee"``: no TF32) or float64.
+bandwidth). Products are float32 FMA (``DOT_PRECISION = "ieee"``: no TF32) or float64.
 Same arithmetic as ``ensemble.fused`` up to float rounding (tested on the CPU through
 Triton's interpreter, ``TRITON_INTERPRET=1``). Interface as ``ensemble.fused``.
 """
@@ -36,6 +36,10 @@ FORWARD_BD = 32
 BACKWARD_BD = 64
 """Fan-in slice (columns of W) of one backward-update program."""
 NUM_WARPS = 4
+DOT_PRECISION = "ieee"
+"""``tl.dot``'s float32 arithmetic: "ieee" (FMA, float32 rounding: the default), or for
+experiments "tf32x3" (three TF32 tensor-core products per product, close to float32
+rounding) and "tf32". Float64 is always "ieee"."""
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -58,6 +62,7 @@ def _forward_layer(
     BB: tl.constexpr,
     BD: tl.constexpr,
     GELU: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BH)
@@ -80,7 +85,7 @@ def _forward_layer(
             mask=dmask[:, None] & cmask[None, :],
             other=0.0,
         )
-        acc += tl.dot(w, u, input_precision="ieee")
+        acc += tl.dot(w, u, input_precision=PRECISION)
     pre = acc * scale
     out = k * H * B + rows[:, None] * B + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
@@ -114,6 +119,7 @@ def _backward_layer(
     BD: tl.constexpr,
     HAS_PREV: tl.constexpr,
     GELU: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     k = pid // n_slices
@@ -137,7 +143,7 @@ def _backward_layer(
             U + k * su_k + ds[:, None] * su_d + cols[None, :] * su_b, mask=umask, other=0.0
         )  # (BD, BB)
         if HAS_PREV:  # the layer below's G, from W before it changes
-            d_prev = tl.dot(tl.trans(w), g, input_precision="ieee") * scale  # (BD, BB)
+            d_prev = tl.dot(tl.trans(w), g, input_precision=PRECISION) * scale  # (BD, BB)
             out = k * fan_in * B + ds[:, None] * B + cols[None, :]
             if GELU:
                 slope = tl.load(SlopePrev + out, mask=umask, other=0.0)
@@ -145,8 +151,12 @@ def _backward_layer(
             else:  # relu: u = relu(pre below) > 0 exactly where its slope is 1
                 g_prev = tl.where(u > 0, d_prev, 0.0)
             tl.store(Gprev + out, g_prev, mask=umask)
-        w = w - tl.dot(g, tl.trans(u), input_precision="ieee") * scale
+        w = w - tl.dot(g, tl.trans(u), input_precision=PRECISION) * scale
         tl.store(w_ptr, w, mask=wmask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return DOT_PRECISION if dtype == torch.float32 else "ieee"
 
 
 def _block(n: int) -> int:
@@ -173,7 +183,8 @@ def fc_forward(
         scale = (s if layer else 1.0) / math.sqrt(fan_in)
         _forward_layer[(K,)](
             W, u, out, slope, H, fan_in, B, *u.stride(), scale,
-            BH=_block(H), BB=_block(B), BD=FORWARD_BD, GELU=gelu, num_warps=NUM_WARPS,
+            BH=_block(H), BB=_block(B), BD=FORWARD_BD, GELU=gelu, PRECISION=_precision(W.dtype),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         u = out
         us.append(out)
@@ -216,6 +227,6 @@ def fc_backward_update(
             W, g, u, update, g_prev, slopes[layer - 1] if gelu and layer else g,
             H, fan_in, B, n_slices, *u.stride(), (s if layer else 1.0) / math.sqrt(fan_in),
             BH=_block(H), BB=_block(B), BD=BACKWARD_BD, HAS_PREV=layer > 0, GELU=gelu,
-            num_warps=NUM_WARPS,
+            PRECISION=_precision(W.dtype), num_warps=NUM_WARPS,
         )  # fmt: skip
         g = g_prev
