@@ -259,6 +259,38 @@ def test_feeder_hands_out_drawn_members_in_order_and_waits_only_when_asked():
         feeder.take(2, wait=True)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 12),
+    chunk=st.integers(1, 5),
+    takes=st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=12),
+)
+def test_feeder_hands_out_every_member_once_in_order(n, chunk, takes):
+    """For any chunk size and any sequence of takes: members come out in input order,
+    each once, at most as many as asked; a waiting take of at least one gets at least
+    one while any is left; ``len`` counts those not yet taken."""
+    from ensemble.engine import _Feeder
+
+    members = [Member(alpha=1.0, T=0.1, seed=s) for s in range(n)]
+    out: list[int] = []
+
+    def take(feeder: _Feeder, k: int, wait: bool) -> None:
+        left = len(feeder)
+        got = feeder.take(k, wait)
+        assert len(got) <= k and len(feeder) == left - len(got)
+        if wait and k and left:
+            assert got
+        assert all(d == members[i].seed and m is members[i] for i, m, d in got)
+        out.extend(i for i, _, _ in got)
+
+    with _Feeder(members, lambda ms: [m.seed for m in ms], chunk) as feeder:
+        for k, wait in takes:
+            take(feeder, k, wait)
+        while feeder:  # each waiting take gets at least one, so this ends
+            take(feeder, n, True)
+    assert out == list(range(n))
+
+
 def test_float32_member_matches_alone(small_fc):
     g = Group(**{**small_fc.as_dict(), "dtype": "float32", "data_root": small_fc.data_root})
     ens = train_batch(g, MEMBERS[:2], device=DEVICE, keep_weights=True)
