@@ -51,13 +51,13 @@ def _forward_layer(
     U,  # layer input, (K, fan_in, B) with strides (su_k, su_d, su_b)
     Out,  # act(pre), (K, H, B) contiguous
     Slope,  # gelu: act'(pre), (K, H, B); unused for relu
+    Consts,  # (scale, 1 / sqrt(2), 1 / sqrt(2 pi)) in W's dtype
     H,
     fan_in,
     B,
     su_k,
     su_d,
     su_b,
-    scale,
     BH: tl.constexpr,
     BB: tl.constexpr,
     BD: tl.constexpr,
@@ -86,13 +86,13 @@ def _forward_layer(
             other=0.0,
         )
         acc += tl.dot(w, u, input_precision=PRECISION)
-    pre = acc * scale
+    pre = acc * tl.load(Consts)
     out = k * H * B + rows[:, None] * B + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        cdf = 0.5 * (1.0 + tl.math.erf(pre * tl.load(Consts + 1)))
         tl.store(Out + out, pre * cdf, mask=omask)
-        slope = cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327
+        slope = cdf + pre * tl.exp(-0.5 * pre * pre) * tl.load(Consts + 2)
         tl.store(Slope + out, slope, mask=omask)
     else:  # relu; NaN stays NaN (torch.relu), so a diverged member's loss is not finite
         tl.store(Out + out, tl.where(pre > 0, pre, tl.where(pre == pre, 0.0, pre)), mask=omask)
@@ -106,6 +106,7 @@ def _backward_layer(
     Keep,  # (K,) bool: the member updates
     Gprev,  # out: the layer below's G, (K, fan_in, B) contiguous
     SlopePrev,  # gelu: the layer below's act'(pre), (K, fan_in, B); relu: unused
+    Consts,  # (scale, ...) in W's dtype
     H,
     fan_in,
     B,
@@ -113,7 +114,6 @@ def _backward_layer(
     su_k,
     su_d,
     su_b,
-    scale,
     BH: tl.constexpr,
     BB: tl.constexpr,
     BD: tl.constexpr,
@@ -125,6 +125,7 @@ def _backward_layer(
     k = pid // n_slices
     ds = (pid % n_slices) * BD + tl.arange(0, BD)
     if tl.load(Keep + k) != 0:
+        scale = tl.load(Consts)
         rows = tl.arange(0, BH)
         cols = tl.arange(0, BB)
         rmask = rows < H
@@ -155,6 +156,20 @@ def _backward_layer(
         tl.store(w_ptr, w, mask=wmask)
 
 
+_CONSTS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _consts(scale: float, like: torch.Tensor) -> torch.Tensor:
+    """(scale, 1 / sqrt(2), 1 / sqrt(2 pi)) on ``like``'s device in its dtype: a kernel's
+    float arguments would be float32, which float64 members must not be rounded to.
+    Cached, so that a CUDA graph capture (after warm-up steps) makes no copies."""
+    key = (scale, like.dtype, like.device)
+    if key not in _CONSTS:
+        values = [scale, _INV_SQRT_2, _INV_SQRT_2PI]
+        _CONSTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _CONSTS[key]
+
+
 def _precision(dtype: torch.dtype) -> str:
     return DOT_PRECISION if dtype == torch.float32 else "ieee"
 
@@ -180,9 +195,9 @@ def fc_forward(
         H, fan_in = W.shape[1:]
         out = torch.empty(K, H, B, dtype=W.dtype, device=W.device)
         slope = torch.empty_like(out) if gelu else out
-        scale = (s if layer else 1.0) / math.sqrt(fan_in)
+        consts = _consts((s if layer else 1.0) / math.sqrt(fan_in), W)
         _forward_layer[(K,)](
-            W, u, out, slope, H, fan_in, B, *u.stride(), scale,
+            W, u, out, slope, consts, H, fan_in, B, *u.stride(),
             BH=_block(H), BB=_block(B), BD=FORWARD_BD, GELU=gelu, PRECISION=_precision(W.dtype),
             num_warps=NUM_WARPS,
         )  # fmt: skip
@@ -223,9 +238,10 @@ def fc_backward_update(
         u = us[layer]
         g_prev = torch.empty(K, fan_in, B, dtype=W.dtype, device=W.device) if layer else g
         n_slices = triton.cdiv(fan_in, BACKWARD_BD)
+        consts = _consts((s if layer else 1.0) / math.sqrt(fan_in), W)
         _backward_layer[(K * n_slices,)](
-            W, g, u, update, g_prev, slopes[layer - 1] if gelu and layer else g,
-            H, fan_in, B, n_slices, *u.stride(), (s if layer else 1.0) / math.sqrt(fan_in),
+            W, g, u, update, g_prev, slopes[layer - 1] if gelu and layer else g, consts,
+            H, fan_in, B, n_slices, *u.stride(),
             BH=_block(H), BB=_block(B), BD=BACKWARD_BD, HAS_PREV=layer > 0, GELU=gelu,
             PRECISION=_precision(W.dtype), num_warps=NUM_WARPS,
         )  # fmt: skip
