@@ -8,11 +8,11 @@ of a 9.5 ms step, 3.5 times its bandwidth time: cuBLAS pads B = 16 to a 64-wide 
 - forward, one program per member: pre = scale W u over the layer's fan-in in BD-wide
   slices (all h rows at once, so u is read once), the activation in the same kernel
   (relu keeps NaN, as torch does; gelu also stores its slope);
-- backward and update, one program per member and BD-wide slice of the fan-in: it reads
-  its W slice once, computes the slice of scale W^T g (before W changes) and turns it
-  into the next layer's g (relu: where u > 0; gelu: times the stored slope), then writes
-  W - scale g u^T. A member that does not update (stopped, or non-finite) is skipped:
-  its weights are untouched, as in ``ensemble.fused``.
+- backward and update, one program per member, over the fan-in in BD-wide slices of W
+  (g read once): each slice is read once, gives its part of scale W^T g (before W
+  changes), turned into the next layer's g (relu: where u > 0; gelu: times the stored
+  slope), and is written back as W - scale g u^T. A member that does not update
+  (stopped, or non-finite) is skipped: its weights are untouched, as in ``ensemble.fused``.
 
 So each weight is read once in the forward pass and read and written once in the update,
 three passes per step (``ensemble.fused`` makes about 3.4, with the products below
@@ -31,11 +31,16 @@ import triton.language as tl
 
 from ensemble.models import Params, activation_scale
 
-FORWARD_BD = 32
-"""Fan-in slice of the forward kernel (rows: all h of the layer)."""
-BACKWARD_BD = 64
-"""Fan-in slice (columns of W) of one backward-update program."""
-NUM_WARPS = 4
+FORWARD_BD = 16
+"""Fan-in slice per iteration of the forward kernel (rows: all h of the layer)."""
+BACKWARD_BD = 16
+"""Fan-in slice (columns of W) per iteration of a backward-update program."""
+NUM_WARPS = 8
+"""Slices and warps chosen from the compiled sm_90 code (Triton 3.8, h = 128, B = 16;
+``tests/ensemble/test_fused_triton.py`` compiles it without a GPU): no spills in float32
+or float64, and the most programs per multiprocessor (forward 80 and backward 118
+registers a thread in float32: 3 and 2 programs of 8 warps). Slices of 64 with 4 warps,
+the first choice, spilled up to 6 KB a thread in the backward kernel. Not yet timed."""
 DOT_PRECISION = "ieee"
 """``tl.dot``'s float32 arithmetic: "ieee" (FMA, float32 rounding: the default), or for
 experiments "tf32x3" (three TF32 tensor-core products per product, close to float32
@@ -110,7 +115,6 @@ def _backward_layer(
     H,
     fan_in,
     B,
-    n_slices,
     su_k,
     su_d,
     su_b,
@@ -121,39 +125,39 @@ def _backward_layer(
     GELU: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    k = pid // n_slices
-    ds = (pid % n_slices) * BD + tl.arange(0, BD)
+    k = tl.program_id(0).to(tl.int64)
     if tl.load(Keep + k) != 0:
         scale = tl.load(Consts)
         rows = tl.arange(0, BH)
         cols = tl.arange(0, BB)
         rmask = rows < H
         cmask = cols < B
-        dmask = ds < fan_in
         g = tl.load(
             G + k * H * B + rows[:, None] * B + cols[None, :],
             mask=rmask[:, None] & cmask[None, :],
             other=0.0,
-        )  # (BH, BB)
-        w_ptr = W + k * H * fan_in + rows[:, None] * fan_in + ds[None, :]
-        wmask = rmask[:, None] & dmask[None, :]
-        w = tl.load(w_ptr, mask=wmask, other=0.0)  # (BH, BD)
-        umask = dmask[:, None] & cmask[None, :]
-        u = tl.load(
-            U + k * su_k + ds[:, None] * su_d + cols[None, :] * su_b, mask=umask, other=0.0
-        )  # (BD, BB)
-        if HAS_PREV:  # the layer below's G, from W before it changes
-            d_prev = tl.dot(tl.trans(w), g, input_precision=PRECISION) * scale  # (BD, BB)
-            out = k * fan_in * B + ds[:, None] * B + cols[None, :]
-            if GELU:
-                slope = tl.load(SlopePrev + out, mask=umask, other=0.0)
-                g_prev = d_prev * slope
-            else:  # relu: u = relu(pre below) > 0 exactly where its slope is 1
-                g_prev = tl.where(u > 0, d_prev, 0.0)
-            tl.store(Gprev + out, g_prev, mask=umask)
-        w = w - tl.dot(g, tl.trans(u), input_precision=PRECISION) * scale
-        tl.store(w_ptr, w, mask=wmask)
+        )  # (BH, BB), read once for all slices
+        for d0 in range(0, fan_in, BD):
+            ds = d0 + tl.arange(0, BD)
+            dmask = ds < fan_in
+            w_ptr = W + k * H * fan_in + rows[:, None] * fan_in + ds[None, :]
+            wmask = rmask[:, None] & dmask[None, :]
+            w = tl.load(w_ptr, mask=wmask, other=0.0)  # (BH, BD)
+            umask = dmask[:, None] & cmask[None, :]
+            u = tl.load(
+                U + k * su_k + ds[:, None] * su_d + cols[None, :] * su_b, mask=umask, other=0.0
+            )  # (BD, BB)
+            if HAS_PREV:  # the layer below's G, from W before it changes
+                d_prev = tl.dot(tl.trans(w), g, input_precision=PRECISION) * scale  # (BD, BB)
+                out = k * fan_in * B + ds[:, None] * B + cols[None, :]
+                if GELU:
+                    slope = tl.load(SlopePrev + out, mask=umask, other=0.0)
+                    g_prev = d_prev * slope
+                else:  # relu: u = relu(pre below) > 0 exactly where its slope is 1
+                    g_prev = tl.where(u > 0, d_prev, 0.0)
+                tl.store(Gprev + out, g_prev, mask=umask)
+            w = w - tl.dot(g, tl.trans(u), input_precision=PRECISION) * scale
+            tl.store(w_ptr, w, mask=wmask)
 
 
 _CONSTS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
@@ -237,11 +241,10 @@ def fc_backward_update(
         H, fan_in = W.shape[1:]
         u = us[layer]
         g_prev = torch.empty(K, fan_in, B, dtype=W.dtype, device=W.device) if layer else g
-        n_slices = triton.cdiv(fan_in, BACKWARD_BD)
         consts = _consts((s if layer else 1.0) / math.sqrt(fan_in), W)
-        _backward_layer[(K * n_slices,)](
+        _backward_layer[(K,)](
             W, g, u, update, g_prev, slopes[layer - 1] if gelu and layer else g, consts,
-            H, fan_in, B, n_slices, *u.stride(),
+            H, fan_in, B, *u.stride(),
             BH=_block(H), BB=_block(B), BD=BACKWARD_BD, HAS_PREV=layer > 0, GELU=gelu,
             PRECISION=_precision(W.dtype), num_warps=NUM_WARPS,
         )  # fmt: skip
