@@ -52,6 +52,9 @@ REFILL_FACTOR = 2
 slots are refilled as members stop. On a GPU every member gets a slot (within memory)."""
 WRITE_EVERY = 2.0
 """Seconds between the launch's writes of the members streamed in (``stream.Sink``)."""
+POLL_EVERY = 0.25
+"""Seconds between the launch's looks at the stream and the tasks: starts reach the
+progress bar and the sweep page within this, finished tasks are written at once."""
 COMPILE_COST = {
     "fc": (25.4, 1_195.0, 1_343.0),
     "perceptron": (20.4, 4_151.0, 30_417.0),
@@ -501,14 +504,18 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 for b in batches
             }
             remaining = set(futures)
+            last_write, shown = time.monotonic(), None
             while remaining:
                 try:
                     finished, remaining = wait(
-                        remaining, timeout=WRITE_EVERY, return_when="FIRST_COMPLETED"
+                        remaining, timeout=POLL_EVERY, return_when="FIRST_COMPLETED"
                     )
                 except TimeoutError:
                     finished = set()
-                new = sink.drain(inbox)
+                sink.receive(inbox)
+                new = 0
+                if finished or time.monotonic() - last_write >= WRITE_EVERY:
+                    new, last_write = sink.flush(), time.monotonic()
                 for f in finished:
                     try:
                         results, stats = f.result()
@@ -521,12 +528,15 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     for f in remaining
                     if f.key in sink.started
                 )
-                bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
-                if new:
-                    bar.update(new)
-                else:
-                    bar.refresh()  # the postfix changed
-            bar.update(sink.drain(inbox))
+                if new or (running, report.cells_failed) != shown:
+                    shown = running, report.cells_failed
+                    bar.set_postfix(running=running, failed=report.cells_failed, refresh=False)
+                    if new:
+                        bar.update(new)
+                    else:
+                        bar.refresh()
+            sink.receive(inbox)
+            bar.update(sink.flush())
         finally:
             bar.close()
             try:

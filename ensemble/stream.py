@@ -3,13 +3,14 @@
 A task (``launch.run_batch``) opens its end, ``MemberStream``: it announces that it
 started, then publishes each finished member on the launch's Dask event topic
 (``Worker.log_event``, the channel ``distributed.print`` uses). The launching process,
-subscribed to that topic, hands what arrived to its end, ``Sink``, every
-``launch.WRITE_EVERY`` seconds: one Zarr write per experiment, values first and ``done``
-last. A killed launch or a failed task therefore loses only its members still training,
-and a task Dask retries after its worker died trains only the members its earlier
-attempt had not published. The task also returns its results, and the sink writes those
-no event brought. The monitor hears of a task's start from its event, so a task shorter
-than the launch's polling interval is still seen running.
+subscribed to that topic, hands what arrived to its end, ``Sink``: task starts at once
+(every ``launch.POLL_EVERY`` seconds), members every ``launch.WRITE_EVERY`` seconds in
+one Zarr write per experiment, values first and ``done`` last. A killed launch or a
+failed task therefore loses only its members still training, and a task Dask retries
+after its worker died trains only the members its earlier attempt had not published.
+The task also returns its results, and the sink writes those no event brought. The
+monitor hears of a task's start from its event, so even a task that ends between two of
+the launch's checks is seen starting.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class Sink:
         self.written: dict[str, set[int]] = {b.key: set() for b in batches}
         self.failed: set[str] = set()
         self.started: set[str] = set()
+        self.pending: list[tuple[str, int, dict]] = []  # received, not yet written
         self.report, self.bar, self.mon = report, bar, mon
 
     def _count_failed(self, b: Batch, n: int) -> None:
@@ -121,10 +123,9 @@ class Sink:
         self.report.cells_failed += n
         self.report.failed[b.experiment] = self.report.failed.get(b.experiment, 0) + n
 
-    def drain(self, inbox: deque) -> int:
+    def receive(self, inbox: deque) -> None:
         """Take the events that arrived (``MemberStream.started`` and ``publish``): mark
-        the tasks that started, then write the members."""
-        items = []
+        the tasks that started at once, keep the members for the next ``flush``."""
         while inbox:
             msg = inbox.popleft()
             if not isinstance(msg, dict) or msg.get("key") not in self.batches:
@@ -132,7 +133,11 @@ class Sink:
             if msg.get("started"):
                 self.start(msg["key"])
             else:
-                items.append((msg["key"], int(msg["index"]), msg["result"]))
+                self.pending.append((msg["key"], int(msg["index"]), msg["result"]))
+
+    def flush(self) -> int:
+        """Write the members received since the last flush."""
+        items, self.pending = self.pending, []
         return self.write(items)
 
     def start(self, key: str) -> None:
@@ -172,9 +177,9 @@ class Sink:
         return sum(len(members) for members in fresh.values())
 
     def finished(self, b: Batch, results: list[dict | None], stats: dict) -> int:
-        """The task of ``b`` returned: write the members no event brought; add its
-        counters. A member neither streamed nor returned (published by an attempt that
-        died, its record lost on the way) counts as failed: it stays missing."""
+        """The task of ``b`` returned (``flush`` first): write the members no event
+        brought; add its counters. A member neither streamed nor returned (published by an
+        attempt that died, its record lost on the way) counts as failed: it stays missing."""
         n = self.write((b.key, i, rec) for i, rec in enumerate(results) if rec is not None)
         r = self.report
         lost = len(b.members) - len(self.written[b.key])
