@@ -483,7 +483,8 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                 print(f"Sweep page:     {mon.url}")
         bar = tqdm(total=report.cells_pending, unit="cell", disable=not progress, smoothing=0)
         sink = Sink(store, sweep, batches, report, bar, mon)
-        topic = TOPIC_PREFIX + uuid.uuid4().hex[:12]
+        launch_id = uuid.uuid4().hex[:12]
+        topic = TOPIC_PREFIX + launch_id
         inbox: deque = deque()  # appended to by the client's event loop thread
         c.subscribe_topic(topic, lambda event: inbox.append(event[1]))
         try:
@@ -496,7 +497,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     task.data_root,
                     task.compile,
                     topic,
-                    key=b.key,
+                    # unique to this launch: a key an earlier launch left on the cluster
+                    # would hand back that launch's result without training
+                    key=f"{b.key}-{launch_id}",
                     pure=False,
                     # the most planned work first, so no long task starts last and runs alone
                     priority=int(b.work),
@@ -524,9 +527,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     else:
                         new += sink.finished(futures[f], results, stats)
                 running = sum(
-                    len(futures[f].members) - len(sink.written[f.key])
+                    len(futures[f].members) - len(sink.written[futures[f].key])
                     for f in remaining
-                    if f.key in sink.started
+                    if futures[f].key in sink.started
                 )
                 if new or (running, report.cells_failed) != shown:
                     shown = running, report.cells_failed

@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster
 from tiny_sweep import write_sweep
 
 from ensemble.cells import SpecError
-from ensemble.cluster import QuickExit, connect, gpu_workers
+from ensemble.cluster import QuickExit, connect, gpu_workers, worker_count
 from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import (
     COMPILE_BREAK_EVEN,
@@ -236,6 +236,23 @@ def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, sl
     # counters are lost with its worker)
     assert report["member_steps"] < int(ds["steps"].sum())
     assert_same_cube(reference, ds)
+
+
+def test_launch_trains_even_when_the_cluster_holds_its_batch_keys(client, tmp_path, reference):
+    """Batch keys are deterministic (the same cells give the same key), so a cluster that
+    still holds a result under one, from an earlier launch of the same cells, must not
+    hand it to this launch: every launch's tasks train, under keys of their own."""
+    spec = write_sweep(tmp_path / "tiny.toml")
+    sweep = load_sweep(spec)
+    batches = plan(sweep, pending_cells(sweep, tmp_path / "new.zarr"), worker_count(client), None)
+    held = [client.submit(lambda: "not this launch's result", key=b.key) for b in batches]
+    client.gather(held)
+    tree = launch(spec, tmp_path / "s.zarr", client=client, progress=False)
+    report = tree.attrs["launch_report"]
+    assert report["cells_done"] == 8 and report["cells_failed"] == 0
+    assert report["member_steps"] > 0
+    assert_same_cube(reference, xr.open_zarr(tmp_path / "s.zarr", group="tiny_fc").load())
+    del held
 
 
 def test_extension_computes_only_new_cells(client, tmp_path, reference):
