@@ -70,9 +70,23 @@ def fc_forward(
             u, slope = pre * cdf, cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
         us.append(u)
         slopes.append(slope)
-    w_out = params["w_out"]  # (K, h)
-    F = _scaled_bmm(w_out.unsqueeze(1), u, s / w_out.shape[1]).squeeze(1)
-    return F, us, slopes
+    return readout(params["w_out"], u, s), us, slopes
+
+
+def readout(w_out: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    """F = s w_out . u_L / h of K members: w_out (K, h), u (K, h, B) -> (K, B)."""
+    return _scaled_bmm(w_out.unsqueeze(1), u, s / w_out.shape[1]).squeeze(1)
+
+
+def readout_backward_update(
+    w_out: torch.Tensor, u: torch.Tensor, g_F: torch.Tensor, keep: torch.Tensor, s: float
+) -> torch.Tensor:
+    """The readout's part of the step: returns g_F times dF/du_L, (K, h, B), from w_out as
+    it was, then updates w_out in place where ``keep`` (K, 1, 1) is True."""
+    h = w_out.shape[1]
+    delta = w_out.unsqueeze(2) * (g_F.unsqueeze(1) * (s / h))
+    w_out.unsqueeze(2).baddbmm_(torch.where(keep, u, 0), g_F.unsqueeze(2), alpha=-s / h)
+    return delta
 
 
 def fc_backward_update(
@@ -90,12 +104,8 @@ def fc_backward_update(
     no update; the inputs u_0 = x^T are finite and need no mask."""
     s = _SCALE[activation]
     L = len(slopes)
-    w_out = params["w_out"]
-    h = w_out.shape[1]
     keep = update.view(-1, 1, 1)
-    # dloss/du_L, transposed (K, h, B), before w_out changes
-    delta = w_out.unsqueeze(2) * (g_F.unsqueeze(1) * (s / h))
-    w_out.unsqueeze(2).baddbmm_(torch.where(keep, us[L], 0), g_F.unsqueeze(2), alpha=-s / h)
+    delta = readout_backward_update(params["w_out"], us[L], g_F, keep, s)  # dloss/du_L
     for layer in reversed(range(L)):
         W = params[f"W{layer}"]  # (K, h, fan_in)
         if activation == "relu":

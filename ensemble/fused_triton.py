@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ensemble.fused import readout, readout_backward_update
 from ensemble.models import Params, activation_scale
 
 FORWARD_BD = 16
@@ -209,9 +210,7 @@ def fc_forward(
         us.append(out)
         if gelu:
             slopes.append(slope)
-    w_out = params["w_out"]  # (K, h)
-    F = torch.bmm(w_out.unsqueeze(1), u).squeeze(1) * (s / w_out.shape[1])
-    return F, us, slopes
+    return readout(params["w_out"], u, s), us, slopes
 
 
 def fc_backward_update(
@@ -227,14 +226,10 @@ def fc_backward_update(
     s = activation_scale(activation)
     gelu = activation == "gelu"
     L = len(us) - 1
-    w_out = params["w_out"]
-    K, h = w_out.shape
-    B = g_F.shape[1]
-    keep = update.view(-1, 1, 1)
-    # step size x dloss/du_L (K, h, B), before w_out changes; then the top layer's G
-    delta = w_out.unsqueeze(2) * (g_F.unsqueeze(1) * (s / h))
-    g = torch.where(keep, delta * slopes[L - 1] if gelu else torch.where(us[L] > 0, delta, 0), 0)
-    w_out.unsqueeze(2).baddbmm_(torch.where(keep, us[L], 0), g_F.unsqueeze(2), alpha=-s / h)
+    K, B = g_F.shape
+    delta = readout_backward_update(params["w_out"], us[L], g_F, update.view(-1, 1, 1), s)
+    # the top layer's G; members that do not update are skipped by the kernels
+    g = delta * slopes[L - 1] if gelu else torch.where(us[L] > 0, delta, 0)
     for layer in reversed(range(L)):
         W = params[f"W{layer}"]
         assert W.is_contiguous(), "W is updated in place"
