@@ -454,14 +454,17 @@ class Engine:
              it instead of materialising gradients; same trajectories up to float rounding
     triton : FC, opt-in: the fused step's layers as Triton kernels
              (``ensemble.fused_triton``: each weight read once forward, read and written
-             once in its update); CUDA, or the CPU under ``TRITON_INTERPRET=1`` (tests)
+             once in its update, the first layer's forward carried from the last update
+             in ``pre0``); CUDA, or the CPU under ``TRITON_INTERPRET=1`` (tests)
     shrink : once no member is left to refill a slot and at most SHRINK_AT of the slots
              are busy, drop the idle slots (``K`` shrinks), so a run's tail, where the slowest
              members train alone, costs steps of those members only; trajectories do
              not depend on the ensemble size (up to float rounding of batched products)
     """
 
-    SLOT_STATE = ("f0", "alpha", "dt", "key", "step", "last_active", "status", "limit")
+    SLOT_STATE = (
+        "f0", "alpha", "dt", "key", "step", "last_active", "status", "limit", "pre0", "pre0_step"
+    )  # fmt: skip
     """Device tensors of one row per slot besides the weights and the training data:
     ``_select`` keeps exactly these (and ``params``, ``params0``, ``data``) in step with
     the slots, so a new per-slot tensor must be named here (a test checks it)."""
@@ -502,6 +505,7 @@ class Engine:
             raise ValueError(f"the fused step is written for arch 'fc', not {group.arch!r}")
         if triton and not self.fused:
             raise ValueError("triton=True runs the fused FC step: arch 'fc', fused not False")
+        self.triton = triton
         self._fc = _triton_step(self.device, compile) if triton else fused_torch
         self._step_fn, self._skip_fn = self._step, self._skip
         self.compiled = False
@@ -522,6 +526,10 @@ class Engine:
         self.last_active = torch.full((K,), -1, dtype=torch.int64, device=dev)
         self.status = torch.zeros(K, dtype=torch.int8, device=dev)
         self.limit = torch.full((K,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+        # the Triton step's first-layer pre-activation, carried to the step pre0_step
+        # (-1: none); (K, 0) without Triton (``ensemble.fused_triton.FirstLayer``)
+        self.pre0 = torch.zeros((K, group.h, group.B) if triton else (K, 0), dtype=dt, device=dev)
+        self.pre0_step = torch.full((K,), -1, dtype=torch.int64, device=dev)
         self.skip_quiet = group.arch == "perceptron" if skip_quiet is None else skip_quiet
         self._window = 8  # look-ahead steps per member, adapted in _advance_skipping
         self._grad = vmap(grad_and_value(self._member_loss), chunk_size=chunk)
@@ -550,16 +558,28 @@ class Engine:
     def _step(self) -> None:
         """One SGD step of every running slot; no host synchronisation."""
         g = self.group
-        local = draw_batch(self.key, self.step, g.P, g.B)  # (K, B) indices into training set
-        xb = self.data.src[self.data.rows.gather(1, local)]  # (K, B, *input)
+        if self.triton:  # this step's batches and the next's, in one draw
+            both = torch.cat([self.step, self.step + 1])
+            local, ahead = draw_batch(self.key.repeat(2), both, g.P, g.B).chunk(2)
+        else:
+            local = draw_batch(self.key, self.step, g.P, g.B)  # (K, B) indices, training set
+        rows = self.data.rows.gather(1, local)  # (K, B) rows of the data pool
         yb = self.data.y.gather(1, local)  # (K, B)
         f0b = self.f0.gather(1, local)  # (K, B)
+        if self.triton:
+            first = self._fc.FirstLayer(
+                self.data.src.flatten(1), rows, self.data.rows.gather(1, ahead),
+                self.pre0, self.pre0_step, self.step,
+            )  # fmt: skip
+            F_b, zs, slopes = self._fc.fc_forward(self.params, first, g.L, g.activation)
+        elif self.fused:
+            xb = self.data.src[rows].flatten(2)  # (K, B, d_in)
+            F_b, zs, slopes = self._fc.fc_forward(self.params, xb, g.L, g.activation)
         if self.fused:
-            F_b, zs, slopes = self._fc.fc_forward(self.params, xb.flatten(2), g.L, g.activation)
             margin = 1 - self.alpha[:, None] * (F_b - f0b) * yb
             loss = F.relu(margin).mean(1) / self.alpha
         else:
-            grads, loss = self._grad(self.params, xb, yb, f0b, self.alpha)  # loss (K,)
+            grads, loss = self._grad(self.params, self.data.src[rows], yb, f0b, self.alpha)
         running = self.status == _RUNNING
         finite = torch.isfinite(loss)
         update = running & finite & (self.step < self.limit)
@@ -567,7 +587,12 @@ class Engine:
         if self.fused:
             # step size x dloss/dF, with dloss/dF = -y / B where the margin is positive
             g_F = torch.where(update[:, None] & (margin > 0), -yb / g.B, 0) * lr[:, None]
-            self._fc.fc_backward_update(self.params, zs, slopes, g_F, update, g.activation)
+            if self.triton:
+                self._fc.fc_backward_update(
+                    self.params, first, zs, slopes, g_F, update, g.activation
+                )
+            else:
+                self._fc.fc_backward_update(self.params, zs, slopes, g_F, update, g.activation)
         else:
             for name, p in self.params.items():
                 shape = (-1,) + (1,) * (p.dim() - 1)
@@ -778,6 +803,7 @@ class Engine:
         self.dt[idx] = torch.tensor(dts, dtype=self.dtype).to(dev)
         self.key[idx] = torch.tensor([key for _, _, key in drawn], dtype=torch.int64).to(dev)
         self.step[idx] = 0
+        self.pre0_step[idx] = -1
         self.last_active[idx] = -1
         self.status[idx] = _RUNNING
 
