@@ -267,8 +267,9 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
     same outcomes and steps and weights to 1e-6 (AssertionError otherwise), and so must
     FC's Triton kernels on CUDA where Triton is installed. In float32,
     the graph against the eager step and ensemble members against the same members
-    trained alone are reported: there rounding differences can move t*. Returns a
-    summary line."""
+    trained alone are reported: there rounding differences can move t*; on CUDA also
+    the TF32 option (``Group.tf32``) against strict float32, in t* and test error.
+    Returns a summary line."""
     members = [
         Member(alpha=a, T=T, seed=s)
         for a in (1.0, 2.0**12)
@@ -313,10 +314,15 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
         for a, b in zip(graph, eager, strict=True)
         for w in a.weights
     )
+    tf32 = ""
+    if device.type == "cuda":
+        fast = Engine(Group(**{**g.as_dict(), "tf32": True}), n, device).run(members)
+        err = max(abs(a.test_error - b.test_error) for a, b in zip(graph, fast, strict=True))
+        tf32 = f"; TF32 vs float32 {compare(fast)}, largest test-error difference {err:.4f}"
     return (
         f"float64, {n} members: CUDA graph = {' = '.join(others)} (outcomes,"
         f" steps, weights to 1e-6); float32: graph vs eager {compare(eager)}, max |dw|"
-        f" {worst:.2e}; ensemble vs alone {compare(alone)}"
+        f" {worst:.2e}; ensemble vs alone {compare(alone)}{tf32}"
     )
 
 

@@ -41,3 +41,15 @@ def test_bench_run_reports_the_engine_against_its_hot_loop(capsys, data_root):
     (row,) = _rows(capsys.readouterr().out)
     assert row[:3] == ["fc", "2", "80"]  # 2 members x 40 steps (lazy: none stops sooner)
     assert row[-1] == "100%"
+
+
+def test_bench_check_asserts_the_fast_paths_agree(capsys, data_root):
+    """``bench --check``, the first thing a device run does: on the CPU the float64
+    equalities it asserts (eager = fixed slots = generic step) hold and it prints its
+    float32 comparisons; then the table."""
+    argv = ["bench", "--check", "--arch", "perceptron", "--K", "1", "--steps", "2"]
+    assert main([*argv, "--repeats", "1", "--data-root", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "= eager = fixed slots = generic step (outcomes, steps, weights to 1e-6)" in out
+    assert re.search(r"graph vs eager 8/8 identical steps.*ensemble vs alone \d/8", out)
+    assert [r[0] for r in _rows(out)] == ["1"]
