@@ -186,25 +186,61 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+FLOYD_AT_ONCE = 64
+"""Largest B whose batch draw decides all B indices at once (``_floyd``: (K, B, B)
+comparisons); beyond it, and for B <= 4, one index after the other."""
+
+
 def draw_batch(key: torch.Tensor, step: torch.Tensor, P: int, B: int) -> torch.Tensor:
     """B distinct indices in [0, P) for each member, a pure function of (key, step).
 
     key  : (K,) int64 member batch keys in [0, 2^32) (``member_streams``)
     step : (K,) int64 step counters of the members
-    Returns (K, B) int64. Floyd's algorithm: for j = P-B .. P-1 take t uniform in
-    [0, j] and keep t, or j if t was already taken; this gives a uniform B-subset.
-    The uniform numbers come from hashing (key, step, j), so draws at different steps
-    are independent and do not depend on the other members of the ensemble.
+    Returns (K, B) int64. Floyd's algorithm: for i = 0 .. B-1, with j_i = P - B + i, take
+    t_i uniform in [0, j_i] and keep t_i, or j_i if t_i was already taken; this gives a
+    uniform B-subset. The uniform numbers come from hashing (key, step, i), so draws at
+    different steps are independent and do not depend on the other members.
     """
-    base = _mix32(key ^ _mix32(step & _M32) ^ _mix32(((step >> 32) + 0x9E3779B9) & _M32))
     i = torch.arange(B, device=key.device)
-    j = P - B + i  # (B,) Floyd's upper ends
-    r = _mix32(base[:, None] ^ ((i * 0x85EBCA6B + 0x27D4EB2F) & _M32))  # (K, B) uniform 32-bit
-    out = r % (j + 1)  # t_i uniform in [0, j_i]
-    for k in range(1, B):  # keep t_k unless already taken, else take j_k (never taken)
-        taken = (out[:, :k] == out[:, k : k + 1]).any(dim=1)
-        out[:, k] = torch.where(taken, j[k], out[:, k])
-    return out
+    j = P - B + i  # Floyd's upper ends
+    return _floyd(_floyd_uniforms(key, step, i, j), j)
+
+
+def _floyd_uniforms(
+    key: torch.Tensor, step: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> torch.Tensor:
+    """Floyd's t_i, uniform in [0, j_i] (i = 0 .. B-1), (K, B) int64, from hashing
+    (key, step, i)."""
+    base = _mix32(key ^ _mix32(step & _M32) ^ _mix32(((step >> 32) + 0x9E3779B9) & _M32))
+    r = _mix32(base[:, None] ^ ((i * 0x85EBCA6B + 0x27D4EB2F) & _M32))  # (K, B) 32-bit
+    return r % (j + 1)
+
+
+def _floyd(t: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Floyd's choices for the uniforms t (K, B) of ``_floyd_uniforms``, j_i = P - B + i.
+
+    In sequence, each i costs about 4 small kernels, too many on a GPU for B = 16. For
+    5 <= B <= FLOYD_AT_ONCE all i are decided at once: t_i is taken (so j_i = P - B + i is
+    kept instead) iff it equals an earlier t_k (that t_k was kept, or was itself taken
+    already), or it equals j_k of an earlier k whose own t_k was taken; the only such k is
+    t_i - (P - B). Following those links back (a chain of at most B) by pointer doubling
+    takes ceil(log2 B) rounds: about 25 kernels for B = 16 instead of 60. Same result."""
+    B = t.shape[1]
+    if B <= 4 or B > FLOYD_AT_ONCE:
+        out = t.clone()
+        for k in range(1, B):  # keep t_k unless already taken, else take j_k (never taken)
+            taken = (out[:, :k] == out[:, k : k + 1]).any(dim=1)
+            out[:, k] = torch.where(taken, j[k], out[:, k])
+        return out
+    i = j - j[0]
+    taken = ((t[:, :, None] == t[:, None, :]) & (i[None, :] < i[:, None])).any(2)  # (K, B)
+    k = t - j[0]  # t_i = j_k
+    link = torch.where((k >= 0) & (k < i), k, i)  # i itself: no earlier j_k
+    for r in range((B - 1).bit_length()):
+        taken = taken | taken.gather(1, link)
+        if r < (B - 1).bit_length() - 1:
+            link = link.gather(1, link)
+    return torch.where(taken, j, t)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ensemble import data as datasets
+from ensemble import engine as engine_module
 from ensemble.cells import Group, Member, SpecError
 from ensemble.engine import Engine, draw_batch, member_streams, train_batch
 from ensemble.models import build_model, init_params
@@ -189,8 +190,6 @@ def test_fused_fc_step_leaves_a_diverging_member_alone(small_fc):
 def test_filling_many_slots_at_once_equals_one_at_a_time(arch, small_fc, monkeypatch):
     """The batched, threaded fill (in chunks of FILL_CHUNK) puts exactly what filling one
     slot at a time puts: weights, training sets, per-slot settings."""
-    import ensemble.engine as engine_module
-
     monkeypatch.setattr(engine_module, "FILL_CHUNK", 3)
     g = small_fc if arch == "fc" else _perceptron_group(1.0, 32, "float32")
     members = [Member(alpha=2.0 ** (s % 4), T=2.0 ** -(s % 3 + 4), seed=s) for s in range(7)]
@@ -213,8 +212,6 @@ def test_slots_filled_while_training_give_the_same_results(small_fc, monkeypatch
     """With draws of one member at a time, the run starts stepping after the first and
     loads the others into their slots as their host draws finish (``_Feeder``): every
     member's trajectory is the one it has when all slots are filled before the first step."""
-    import ensemble.engine as engine_module
-
     members = [*MEMBERS, Member(alpha=2.0**10, T=2.0**-8, seed=5)]
     at_once = Engine(small_fc, 5, DEVICE, keep_weights=True, shrink=False).run(members)
     monkeypatch.setattr(engine_module, "FILL_CHUNK", 1)
@@ -451,6 +448,42 @@ def test_draw_batch_distinct_in_range_and_pure(P, data, keys, step):
     # a member's draw does not depend on its batch-mates
     alone = draw_batch(key[-1:], steps[-1:], P, B)
     assert torch.equal(alone[0], out[-1])
+
+
+def _floyd_in_sequence(t: list[int], P: int) -> list[int]:
+    """Floyd's algorithm on the uniforms t, one i after the other (the oracle)."""
+    B, chosen = len(t), []
+    for i, ti in enumerate(t):
+        chosen.append(P - B + i if ti in chosen else ti)
+    return chosen
+
+
+def _assert_floyd(rows: list[list[int]], P: int) -> None:
+    j = P - len(rows[0]) + torch.arange(len(rows[0]))
+    out = engine_module._floyd(torch.tensor(rows), j).tolist()
+    assert out == [_floyd_in_sequence(t, P) for t in rows]
+
+
+@settings(max_examples=80, deadline=None)
+@given(P=st.integers(1, 300), data=st.data())
+def test_floyds_choices_all_at_once_equal_them_in_sequence(P, data):
+    """``engine._floyd`` (pointer doubling over the links t_i = j_k) against Floyd's
+    algorithm in sequence, on uniforms t_i in [0, P - B + i] chosen adversarially (B
+    close to P and small t make long chains of collisions), for B on both sides of the
+    switch from comparisons to a sort (64), two members at once."""
+    B = data.draw(st.integers(max(1, P - 8), P) | st.integers(1, P), label="B")
+
+    def uniform(i: int):
+        return st.integers(0, P - B + i) | st.integers(0, min(3, P - B + i))
+
+    rows = [[data.draw(uniform(i)) for i in range(B)] for _ in range(2)]
+    _assert_floyd(rows, P)
+
+
+def test_floyds_choices_follow_a_chain_of_collisions_to_its_end():
+    """B = P = 8, t = (0, 0, 1, .., 6): t_7 = 6 = j_6 is taken only because t_6, t_5, ..
+    were, back to t_1 = t_0: a chain of 7 links, which needs all 3 doubling rounds."""
+    _assert_floyd([[0, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7]], 8)
 
 
 def test_draw_batch_is_uniform_and_independent_across_steps():
