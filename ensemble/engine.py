@@ -432,6 +432,11 @@ class _TrainingData:
         self.rows = torch.zeros(slots, P, dtype=torch.int64, device=device)
         self.y = torch.zeros(slots, P, dtype=dtype, device=device)
 
+    def points(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inputs at ``rows`` (K, n) of ``src``: (K, n, *input). ``index_select``, about
+        4x faster than ``src[rows]`` on the CPU (FC-5L batch of 64 x 16 MNIST points)."""
+        return self.src.index_select(0, rows.reshape(-1)).view(*rows.shape, *self.src.shape[1:])
+
     def draw(self, seed: int):
         """The training set of the member with ``seed`` on the host: the perceptron's
         (x (P, d), y (P,)), or the pool indices (P,) of an image dataset."""
@@ -609,13 +614,13 @@ class Engine:
             )  # fmt: skip
             F_b, zs, slopes = self._fc.fc_forward(self.params, first, g.L, g.activation)
         elif self.fused:
-            xb = self.data.src[rows].flatten(2)  # (K, B, d_in)
+            xb = self.data.points(rows).flatten(2)  # (K, B, d_in)
             F_b, zs, slopes = self._fc.fc_forward(self.params, xb, g.L, g.activation)
         if self.fused:
             margin = 1 - self.alpha[:, None] * (F_b - f0b) * yb
             loss = F.relu(margin).mean(1) / self.alpha
         else:
-            grads, loss = self._grad(self.params, self.data.src[rows], yb, f0b, self.alpha)
+            grads, loss = self._grad(self.params, self.data.points(rows), yb, f0b, self.alpha)
         running = self.status == _RUNNING
         finite = torch.isfinite(loss)
         update = running & finite & (self.step < self.limit)
@@ -647,7 +652,7 @@ class Engine:
         steps = self.step[:, None] + torch.arange(S, device=self.device)  # (K, S)
         keys = self.key[:, None].expand(K, S)
         local = draw_batch(keys.reshape(-1), steps.reshape(-1), g.P, g.B).view(K, S * g.B)
-        x = self.data.src[self.data.rows.gather(1, local)]  # (K, S*B, *input)
+        x = self.data.points(self.data.rows.gather(1, local))  # (K, S*B, *input)
         Fw = self._fwd_own(self.params, x)  # (K, S*B)
         f0 = self.f0.gather(1, local)
         a = self.alpha[:, None]
@@ -763,7 +768,7 @@ class Engine:
             w = {name: p[sl] for name, p in params.items()}
             if which == "train":
                 rows = self.data.rows[sl]
-                parts = [self._fwd_own(w, self.data.src[rows[:, i:j]]) for i, j in ranges]
+                parts = [self._fwd_own(w, self.data.points(rows[:, i:j])) for i, j in ranges]
             else:
                 parts = [self._fwd_shared(w, self.data.x_test[i:j]) for i, j in ranges]
             out.append(torch.cat(parts, dim=1))
