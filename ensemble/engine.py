@@ -236,9 +236,10 @@ def _floyd(t: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     taken = ((t[:, :, None] == t[:, None, :]) & (i[None, :] < i[:, None])).any(2)  # (K, B)
     k = t - j[0]  # t_i = j_k
     link = torch.where((k >= 0) & (k < i), k, i)  # i itself: no earlier j_k
-    for r in range((B - 1).bit_length()):
+    rounds = (B - 1).bit_length()
+    for r in range(rounds):
         taken = taken | taken.gather(1, link)
-        if r < (B - 1).bit_length() - 1:
+        if r < rounds - 1:  # the last round's links are not followed
             link = link.gather(1, link)
     return torch.where(taken, j, t)
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ensemble.fused import readout, readout_backward_update
+from ensemble.fused import _INV_SQRT_2, _INV_SQRT_2PI, readout, readout_backward_update
 from ensemble.models import Params, activation_scale
 
 FORWARD_BD = 16
@@ -56,9 +56,6 @@ rounding) and "tf32". Float64 is always "ieee"."""
 CARRY = True
 """Carry the first layer's pre-activation from each update to the next step's forward
 pass (``FirstLayer``); False, for experiments, recomputes it in every forward pass."""
-
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @triton.jit
