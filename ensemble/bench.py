@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import shlex
 import statistics
 import time
 from collections.abc import Iterator
@@ -429,6 +430,48 @@ def skipping(P: int, chi: float, K: int, opt: BenchOptions) -> str:
     )
 
 
+def suite(a: argparse.Namespace, device: torch.device, Ks: list[int], steps: int) -> None:
+    """The whole device report in one run, each section printed as it is measured, with
+    its wall time: ``--check``; FC's table (on CUDA with Triton installed, the Triton
+    kernels against the torch fused step); ``Engine.run`` against the hot loop at the
+    largest K; the perceptron's and MNAS's tables; continuous against static batching."""
+    t0 = time.perf_counter()
+    triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root, triton=triton)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# bench --suite on {device} ({name}): python -m ensemble {shlex.join(a.argv)}")
+
+    def section(title: str) -> None:
+        print(f"\n# {title}, at {time.perf_counter() - t0:.0f} s\n", flush=True)
+
+    section("fast paths against each other")
+    print(check_graph_equivalence(device, a.data_root), flush=True)
+    section("network-steps/s against K")
+    tables(["fc"], Ks, steps, bool(a.steps), opt)
+    K, run_steps = max(Ks), a.run or 10 * steps
+    section(f"Engine.run against the hot loop, {run_steps} steps")
+    print(RUN_HEADER)
+    print(run_row("fc", K, run_steps, opt), flush=True)
+    section("network-steps/s against K")
+    tables(["perceptron", "mnas"], Ks, steps, bool(a.steps), opt)
+    n = a.occupancy or (16 if device.type == "cpu" else 512)
+    section("continuous batching")
+    print(occupancy("fc", n, max(1, n // 4), device, a.data_root))
+    print(f"\n# done in {time.perf_counter() - t0:.0f} s")
+
+
+def tables(archs: list[str], Ks: list[int], steps: int, explicit: bool, opt: BenchOptions) -> None:
+    """Print ``table`` for each architecture: ``steps`` timed steps for FC (and for every
+    architecture if ``explicit``), else scaled by ``ARCH_STEPS``; MNAS at K <= 16 on the
+    CPU and K <= 4096 on CUDA."""
+    for arch in archs:
+        ks = [k for k in Ks if arch != "mnas" or k <= (16 if opt.device.type == "cpu" else 4096)]
+        n = steps if explicit or arch == "fc" else int(steps * ARCH_STEPS[arch])
+        for line in table(arch, ks, max(n, 1), opt):
+            print(line, flush=True)
+        print()
+
+
 def main(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     if a.threads:
@@ -440,6 +483,9 @@ def main(a: argparse.Namespace) -> int:
         f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads,"
         f" median of {a.repeats} repeats"
     )
+    if a.suite:
+        suite(a, device, Ks, steps)
+        return 0
     if a.check:
         print(check_graph_equivalence(device, a.data_root), flush=True)
     if a.fill:
@@ -485,10 +531,5 @@ def main(a: argparse.Namespace) -> int:
         for P in a.skip:
             print(skipping(P, a.chi, K, opt), flush=True)
         return 0
-    for arch in archs:
-        ks = [k for k in Ks if arch != "mnas" or k <= (16 if device.type == "cpu" else 4096)]
-        n = steps if a.steps or arch == "fc" else int(steps * ARCH_STEPS[arch])
-        for line in table(arch, ks, max(n, 1), opt):
-            print(line, flush=True)
-        print()
+    tables(archs, Ks, steps, bool(a.steps), opt)
     return 0

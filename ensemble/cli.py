@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
     b.add_argument(
+        "--suite",
+        action="store_true",
+        help="the whole device report: --check, the tables, --run and --occupancy in one run",
+    )
+    b.add_argument(
         "--triton",
         action="store_true",
         help="FC: the fused step in Triton kernels (CUDA), against the torch fused step",

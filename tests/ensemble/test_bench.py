@@ -43,13 +43,18 @@ def test_bench_run_reports_the_engine_against_its_hot_loop(capsys, data_root):
     assert row[-1] == "100%"
 
 
-def test_bench_check_asserts_the_fast_paths_agree(capsys, data_root):
-    """``bench --check``, the first thing a device run does: on the CPU the float64
-    equalities it asserts (eager = fixed slots = generic step) hold and it prints its
-    float32 comparisons; then the table."""
-    argv = ["bench", "--check", "--arch", "perceptron", "--K", "1", "--steps", "2"]
-    assert main([*argv, "--repeats", "1", "--data-root", str(data_root)]) == 0
+def test_bench_suite_checks_then_prints_every_table(capsys, data_root):
+    """``bench --suite``, the one command of a device run: first the float64 equalities
+    that ``--check`` asserts (eager = fixed slots = generic step) and its float32
+    comparisons, then a table per architecture, Engine.run against the hot loop and
+    continuous against static batching."""
+    argv = ["bench", "--suite", "--K", "1,2", "--steps", "1", "--repeats", "1"]
+    assert main([*argv, "--run", "10", "--occupancy", "4", "--data-root", str(data_root)]) == 0
     out = capsys.readouterr().out
     assert "= eager = fixed slots = generic step (outcomes, steps, weights to 1e-6)" in out
     assert re.search(r"graph vs eager 8/8 identical steps.*ensemble vs alone \d/8", out)
-    assert [r[0] for r in _rows(out)] == ["1"]
+    assert re.findall(r"^## (\w+)", out, re.M) == ["fc", "perceptron", "mnas", "fc"]
+    rows = _rows(out)
+    assert [r[0] for r in rows] == ["1", "2", "fc", "1", "2", "1", "2"]
+    assert rows[2][:3] == ["fc", "2", "20"]  # Engine.run: 2 members x 10 steps
+    assert re.search(r"^\| continuous \+ shrink \| [\d.]+ s \|", out, re.M)
