@@ -19,7 +19,9 @@ import dataclasses
 import importlib.util
 import shlex
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -260,7 +262,7 @@ def compile_cost(arch: str, K: int, steps: int, opt: BenchOptions) -> str:
     )
 
 
-def check_graph_equivalence(device: torch.device, data_root=None) -> str:
+def check_graph_equivalence(device: torch.device, data_root=None, triton: bool = True) -> str:
     """The engine's fast paths against each other on ``device`` (FC-5L h = 64, P = 256,
     8 members that converge in 10^2-10^3 steps). In float64, where float rounding does
     not move t*: the CUDA-graph step against the eager step, shrinking slots against
@@ -292,7 +294,7 @@ def check_graph_equivalence(device: torch.device, data_root=None) -> str:
         "fixed slots": Engine(g, n, device, keep_weights=True, shrink=False).run(members),
         "generic step": Engine(g, n, device, keep_weights=True, fused=False).run(members),
     }
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if triton and device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         others["triton kernels"] = Engine(g, n, device, keep_weights=True, triton=True).run(members)
     for name, res in others.items():
         for a, b in zip(graph, res, strict=True):
@@ -430,34 +432,68 @@ def skipping(P: int, chi: float, K: int, opt: BenchOptions) -> str:
     )
 
 
-def suite(a: argparse.Namespace, device: torch.device, Ks: list[int], steps: int) -> None:
+def suite(a: argparse.Namespace, device: torch.device, Ks: list[int], steps: int) -> int:
     """The whole device report in one run, each section printed as it is measured, with
     its wall time: ``--check``; FC's table (on CUDA with Triton installed, the Triton
     kernels against the torch fused step); ``Engine.run`` against the hot loop at the
-    largest K; the perceptron's and MNAS's tables; continuous against static batching."""
+    largest K; the perceptron's and MNAS's tables; continuous against static batching.
+    A section that raises prints its traceback and the report goes on; one that failed
+    with the Triton kernels is run again without them. Returns the number of sections
+    that failed."""
     t0 = time.perf_counter()
+    opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root)
     triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    opt = BenchOptions(device, a.repeats, a.synthetic, a.data_root, triton=triton)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# bench --suite on {device} ({name}): python -m ensemble {shlex.join(a.argv)}")
-
-    def section(title: str) -> None:
-        print(f"\n# {title}, at {time.perf_counter() - t0:.0f} s\n", flush=True)
-
-    section("fast paths against each other")
-    print(check_graph_equivalence(device, a.data_root), flush=True)
-    section("network-steps/s against K")
-    tables(["fc"], Ks, steps, bool(a.steps), opt)
     K, run_steps = max(Ks), a.run or 10 * steps
-    section(f"Engine.run against the hot loop, {run_steps} steps")
-    print(RUN_HEADER)
-    print(run_row("fc", K, run_steps, opt), flush=True)
-    section("network-steps/s against K")
-    tables(["perceptron", "mnas"], Ks, steps, bool(a.steps), opt)
     n = a.occupancy or (16 if device.type == "cpu" else 512)
-    section("continuous batching")
-    print(occupancy("fc", n, max(1, n // 4), device, a.data_root))
-    print(f"\n# done in {time.perf_counter() - t0:.0f} s")
+    sections = [
+        (
+            "fast paths against each other",
+            True,
+            lambda t: print(check_graph_equivalence(device, a.data_root, triton=t)),
+        ),
+        (
+            "network-steps/s against K",
+            True,
+            lambda t: tables(["fc"], Ks, steps, bool(a.steps), dataclasses.replace(opt, triton=t)),
+        ),
+        (
+            f"Engine.run against the hot loop, {run_steps} steps",
+            True,
+            lambda t: print(
+                f"{RUN_HEADER}\n{run_row('fc', K, run_steps, dataclasses.replace(opt, triton=t))}"
+            ),
+        ),
+        (
+            "network-steps/s against K",
+            False,
+            lambda t: tables(["perceptron", "mnas"], Ks, steps, bool(a.steps), opt),
+        ),
+        (
+            "continuous batching",
+            False,
+            lambda t: print(occupancy("fc", n, max(1, n // 4), device, a.data_root)),
+        ),
+    ]
+    failed = 0
+    for title, with_triton, run in sections:
+        print(f"\n# {title}, at {time.perf_counter() - t0:.0f} s\n", flush=True)
+        try:
+            run(triton)
+        except Exception:
+            traceback.print_exc()
+            failed += 1
+            if not (triton and with_triton):
+                continue
+            print("\n# again without the Triton kernels\n", flush=True)
+            try:
+                run(False)
+            except Exception:
+                traceback.print_exc()
+        sys.stdout.flush()
+    print(f"\n# done in {time.perf_counter() - t0:.0f} s, {failed} sections failed")
+    return failed
 
 
 def tables(archs: list[str], Ks: list[int], steps: int, explicit: bool, opt: BenchOptions) -> None:
@@ -484,8 +520,7 @@ def main(a: argparse.Namespace) -> int:
         f" median of {a.repeats} repeats"
     )
     if a.suite:
-        suite(a, device, Ks, steps)
-        return 0
+        return 1 if suite(a, device, Ks, steps) else 0
     if a.check:
         print(check_graph_equivalence(device, a.data_root), flush=True)
     if a.fill:

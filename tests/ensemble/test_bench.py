@@ -58,3 +58,15 @@ def test_bench_suite_checks_then_prints_every_table(capsys, data_root):
     assert [r[0] for r in rows] == ["1", "2", "fc", "1", "2", "1", "2"]
     assert rows[2][:3] == ["fc", "2", "20"]  # Engine.run: 2 members x 10 steps
     assert re.search(r"^\| continuous \+ shrink \| [\d.]+ s \|", out, re.M)
+
+
+def test_bench_suite_reports_a_failing_section_and_goes_on(capsys, tmp_path):
+    """With no dataset under the data root, the sections that read MNIST fail (each
+    prints its traceback) and the synthetic tables are still measured; the exit
+    status says that sections failed."""
+    argv = ["bench", "--suite", "--K", "1", "--steps", "1", "--repeats", "1", "--synthetic"]
+    assert main([*argv, "--data-root", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("DataError: no mnist data found") == 3  # check, run, occupancy
+    assert re.findall(r"^## (\w+)", captured.out, re.M) == ["fc", "perceptron", "mnas"]
+    assert "3 sections failed" in captured.out
