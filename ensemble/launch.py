@@ -13,6 +13,7 @@ members its earlier attempt had not published.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -487,6 +488,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
         topic = TOPIC_PREFIX + launch_id
         inbox: deque = deque()  # appended to by the client's event loop thread
         c.subscribe_topic(topic, lambda event: inbox.append(event[1]))
+        futures: dict = {}
         try:
             futures = {
                 c.submit(
@@ -538,14 +540,18 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                         bar.update(new)
                     else:
                         bar.refresh()
-            sink.receive(inbox)
-            bar.update(sink.flush())
+        except BaseException:  # interrupted (Ctrl-C) or failed: the cluster drops its tasks
+            with contextlib.suppress(Exception):
+                c.cancel(list(futures))
+            raise
         finally:
-            bar.close()
-            try:
-                c.unsubscribe_topic(topic)
-            except Exception:  # noqa: BLE001  a closing client drops its topics anyway
-                pass
+            try:  # what already arrived is written, also when the launch is interrupted
+                sink.receive(inbox)
+                bar.update(sink.flush())
+            finally:
+                bar.close()
+                with contextlib.suppress(Exception):  # a closing client drops its topics
+                    c.unsubscribe_topic(topic)
 
 
 def dry_run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import importlib
 import logging
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -18,6 +20,7 @@ import xarray as xr
 from distributed import Client, LocalCluster
 from tiny_sweep import write_sweep
 
+from ensemble import launch as launch_module
 from ensemble.cells import SpecError
 from ensemble.cluster import QuickExit, connect, gpu_workers, worker_count
 from ensemble.cube import StoreBusyError, launches, store_lock
@@ -34,6 +37,7 @@ from ensemble.launch import (
 from ensemble.plan import Batch, estimate_steps, plan_batches
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
 from ensemble.spec import load_sweep
+from ensemble.stream import TOPIC_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +118,6 @@ def test_killed_worker_still_gives_complete_cube(client, tmp_path, reference):
                 os.kill(victim, signal.SIGKILL)
                 return
             time.sleep(0.05)
-
-    import threading
 
     killer = threading.Thread(target=kill_when_busy)
     killer.start()
@@ -217,8 +219,6 @@ def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, sl
         except BaseException as exc:  # noqa: BLE001  re-raised in the test thread
             errors.append(exc)
 
-    import threading
-
     killer = threading.Thread(target=kill_after_first_member)
     killer.start()
     tree = launch(spec, store, client=client, progress=False, max_members=4, slots=1)
@@ -236,6 +236,48 @@ def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, sl
     # counters are lost with its worker)
     assert report["member_steps"] < int(ds["steps"].sum())
     assert_same_cube(reference, ds)
+
+
+def test_interrupted_launch_writes_what_it_received(client, tmp_path, slow, monkeypatch):
+    """Ctrl-C while the launch holds a member it received but has not written yet
+    (members wait for the next write, every ``WRITE_EVERY`` seconds, here never): the
+    launch writes it before it stops, and a rerun trains only the rest, to the same cube
+    as an uninterrupted launch."""
+    spec, reference = slow
+    sweep = load_sweep(spec)
+    store = tmp_path / "i.zarr"
+    monkeypatch.setattr(launch_module, "WRITE_EVERY", 1e9)
+    before = set(client.get_events())
+    received: list[int] = []
+
+    def interrupt_after_first_member() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            members = [
+                msg
+                for topic, events in client.get_events().items()
+                if topic.startswith(TOPIC_PREFIX) and topic not in before
+                for _, msg in events
+                if isinstance(msg, dict) and "result" in msg
+            ]
+            if members:
+                time.sleep(1.0)  # the launch's subscription receives it meanwhile
+                received.append(len(members))
+                _thread.interrupt_main()
+                return
+            time.sleep(0.1)
+
+    interrupter = threading.Thread(target=interrupt_after_first_member)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        launch(spec, store, client=client, progress=False, max_members=4, slots=1)
+    interrupter.join()
+    assert received, "no member was published"
+    done = _done(sweep, store)
+    assert 1 <= done < 4
+    report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
+    assert report["cells_done"] == 4 - done
+    assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
 
 
 def test_launch_trains_even_when_the_cluster_holds_its_batch_keys(client, tmp_path, reference):
