@@ -24,6 +24,16 @@ whose batch loss has been zero for a whole epoch (P/B steps) and whose weights c
 since its last check; when it passes, s* = last_active + 1 and t* = dt s*, exactly. The
 weights at detection are the weights at s*.
 
+The step and the check compute F in different kernels (the step in a batch of B, the
+check over the training set), which round differently: in float32 at alpha = 2^15 the
+margins 1 - alpha f y differ by up to about 0.01. A point the step sees fitted and the
+check does not would stall a member: its step never trains on it again, its check never
+passes. So a member whose check failed and whose step has stayed quiet for STALL_EPOCHS
+more epochs (its weights unchanged since the check) is stopped as converged at
+s* = last_active + 1: in the arithmetic of its own SGD steps it has stopped moving. Its
+final training loss, which the check computes, is then a rounding-level positive number
+(``MemberResult.train_loss``; ``EngineStats.stalled`` counts them).
+
 Quiet-step skipping (``skip_quiet``, on by default for the perceptron): a step whose B
 drawn points all have alpha f y >= 1 has exactly zero gradient, so it changes nothing
 but the step counter. Late in training almost every step is such a no-op (perceptron at
@@ -85,6 +95,11 @@ rounding difference between the look-ahead's forward pass and the step's own."""
 SKIP_SPAN_EPOCHS = 16
 """The skipping engine synchronises with the host (checkpoints, stopping checks, refill)
 at least every SKIP_SPAN_EPOCHS epochs of each member."""
+STALL_EPOCHS = 16
+"""Epochs of quiet steps after a failed stopping check after which a member counts as
+stalled (converged at last_active + 1; see the module docstring). A point the step sees
+unfitted is drawn within an epoch with probability at least 1 - 1/e, so a member that
+is not stalled is taken for one with probability below e^-17 = 4e-8."""
 SKIP_ROUNDS = 2 * GRAPH_STEPS
 """Most look-ahead rounds between host synchronisations of the skipping engine."""
 
@@ -298,6 +313,9 @@ class EngineStats:
     """Wall time the run spent filling slots (waiting for host draws, copying them to the
     device, F(w0)); draws made in the background while slots train are not counted."""
     checks: int = 0
+    stalled: int = 0
+    """Members stopped as converged after STALL_EPOCHS quiet epochs that followed a failed
+    stopping check (the step's and the check's roundings disagree)."""
     real_steps: int = 0
     """Steps executed by the ensemble (each advances every slot; with quiet-step
     skipping a slot advances past its skipped steps too)."""
@@ -929,9 +947,15 @@ class Engine:
                 self.group.max_seconds is not None
                 and time.perf_counter() - t_start > self.group.max_seconds
             )
-            quiet = (step - last_active - 1 >= self.quiet_steps) & (last_active != led.checked_at)
+            quiet_for = step - last_active - 1
+            quiet = (quiet_for >= self.quiet_steps) & (last_active != led.checked_at)
+            stalled = running & (last_active == led.checked_at)
+            stalled &= quiet_for >= (1 + STALL_EPOCHS) * self.quiet_steps
+            for s in np.flatnonzero(stalled):
+                done[int(s)] = (CONVERGED, int(last_active[s]) + 1)
+                self.stats.stalled += 1
             budget = (step >= max_steps) | over_time
-            cand = np.flatnonzero(running & (quiet | budget))
+            cand = np.flatnonzero(running & ~stalled & (quiet | budget))
             if len(cand):
                 loss, _ = self._train_loss(torch.tensor(cand, device=self.device))
                 zero = (loss == 0).cpu().numpy()

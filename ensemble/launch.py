@@ -144,6 +144,9 @@ class LaunchReport:
     """Cells per experiment whose task failed."""
     compiled_tasks: int = 0
     """Finished tasks that compiled their step (``compile_policy``)."""
+    stalled: int = 0
+    """Members stopped as converged once stalled (``engine.STALL_EPOCHS``): their final
+    training loss is positive at the rounding level."""
     skipped: int = 0
     """Members that retried tasks (their worker died) did not train again: an earlier
     attempt had published them (``MemberStream``)."""
@@ -171,6 +174,12 @@ class LaunchReport:
             + (
                 f"; {self.compiled_tasks} of {self.batches} tasks compiled"
                 if self.compiled_tasks
+                else ""
+            )
+            + (
+                f"; {self.stalled} converged members stalled (a rounding-level training"
+                " loss: ensemble.engine.STALL_EPOCHS)"
+                if self.stalled
                 else ""
             )
             + (

@@ -187,6 +187,7 @@ class Sink:
             self._count_failed(b, lost)
             self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")
         r.skipped += int(stats.get("skipped", 0))
+        r.stalled += int(stats.get("stalled", 0))
         if stats.get("device") and stats["device"] not in r.devices:
             r.devices = sorted([*r.devices, stats["device"]])
         r.member_steps += stats["member_steps"]

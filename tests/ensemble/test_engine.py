@@ -695,3 +695,78 @@ def test_mnas_trains_and_reports_every_observable(data_root):
         assert set(r.dw2_layer) == set(build_model(g).shapes)
         assert r.dw2 > 0 and math.isfinite(r.rel_change) and 0 <= r.test_error <= 1
         assert r.weights["b_out"].shape == ()
+
+
+def test_member_whose_step_and_check_disagree_stops_as_stalled(data_root):
+    """float32 at alpha = 2^15: the SGD step (the fused forward on batches of B) and the
+    stopping check (the forward over the training set) round F differently. From weights
+    where one point's margin is > 0 for the check and <= 0 for the step, the step never
+    trains again and the check never passes: the member is stopped as converged (at
+    s* = last_active + 1 = 0, as it never stepped) after STALL_EPOCHS quiet epochs,
+    instead of idling to its step budget."""
+    from ensemble import fused
+
+    g = Group(
+        dataset="mnist", arch="fc", P=256, B=16, h=128, L=5, pte=256, max_steps=20_000,
+        data_root=str(data_root),
+    )  # fmt: skip
+    m = Member(alpha=2.0**15, T=2.0**-10, seed=3)
+    e = Engine(g, 1, "cpu")
+    e._fill([0], [m])
+    e._init_f0(torch.arange(1))
+    y, f0 = e.data.y[0], e.f0[0]
+
+    def margins(params) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the check's margins, the step's largest over 3 batch compositions), (P,)."""
+        check = 1 - 2.0**15 * (e._F(params, torch.arange(1), "train")[0] - f0) * y
+        step = torch.full((3, g.P), -math.inf)
+        for c, order in enumerate([torch.arange(g.P), *(torch.randperm(g.P) for _ in "ab")]):
+            for rows in order.split(g.B):
+                x = e.data.points(e.data.rows[:, rows]).flatten(2)
+                F = fused.fc_forward(params, x, g.L, g.activation)[0][0]
+                step[c, rows] = 1 - 2.0**15 * (F - f0[rows]) * y[rows]
+        return check, step.amax(0)
+
+    torch.manual_seed(0)
+    while True:  # train until the step sees every point fitted
+        e._run_steps(50)
+        check, step = margins(e.params)
+        if (step <= 0).all():
+            break
+    # the point nearest the boundary among those whose two margins differ by > 0.002
+    near = [j for j in torch.argsort(check, descending=True).tolist() if check[j] - step[j] > 2e-3]
+    assert near, "the two forward passes agree to 0.002 on every point here"
+    i = near[0]
+    # move w_out along point i's last-layer features until its check margin is just > 0
+    x = e.data.points(e.data.rows[:, i : i + 1]).flatten(2)
+    u = fused.fc_forward(e.params, x, g.L, g.activation)[1][-1][0, :, 0]
+
+    def moved(c: float) -> dict[str, torch.Tensor]:
+        p = {n: t.clone() for n, t in e.params.items()}
+        p["w_out"][0] -= c * float(y[i]) * u
+        return p
+
+    lo, hi = 0.0, 1e-9
+    while margins(moved(hi))[0][i] <= 0:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if margins(moved(mid))[0][i] > 0 else (mid, hi)
+    crafted = moved(hi)
+    check, step = margins(crafted)
+    assert int((check > 0).sum()) == 1 and bool((step <= 0).all())
+
+    class FromCrafted(Engine):
+        def _load(self, slots, members, drawn):
+            super()._load(slots, members, drawn)
+            for n, p in self.params.items():
+                p[0] = crafted[n][0]
+
+    stalled = FromCrafted(g, 1, "cpu", keep_weights=True)
+    (r,) = stalled.run([m])
+    assert (r.outcome, r.steps, r.n_unfitted) == (CONVERGED, 0, 1)
+    assert 0 < r.train_loss < 1e-9
+    assert stalled.stats.stalled == 1
+    epoch = math.ceil(g.P / g.B)
+    assert stalled.stats.real_steps <= (1 + engine_module.STALL_EPOCHS) * epoch + e.sync_every
+    assert all(np.array_equal(r.weights[n], crafted[n][0].numpy()) for n in crafted)
