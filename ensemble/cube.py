@@ -203,8 +203,8 @@ def _write_group(ds: xr.Dataset, store: str | os.PathLike, name: str) -> None:
         if (root / name).exists():
             os.replace(root / name, old)
         os.replace(tmp, root / name)
+        _set_experiments(store)  # before the old group goes: recover() redoes it after a kill
         shutil.rmtree(old, ignore_errors=True)
-        _set_experiments(store)
 
 
 def _set_experiments(store: str | os.PathLike) -> None:
@@ -216,8 +216,10 @@ def _set_experiments(store: str | os.PathLike) -> None:
 
 
 def recover(store: str | os.PathLike) -> None:
-    """Finish or undo a group swap interrupted by a kill (local stores)."""
-    if not _is_local(store) or not _local_path(store).exists():
+    """Finish or undo a group swap interrupted by a kill (local stores), and rewrite the
+    consolidated metadata from the groups (a kill between a swap and its consolidation
+    leaves the old shapes there, which readers that trust it cannot open)."""
+    if not _is_local(store) or not (_local_path(store) / "zarr.json").exists():
         return
     root = _local_path(store)
     for old in root.glob("*.__old"):
@@ -228,6 +230,7 @@ def recover(store: str | os.PathLike) -> None:
             os.replace(old, root / name)
     for tmp in root.glob("*.__new"):
         shutil.rmtree(tmp)
+    _set_experiments(store)
 
 
 def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:
