@@ -83,7 +83,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     monitor = None
     if not a.no_monitor:
         from ensemble.monitor import SweepMonitor as monitor  # noqa: N813
-    launch(
+    tree = launch(
         a.sweep,
         a.store,
         scheduler=a.scheduler,
@@ -97,7 +97,12 @@ def _cmd_run(a: argparse.Namespace) -> int:
         monitor=monitor,
         command="python -m ensemble " + shlex.join(a.argv),
     )
-    return 0
+    failed = tree.attrs["launch_report"]["cells_failed"]
+    if failed:
+        print(
+            f"{failed} cells failed (see above); rerun the command to retry them", file=sys.stderr
+        )
+    return 1 if failed else 0
 
 
 def _cmd_status(a: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ import xarray as xr
 
 import ensemble
 from ensemble import cube
-from ensemble.cells import Cell, Group
+from ensemble.cells import Cell, Group, SpecError
 from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
@@ -248,6 +248,42 @@ def _layers(exp: Experiment) -> list[str]:
     return list(build_model(exp.group(exp.P[0])).shapes)
 
 
+def check_options(
+    n_workers: int | None = None,
+    device: str | None = None,
+    slots: int | None = None,
+    max_members: int | None = None,
+    local: bool = False,
+) -> None:
+    """Raise SpecError, before any compute, for a launch option out of range: the counts
+    must be integers >= 1 (or None, the default), ``device`` a torch device name; with
+    ``local`` (an embedded cluster, whose workers run on this machine) a CUDA device must
+    exist here."""
+    for name, value in (("n_workers", n_workers), ("slots", slots), ("max_members", max_members)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise SpecError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise SpecError(f"device must be a torch device such as 'cpu' or 'cuda:0': {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SpecError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if local and dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index or 0) >= n:
+            raise SpecError(
+                f"device {device!r}: this machine has {n} CUDA device(s), and the embedded"
+                " cluster's workers run here (use device 'cpu', or a scheduler whose workers"
+                " have GPUs)"
+            )
+
+
 def check_data(sweep: Sweep, data_root: str | None = None) -> None:
     """Raise DataError before any compute when a dataset of the sweep is missing."""
     from ensemble import data
@@ -388,6 +424,7 @@ def launch(
     its group attribute ``launches`` after its cells were written (see
     ``ensemble.schema.LAUNCHES_ATTR``); a launch that trains nothing records nothing.
     """
+    check_options(n_workers, device, slots, max_members, local=client is None and not scheduler)
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     check_data(sweep, data_root)
     report = LaunchReport()
@@ -573,11 +610,12 @@ def dry_run(
     """The plan of the cells still missing in ``store`` (all cells without a store), as
     ``launch`` with the same ``n_workers`` and ``max_members`` would cut it, for GPU
     workers if ``gpu`` (default: whether this machine has CUDA)."""
+    check_options(n_workers=n_workers, max_members=max_members)
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
-    if store is None or not Path(str(store)).exists():
+    if store is None:
         pending = {e.name: e.cells() for e in sweep.experiments}
     else:
-        pending = pending_cells(sweep, store)
+        pending = pending_cells(sweep, store)  # all cells where the store is new
     if gpu is None:
         import torch
 

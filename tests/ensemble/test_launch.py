@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from ensemble.launch import (
     COMPILE_SECONDS,
     MAX_MEMBERS,
     compile_policy,
+    dry_run,
     launch,
     note_compiled,
     pending_cells,
@@ -49,14 +51,20 @@ def client(data_root):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_root):
-    """The tiny sweep run in one process (no worker processes)."""
+def reference_store(tmp_path_factory, data_root):
+    """The store of the tiny sweep run in one process (no worker processes)."""
     os.environ["ENSEMBLE_DATA"] = str(data_root)
     tmp = tmp_path_factory.mktemp("ref")
     spec = write_sweep(tmp / "tiny.toml")
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as c:
         launch(spec, tmp / "ref.zarr", client=c, progress=False)
-    return xr.open_zarr(tmp / "ref.zarr", group="tiny_fc").load()
+    return tmp / "ref.zarr"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_store):
+    """The tiny sweep's cube, run in one process."""
+    return xr.open_zarr(reference_store, group="tiny_fc").load()
 
 
 def assert_same_cube(a: xr.Dataset, b: xr.Dataset) -> None:
@@ -351,7 +359,8 @@ def test_cli_run_passes_its_command_line(tmp_path, monkeypatch):
     from ensemble.cli import main
 
     seen = {}
-    monkeypatch.setattr(ensemble.launch, "launch", lambda *a, **kw: seen.update(kw))
+    done = SimpleNamespace(attrs={"launch_report": {"cells_failed": 0}})
+    monkeypatch.setattr(ensemble.launch, "launch", lambda *a, **kw: seen.update(kw) or done)
     argv = ["run", "my sweep.toml", "--store", "out.zarr", "--no-monitor", "--compile"]
     assert main(argv) == 0
     assert seen["command"] == "python -m ensemble run 'my sweep.toml' --store out.zarr" + (
@@ -397,8 +406,37 @@ def test_invalid_sweep_refused_before_compute(tmp_path, old, new, field):
     assert not (tmp_path / "never.zarr").exists()
 
 
-def test_cli_status_and_dry_run(tmp_path, reference, data_root):
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("n_workers", -1), ("slots", 0), ("max_members", 0), ("device", "cuda:63"), ("device", "tpu")],
+)
+def test_invalid_launch_options_refused_before_compute(tmp_path, option, value):
+    """Out-of-range options of an embedded cluster's launch (whose workers run on this
+    machine, which has no 64th GPU) are refused naming the option, before a cluster
+    starts or the store is created."""
+    spec = write_sweep(tmp_path / "ok.toml")
+    with pytest.raises(SpecError, match=option):
+        launch(spec, tmp_path / "never.zarr", progress=False, **{option: value})
+    assert not (tmp_path / "never.zarr").exists()
+
+
+def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
+    """Cells whose tasks fail (here: a GPU the workers do not have, which only they can
+    tell) make ``python -m ensemble run`` exit with status 1 and say so."""
+    from ensemble.cli import main
+
+    spec = write_sweep(tmp_path / "ok.toml")
+    argv = ["run", str(spec), "--store", str(tmp_path / "f.zarr"), "--no-monitor"]
+    assert main([*argv, "--scheduler", client.scheduler.address, "--device", "cuda:63"]) == 1
+    assert "8 cells failed" in capsys.readouterr().err
+    assert len(pending_cells(load_sweep(spec), tmp_path / "f.zarr")["tiny_fc"]) == 8
+
+
+def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
     spec = write_sweep(tmp_path / "tiny.toml")
+    # a dry run on a store plans only its missing cells, given as a path or as a URL
+    for store in (reference_store, f"file://{reference_store}"):
+        assert dry_run(spec, store, 2).startswith("tiny: 0 cells pending"), store
     out = subprocess.run(
         [sys.executable, "-m", "ensemble", "run", str(spec), "--dry-run", "--workers", "2"],
         capture_output=True,
