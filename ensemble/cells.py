@@ -107,8 +107,12 @@ class Group:
             _int_at_least("d", self.d, 2)
             if self.h != 1:
                 raise SpecError(f"h must be 1 for the perceptron (T = dt / B), got {self.h}")
-            if not isinstance(self.chi, (int, float)) or math.isnan(self.chi) or self.chi < 0:
-                raise SpecError(f"chi must be a number >= 0, got {self.chi!r}")
+            if (
+                not isinstance(self.chi, (int, float))
+                or not math.isfinite(self.chi)
+                or self.chi < 0
+            ):
+                raise SpecError(f"chi must be a finite number >= 0, got {self.chi!r}")
         else:
             _int_at_least("h", self.h, 1)
             if self.arch == "fc":

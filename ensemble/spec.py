@@ -72,6 +72,8 @@ __all__ = [
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 GRIDS = ("alpha", "T", "P", "seed")
+MAX_INT = 2**63 - 1
+"""Largest P or seed: the cube stores them as int64."""
 """Swept fields, in the order of the cube's dimensions."""
 
 SETTING_TYPES: dict[str, type] = {
@@ -204,9 +206,10 @@ def _normalise_grid(where: str, key: str, values: Iterable[Any]) -> tuple:
     else:
         low = 1 if key == "P" else 0
         for v in values:
-            if not _is_int(v) or v < low:
+            if not _is_int(v) or not low <= v <= MAX_INT:
                 raise SpecError(
-                    f"{where}, field {key!r}: values must be integers >= {low}, got {v!r}"
+                    f"{where}, field {key!r}: values must be integers from {low} to 2**63 - 1"
+                    f" (the cube's int64), got {v!r}"
                 )
     out = tuple(sorted(values))
     dups = sorted({v for v, w in zip(out, out[1:], strict=False) if v == w})
