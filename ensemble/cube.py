@@ -11,6 +11,7 @@ directory rename.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -72,9 +73,11 @@ def _local_path(store: str | os.PathLike) -> Path:
 def store_lock(store: str | os.PathLike) -> Iterator[None]:
     """Hold the store for one launch; a second launch on the same store is refused.
 
-    The lock is a file created with O_EXCL in the store directory holding host and pid;
-    a lock left by a dead process on this host is taken over. Remote (fsspec URL)
-    stores are not locked: coordinate launches on them yourself.
+    The lock is an advisory ``flock`` on the file ``x.zarr.lock`` beside the store, which
+    names its holder (host, pid). The kernel releases it when the holder dies, so a
+    killed launch leaves no stale lock and two launches can never both hold it (on a
+    network file system, as far as it supports ``flock``). Remote (fsspec URL) stores are
+    not locked: coordinate launches on them yourself.
     """
     if not _is_local(store):
         yield
@@ -82,42 +85,33 @@ def store_lock(store: str | os.PathLike) -> Iterator[None]:
     root = _local_path(store)
     root.parent.mkdir(parents=True, exist_ok=True)
     path = root.with_name(root.name + LOCK_SUFFIX)
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             try:
-                holder = json.loads(path.read_text() or "{}")
+                holder = json.loads(os.read(fd, 4096) or b"{}")
             except (OSError, json.JSONDecodeError):
                 holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
-                path.unlink(missing_ok=True)  # stale lock of a killed launch
-                continue
+            os.close(fd)
             raise StoreBusyError(
                 f"store {root} is in use by another launch (host {holder.get('host')}, pid "
-                f"{holder.get('pid')}); wait for it to finish, or delete {path} if that "
-                "process is gone"
+                f"{holder.get('pid')}); wait for it to finish"
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+        try:  # the last holder may have removed the file between our open and flock
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
         yield
     finally:
-        path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        path.unlink(missing_ok=True)  # while still holding it
+        os.close(fd)
 
 
 def _variables(perceptron: bool) -> dict[str, tuple[str, str]]:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import xarray as xr
 
@@ -26,3 +32,27 @@ def test_recover_rewrites_stale_consolidated_metadata(tmp_path):
     tree = xr.open_datatree(store, engine="zarr")
     assert tree["e"].sizes["seed"] == 2
     assert not tree["e"]["done"].any()
+
+
+def test_store_lock_dies_with_its_holder(tmp_path):
+    """A launch killed with SIGKILL while it holds the store leaves no stale lock: the
+    next one takes the store at once. While the holder lives, another is refused."""
+    store = tmp_path / "s.zarr"
+    code = (
+        "import sys, time\n"
+        "from ensemble.cube import store_lock\n"
+        "with store_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(cube.StoreBusyError, match=f"pid {holder.pid}"), cube.store_lock(store):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with cube.store_lock(store):
+        assert json.loads((tmp_path / "s.zarr.lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "s.zarr.lock").exists()
