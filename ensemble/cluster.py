@@ -9,9 +9,10 @@ one thread each).
 from __future__ import annotations
 
 import atexit
+import fcntl
 import gc
 import os
-import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -87,18 +88,44 @@ def gpu_workers(client: Client, device: str | None) -> bool:
 
 
 def worker_device(device: str | None) -> str:
-    """The device a task on this worker trains on: ``device`` if given, else a GPU chosen
-    by the worker's index in its cluster (round robin), else the CPU."""
+    """The device a task on this worker trains on: ``device`` if given, else a GPU, else
+    the CPU. A worker named by an integer (an embedded ``LocalCluster``'s) takes GPU
+    name % count; any other (the ``dask worker`` command names its workers by address)
+    claims a GPU of its host that no other live worker process has (``claim_gpu``)."""
     if device:
         return device
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
+    n = torch.cuda.device_count()
     try:
         name = str(get_worker().name)
     except ValueError:  # not on a worker
         return "cuda"
-    digits = re.findall(r"\d+", name)
-    index = int(digits[-1]) if digits else 0
-    return f"cuda:{index % torch.cuda.device_count()}"
+    return f"cuda:{int(name) % n if name.isdigit() else claim_gpu(n)}"
+
+
+_CLAIM: list[tuple[int, int]] = []
+"""This process's GPU claim, (GPU index, its lock's descriptor), held for the process's life."""
+
+
+def claim_gpu(n: int, lock_dir: str | None = None) -> int:
+    """The index of a GPU of this host (of ``n``) that no other live process has claimed:
+    the first whose lock file ``sgd-ensemble-gpu-<i>.lock`` in ``lock_dir`` (default: the
+    temporary directory) this process can ``flock``. The kernel releases a claim when its
+    process dies. Claimed once per process; with every GPU claimed, pid % n."""
+    if _CLAIM:
+        return _CLAIM[0][0]
+    lock_dir = lock_dir or tempfile.gettempdir()
+    for i in range(n):
+        path = os.path.join(lock_dir, f"sgd-ensemble-gpu-{i}.lock")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _CLAIM.append((i, fd))
+        return i
+    return os.getpid() % n

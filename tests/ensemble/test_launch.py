@@ -589,3 +589,36 @@ def test_member_records_are_plain_msgpack(settings, data_root):
         record = member_record(r)
         assert "weights" not in record
         msgpack.packb(record, strict_types=True)
+
+
+def test_worker_processes_claim_distinct_gpus(tmp_path):
+    """``claim_gpu`` (how workers of the ``dask worker`` command, named by address, pick
+    their GPU): live processes of one host claim distinct GPUs, a process keeps its
+    claim, and a killed process's GPU is free again for the next one. Real processes;
+    the GPUs are only indices here."""
+    code = (
+        "import sys, time\n"
+        "from ensemble.cluster import claim_gpu\n"
+        "a = claim_gpu(2, sys.argv[1])\n"
+        "print(a, claim_gpu(2, sys.argv[1]), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+
+    def start() -> tuple[subprocess.Popen, list[int]]:
+        p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+        return p, [int(x) for x in p.stdout.readline().split()]
+
+    procs = []
+    try:
+        (a, ga), (b, gb) = start(), start()
+        procs += [a, b]
+        assert ga[0] == ga[1] and gb[0] == gb[1] and {ga[0], gb[0]} == {0, 1}
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        c, gc = start()
+        procs.append(c)
+        assert gc == ga
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
