@@ -6,7 +6,9 @@ its cells' ``done`` flags last, and every Zarr chunk is written atomically
 (``zarr.storage.LocalStore`` writes to a temporary file and renames it), so a process
 killed at any moment leaves a store that opens and whose ``done`` cells are complete.
 Growing a grid rewrites the (small) group under a temporary name and swaps it in with a
-directory rename.
+directory rename; in a remote store, which has no rename, it writes a complete staged copy
+first (``_write_group``). Either way ``recover``, the first thing a launch does, repairs
+what a kill interrupted.
 """
 
 from __future__ import annotations
@@ -184,11 +186,23 @@ def _encoding(ds: xr.Dataset) -> dict:
     return enc
 
 
+SWAP_READY = "swap_ready"
+"""Attribute of a remote store's staged group ``<name>.__new`` once it is complete."""
+
+
 def _write_group(ds: xr.Dataset, store: str | os.PathLike, name: str) -> None:
-    """Write a whole group; locally via a temporary group swapped in by a rename."""
+    """Write a whole group so that a kill at any moment keeps the old group or the new
+    one: locally a temporary group swapped in by a directory rename; in a remote store
+    (no rename there) a complete staged copy ``<name>.__new``, marked ``SWAP_READY``,
+    before the group is overwritten, which ``recover`` copies over a half-written group."""
     with _quiet_zarr():
         if not _is_local(store):
-            ds.to_zarr(store, group=name, mode="w", encoding=_encoding(ds), consolidated=True)
+            staged = f"{name}.__new"
+            ds.to_zarr(store, group=staged, mode="w", encoding=_encoding(ds), consolidated=False)
+            zarr.open_group(store, path=staged, mode="a").attrs[SWAP_READY] = True
+            ds.to_zarr(store, group=name, mode="w", encoding=_encoding(ds), consolidated=False)
+            del zarr.open_group(store, mode="a")[staged]
+            _set_experiments(store)
             return
         root = _local_path(store)
         tmp, old = root / f"{name}.__new", root / f"{name}.__old"
@@ -210,10 +224,13 @@ def _set_experiments(store: str | os.PathLike) -> None:
 
 
 def recover(store: str | os.PathLike) -> None:
-    """Finish or undo a group swap interrupted by a kill (local stores), and rewrite the
-    consolidated metadata from the groups (a kill between a swap and its consolidation
-    leaves the old shapes there, which readers that trust it cannot open)."""
-    if not _is_local(store) or not (_local_path(store) / "zarr.json").exists():
+    """Finish or undo a group swap interrupted by a kill (``_write_group``), and rewrite
+    the consolidated metadata from the groups (a kill between a swap and its
+    consolidation leaves the old shapes there, which readers that trust it cannot open)."""
+    if not _is_local(store):
+        _recover_remote(store)
+        return
+    if not (_local_path(store) / "zarr.json").exists():
         return
     root = _local_path(store)
     for old in root.glob("*.__old"):
@@ -225,6 +242,28 @@ def recover(store: str | os.PathLike) -> None:
     for tmp in root.glob("*.__new"):
         shutil.rmtree(tmp)
     _set_experiments(store)
+
+
+def _recover_remote(store: str | os.PathLike) -> None:
+    """``recover`` for a remote store: a complete staged group is copied over its group
+    (whose overwrite a kill may have cut short), an incomplete one is dropped."""
+    with _quiet_zarr():
+        try:
+            root = zarr.open_group(store, mode="a", use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return
+        staged = [k for k in root.group_keys() if k.endswith(".__new")]
+        for key in staged:
+            if root[key].attrs.get(SWAP_READY):
+                ds = xr.open_zarr(store, group=key, consolidated=False).load()
+                ds.attrs.pop(SWAP_READY)
+                for var in ds.variables.values():
+                    var.encoding = {}
+                name = key.removesuffix(".__new")
+                ds.to_zarr(store, group=name, mode="w", encoding=_encoding(ds), consolidated=False)
+            del root[key]
+        if staged:
+            _set_experiments(store)
 
 
 def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:

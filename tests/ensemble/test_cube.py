@@ -10,8 +10,10 @@ import sys
 
 import pytest
 import xarray as xr
+import zarr
 
 from ensemble import cube
+from ensemble.schema import CELL_VARS, CHECKPOINT_VARS, CONVERGED, N_CHECKPOINTS
 
 ATTRS = {"experiment": "e", "arch": "fc"}
 GRID = dict(alpha=[1.0], T=[0.5], P=[64], seed=[0])
@@ -56,3 +58,48 @@ def test_store_lock_dies_with_its_holder(tmp_path):
     with cube.store_lock(store):
         assert json.loads((tmp_path / "s.zarr.lock").read_text())["pid"] == os.getpid()
     assert not (tmp_path / "s.zarr.lock").exists()
+
+
+def _record() -> dict:
+    """A member's results as the launch writes them (every value 1)."""
+    r = {name: 1.0 for name in CELL_VARS}
+    r.update(outcome=CONVERGED, dw2_layer={"W0": 1.0}, w0_2_layer={"W0": 1.0})
+    r.update({name: [1.0] * N_CHECKPOINTS for name in CHECKPOINT_VARS})
+    return r
+
+
+def test_remote_growth_survives_a_kill_at_any_stage():
+    """A remote store (here fsspec's memory://) has no rename: a growth writes a complete
+    staged copy, marked ready, before it overwrites the group. The states a kill leaves
+    behind, each put on the store by hand, are repaired by ``recover``: a half-written
+    group is copied back from a ready staged copy, an unready staged copy is dropped.
+    The done cell survives every time."""
+    url = "memory://growth/c.zarr"
+    cube.ensure_experiment(url, "e", GRID, ["W0"], 8.0, ATTRS)
+    cube.CubeWriter(url, "e").write([(1.0, 0.5, 64, 0)], [_record()])
+    grown = {**GRID, "seed": [0, 1]}
+    cube.ensure_experiment(url, "e", grown, ["W0"], 8.0, ATTRS)
+    assert sorted(zarr.open_group(url, mode="r").group_keys()) == ["e"]
+    ds = cube.open_experiment(url, "e").load()
+    assert ds["done"].values.ravel().tolist() == [True, False]
+
+    # killed while overwriting the group: the staged copy is ready, the group is not
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.to_zarr(url, group="e.__new", mode="w", consolidated=False)
+    zarr.open_group(url, path="e.__new", mode="a").attrs[cube.SWAP_READY] = True
+    del zarr.open_group(url, mode="a")["e/done"]
+    with pytest.raises(KeyError):
+        cube.open_experiment(url, "e")["done"]
+    cube.recover(url)
+    assert sorted(zarr.open_group(url, mode="r").group_keys()) == ["e"]
+    repaired = cube.open_experiment(url, "e").load()
+    assert repaired["done"].values.ravel().tolist() == [True, False]
+    assert cube.SWAP_READY not in repaired.attrs
+    xr.testing.assert_identical(repaired, ds)
+
+    # killed while staging: the unready copy goes, the group stays as it was
+    ds.isel(seed=[0]).to_zarr(url, group="e.__new", mode="w", consolidated=False)
+    cube.recover(url)
+    assert sorted(zarr.open_group(url, mode="r").group_keys()) == ["e"]
+    xr.testing.assert_identical(cube.open_experiment(url, "e").load(), ds)
