@@ -86,6 +86,7 @@ def store_lock(store: str | os.PathLike) -> Iterator[None]:
         return
     root = _local_path(store)
     root.parent.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()  # one lock for every path (symbolic links) to the store
     path = root.with_name(root.name + LOCK_SUFFIX)
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)

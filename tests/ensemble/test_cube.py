@@ -57,6 +57,9 @@ def test_store_lock_dies_with_its_holder(tmp_path):
         holder.wait()
     with cube.store_lock(store):
         assert json.loads((tmp_path / "s.zarr.lock").read_text())["pid"] == os.getpid()
+        (tmp_path / "link.zarr").symlink_to(store)  # the same store by another path
+        with pytest.raises(cube.StoreBusyError), cube.store_lock(tmp_path / "link.zarr"):
+            pass
     assert not (tmp_path / "s.zarr.lock").exists()
 
 
