@@ -54,7 +54,9 @@ class Group:
     activation  : "relu" or "gelu", both normalised to unit second moment
     d, chi      : perceptron input dimension and depletion exponent (chi >= 0)
     max_steps   : step budget per member (outcome "unfinished" when reached)
-    max_seconds : wall-time budget of one ensemble batch (None: no limit)
+    max_seconds : wall-time budget of one ensemble batch (None: no limit): once spent,
+                  every member of the batch stops "unfinished", those still waiting for
+                  a slot with 0 steps (they are done cells: a rerun does not train them)
     dtype       : "float32" (default) or "float64"
     tf32        : allow TF32 matmuls on CUDA (opt-in, recorded in the cube)
     """
