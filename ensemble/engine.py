@@ -937,7 +937,7 @@ class Engine:
                 loss, err = loss.cpu().numpy(), err.cpu().numpy()
                 for j, s in enumerate(due):
                     c = next_ckpt[s]
-                    led.ck["t"][s, c] = float(self.dt[s]) * step[s]
+                    led.ck["t"][s, c] = self.group.dt(led.member[s].T) * step[s]
                     led.ck["loss"][s, c], led.ck["err"][s, c] = loss[j], err[j]
                     next_ckpt[s] += 1
             t_check = time.perf_counter()

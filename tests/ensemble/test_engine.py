@@ -385,6 +385,15 @@ def test_budget_gives_unfinished(small_fc):
     assert r.train_loss > 0 and r.n_unfitted > 0
 
 
+def test_checkpoint_times_are_exact_in_float32():
+    """t at a checkpoint is dt * steps in double precision, as t*, also when the engine
+    steps in float32 and dt = T B is not a float32 number (T = 0.3)."""
+    g = _perceptron_group(0.0, 64, "float32", max_steps=300)
+    (r,) = train_batch(g, [Member(alpha=1.0, T=0.3, seed=0)], device=DEVICE)
+    steps = np.array([16 * 4**k for k in range(3)])
+    assert r.ckpt_t[:3] == (g.dt(0.3) * steps).tolist()
+
+
 def test_checkpoints_are_log_spaced_and_frozen_after_t_star(small_fc):
     (r,) = train_batch(small_fc, [MEMBERS[0]], device=DEVICE)
     steps = np.array([16 * 4**k for k in range(len(r.ckpt_t))])
