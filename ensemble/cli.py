@@ -213,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="network-steps/s of ensembles vs one network at a time")
     b.add_argument("--arch", default="all", help="fc | mnas | perceptron | all")
-    b.add_argument("--K", type=_ints, default=None, help="ensemble sizes, e.g. 1,8,64,256")
+    b.add_argument(
+        "--K",
+        type=_ints,
+        default=None,
+        help="ensemble sizes, e.g. 1,8,64,256 (MNAS: those up to 16 on the CPU, 256 on CUDA)",
+    )
     b.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     b.add_argument("--device", default=None)
     b.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
