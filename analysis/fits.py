@@ -245,14 +245,16 @@ def lazy_mask(
     Uses the seed-mean test error at ``alpha`` (default: the largest) and the departure
     from its small-T plateau by ``rel_departure`` (definition (b) of
     `analysis.crossover`). Returns a bool DataArray over (T, P); a P whose test error
-    never departs keeps all its T. Computes the test-error seed means.
+    never departs keeps all its T, one whose test error departs already on the plateau
+    points (the crossover is below the grid) keeps none. Computes the test-error seed
+    means.
     """
     sel = at_alpha(ds, alpha)
     err = seed_mean(sel, "test_error", include)["mean"].transpose("T", "P").compute()
     T = err["T"].values
     keep = np.ones(err.shape, dtype=bool)
     for j in range(err.sizes["P"]):
-        T_c, _ = plateau_departure(T, err.values[:, j], rel_departure, n_plateau=n_plateau)
+        T_c, _ = plateau_departure(T, err.values[:, j], rel_departure, n_plateau=n_plateau, below=0)
         if math.isfinite(T_c):
             keep[:, j] = T <= T_c
     return xr.DataArray(keep, dims=("T", "P"), coords={"T": T, "P": err["P"].values})

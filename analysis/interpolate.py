@@ -45,16 +45,23 @@ def plateau_departure(
     rel_departure: float | None = 0.1,
     abs_departure: float | None = None,
     n_plateau: int = 3,
+    below: float = float("nan"),
 ) -> tuple[float, float]:
     """T at which ``y`` first departs from its small-T plateau, and the plateau.
 
     The plateau is the mean of ``y`` over the ``n_plateau`` smallest T with finite
-    values. The departure is ``y - plateau`` signed along the first point that departs by
-    more than the threshold (up or down), so noise averages out; the threshold is
-    ``abs_departure`` if given, otherwise ``rel_departure * |plateau|``. The crossing of
-    the threshold is searched above the plateau points and interpolated in log T (see
-    `first_crossing`). Returns ``(T_departure, plateau)``; T_departure is NaN if there
-    are fewer than ``n_plateau + 1`` points or the curve never departs.
+    values. The departure d = ``y - plateau`` is signed along the first point that departs
+    by more than the threshold (up or down), so noise averages out; the threshold is
+    ``abs_departure`` if given, otherwise ``rel_departure * |plateau|``. The crossing is
+    searched from the last plateau point up. With i the first point at or over the
+    threshold, it lies on the power law through the departures at i and i + 1 (exact for
+    a power-law departure), kept between T[i - 1] and T[i]; where there is no i + 1 or d
+    does not grow from i to i + 1, it is interpolated linearly in (log T, d) from i - 1.
+    Neither rule reads d at i - 1 in log space, so T_departure moves continuously with
+    the point below the threshold, whose departure is mostly noise around 0 (and often
+    negative). Returns ``(T_departure, plateau)``; T_departure is NaN if there are fewer
+    than ``n_plateau + 1`` points or the curve never departs, and ``below`` if it
+    already departs at the last plateau point (the crossing is below the grid).
     """
     T, y = _finite(T, y)
     if len(T) < n_plateau + 1 or n_plateau < 1:
@@ -63,15 +70,20 @@ def plateau_departure(
     threshold = abs_departure if abs_departure is not None else rel_departure * abs(plateau)
     if not threshold > 0:
         return float("nan"), plateau
-    # The departure is signed along the direction of the first large departure, so that
-    # noise around the plateau averages out instead of adding up as |y - plateau| would.
     outside = np.flatnonzero(np.abs(y[n_plateau:] - plateau) >= threshold)
     if len(outside) == 0:
         return float("nan"), plateau
-    direction = np.sign(y[n_plateau + outside[0]] - plateau)
-    # Start the scan at the last plateau point so that a departure right after the
-    # plateau is interpolated from it.
-    return first_crossing(T, direction * (y - plateau), threshold, start=n_plateau - 1), plateau
+    d = np.sign(y[n_plateau + outside[0]] - plateau) * (y - plateau)
+    i = n_plateau - 1 + int(np.flatnonzero(d[n_plateau - 1 :] >= threshold)[0])
+    if i == n_plateau - 1:
+        return below, plateau
+    x = np.log(T)
+    if i + 1 < len(T) and d[i + 1] > d[i]:
+        slope = (np.log(d[i + 1]) - np.log(d[i])) / (x[i + 1] - x[i])
+        x_c = x[i] + (np.log(threshold) - np.log(d[i])) / slope
+    else:
+        x_c = x[i - 1] + (threshold - d[i - 1]) / (d[i] - d[i - 1]) * (x[i] - x[i - 1])
+    return float(np.exp(np.clip(x_c, x[i - 1], x[i]))), plateau
 
 
 def _finite(T: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

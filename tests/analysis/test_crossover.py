@@ -61,6 +61,26 @@ def test_plateau_departure_up_and_down():
     assert math.isnan(plateau_departure(T, np.full(T.shape, 0.2))[0])
 
 
+def test_plateau_departure_is_continuous_in_the_point_below_the_threshold():
+    """The departure just below the threshold is mostly noise around 0: its sign must not
+    switch the interpolation (a change of 2e-7 there moved T_c by 2^0.53), and T_c moves
+    continuously with it."""
+    T = 2.0 ** np.arange(-13, -5)
+    base = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.125, 0.15])
+    found = []
+    for eps in (-1e-7, 1e-7, -3e-3, 3e-3):
+        y = base.copy()
+        y[5] += eps
+        found.append(plateau_departure(T, y)[0])
+    assert found[0] == pytest.approx(found[1], rel=1e-5)
+    assert 2.0**-8 <= min(found) and max(found) <= 2.0**-7
+    assert abs(np.log2(found[3] / found[2])) < 0.2
+    # at the grid's edge: the curve departs on the plateau points already
+    below = base[::-1].copy()
+    assert math.isnan(plateau_departure(T, 1 / below)[0])
+    assert plateau_departure(T, 1 / below, below=0.0)[0] == 0.0
+
+
 def test_definition_a_recovers_the_known_crossover(tsweep):
     table = crossover_rel_change(tsweep, level=0.01, n_boot=100)
     P = table["P"].values.astype(float)

@@ -91,3 +91,19 @@ def test_all_diverged_gives_insufficient_data(rng):
     ds["outcome"][:] = 2
     with pytest.raises(InsufficientData, match="0 usable points"):
         fit_t_star(ds)
+
+
+def test_lazy_mask_drops_a_P_whose_crossover_is_below_the_grid():
+    """On a grid from T = 2^-9, the test error of the largest P already rises across its
+    plateau points (T_c is below the grid there): the default fit range keeps none of
+    that P's T rather than all of them, and the exponents come out right (with every T
+    of those P kept, delta came out 0.08 instead of 0.5)."""
+    ds = tsweep_dataset(
+        np.random.default_rng(0), Laws(sigma_err=0.0), T=2.0 ** np.arange(-9, -1), n_spoiled=0
+    )
+    mask = lazy_mask(ds).transpose("T", "P")
+    assert not mask.sel(P=16384).any() and not mask.sel(P=8192).any()
+    assert mask.sel(P=1024).sum() >= 3
+    fit = fit_rel_change(ds)
+    _close(fit["delta"], LAWS.delta, 0.1)
+    _close(fit["gamma"], LAWS.gamma, 0.1)
