@@ -192,7 +192,8 @@ def local_P_exponents(
     weights 1 / e^2, e = sqrt((se_lo/q_lo)^2 + (se_hi/q_hi)^2) / ln(P_hi/P_lo) from the
     cells' standard errors. Errors (``stderr``, ``slope_mean_stderr``) come from a bootstrap
     over seeds (``n_boot`` resamples, generator ``seed``, variance scaled by n/(n-1) for n
-    seeds) that draws the same seeds in every cell: a seed fixes the
+    seeds; a resample's mean over T weighs only the slopes it has) that draws the same
+    seeds in every cell: a seed fixes the
     initialisation, the batch draws and (for the perceptron) the nested training sets at
     every T and P, so cells of one seed are correlated and only a joint resample gives the
     right error of a slope or of a mean over T. Returns a computed Dataset with dims
@@ -244,7 +245,16 @@ def local_P_exponents(
         mean_slope = np.where(
             total > 0, np.nansum(np.where(weight > 0, slope, 0.0) * weight, axis=0) / total, np.nan
         )
-        boot_mean = np.nansum(np.where(weight > 0, boot_slope, 0.0) * weight, axis=1) / total
+        # each replicate averages the slopes it has: a cell whose resampled seeds all
+        # failed gives no slope there, and must not count as a slope of 0
+        boot_weight = np.where(np.isfinite(boot_slope), weight, 0.0)  # (bootstrap, T, pair)
+        boot_total = boot_weight.sum(axis=1)
+        boot_mean = np.where(
+            boot_total > 0,
+            np.nansum(np.where(boot_weight > 0, boot_slope, 0.0) * boot_weight, axis=1)
+            / boot_total,
+            np.nan,
+        )
         mean_err = np.where(total > 0, inflate * np.nanstd(boot_mean, axis=0), np.nan)
     coords = {
         "T": T,

@@ -16,6 +16,7 @@ from analysis.perceptron import (
     per_seed,
     predicted_exponents,
 )
+from ensemble.schema import DIVERGED
 
 
 def test_predicted_exponents():
@@ -97,3 +98,18 @@ def test_local_exponent_errors_see_that_cells_of_one_seed_are_correlated(rng):
     )
     np.testing.assert_allclose(local["slope_mean_stderr"], local["stderr"].isel(T=0), rtol=1e-6)
     assert local.sizes["T"] == 7 and (local["stderr"] > 0.005).all()
+
+
+def test_local_exponent_error_ignores_resamples_without_a_slope():
+    """At the largest P only 2 of 5 seeds converged at every T, so about 8 % of the
+    bootstrap resamples draw neither there and have no slope: the error of the mean slope
+    over T must come from the slopes the resamples have (it came out 12x too large, each
+    missing slope counted as 0)."""
+    ds = perceptron_dataset(np.random.default_rng(1), chi=1.0, sigma=0.05)
+    ds["outcome"].values[0, :, -1, 2:] = DIVERGED
+    loc = local_P_exponents(ds, "signal", n_boot=2000, seed=0)
+    last = loc.isel(pair=-1)
+    per_T = last["stderr"].where(np.isfinite(last["slope"]))
+    assert float(last["slope_mean"]) == pytest.approx(0.5, abs=0.05)
+    # the spread of a weighted mean is at most the largest spread of its terms
+    assert float(last["slope_mean_stderr"]) <= float(per_T.max())
