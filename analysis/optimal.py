@@ -31,7 +31,7 @@ import math
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, bootstrap_mean, masked, mean_stderr
+from analysis.aggregate import Include, bootstrap_mean, effective_outcome, masked, mean_stderr
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_power_law
 from ensemble.schema import CONVERGED, DIVERGED
 
@@ -82,7 +82,7 @@ def optimal_temperature(
     stats = mean_stderr(values).transpose("alpha", "P", "T").compute()
     boot = bootstrap_mean(values, n_boot, seed).transpose("bootstrap", "alpha", "P", "T").values
     T = stats["T"].values.astype(float)
-    outcome = ds["outcome"].transpose("alpha", "P", "T", "seed").values
+    outcome = effective_outcome(ds).transpose("alpha", "P", "T", "seed").values
     diverged = ~(outcome == CONVERGED).any(-1) & (outcome == DIVERGED).any(-1)
     n_a, n_P = stats.sizes["alpha"], stats.sizes["P"]
     out = {k: np.full((n_a, n_P), np.nan) for k in ("T_opt", "T_lo", "T_hi", "log_T_err")}

@@ -66,3 +66,13 @@ def test_the_largest_grid_T_is_a_bound_not_a_stability_edge():
     ds = optimum_dataset(np.random.default_rng(4)).sel(T=slice(None, 2.0**-9))
     where = [CLASSES[c] for c in optimal_temperature(ds, n_boot=20)["where"].isel(P=0).values]
     assert where[0] == "stability edge" and where[-3:-1] == ["large-T edge"] * 2
+
+
+def test_cells_not_done_count_as_missing_not_diverged():
+    """A killed launch can leave cells whose outcome was written but not their ``done``
+    flag: above the optimum of alpha = 2^-10 they are missing, so the optimum is a bound
+    at the grid's large-T edge, not a stability edge."""
+    ds = optimum_dataset(np.random.default_rng(0))
+    ds["done"].values[0, ds["T"].values > 2.0**-14] = False
+    table = optimal_temperature(ds, n_boot=20)
+    assert CLASSES[int(table["where"].values[0, 0])] == "large-T edge"
