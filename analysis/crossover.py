@@ -12,13 +12,17 @@ and both interpolated in log T between grid points (`analysis.interpolate`):
 (b) ``crossover_test_error``: the smallest T at which the seed-mean test error departs
     from its small-T plateau (mean of the ``n_plateau`` = 3 smallest T) by
     ``rel_departure`` = 10 % of the plateau (or by ``abs_departure``), in either
-    direction (interpolated in log T, log departure).
+    direction (on the power law through the first two departed points, see
+    `analysis.interpolate.plateau_departure`).
 
 Uncertainty: the definition is re-applied to ``n_boot`` bootstrap resamples of the seeds
 (`analysis.aggregate.bootstrap_mean`); the table gives the percentile interval and the
 standard deviation of log T_c. `fit_crossover` fits :math:`T_c \sim P^{-a}` weighted by
 that standard deviation and refits every bootstrap replicate; `check_ratio` compares a
 with :math:`\gamma/\delta` of the weight-change fit (the paper's a = gamma / delta).
+Definition (a) agrees with gamma / delta by construction wherever the weight change is
+the power law above, so its check tests that form; (b), from the test error, is the
+independent test of the paper's claim.
 """
 
 from __future__ import annotations

@@ -500,6 +500,12 @@ def _a_table(section: _Section, crossover_fits: dict, rel_fit: PowerLawFit | Non
         + ["z = (a - gamma/delta)/err", "consistent (abs z < 2)"],
         rows,
     )
+    if "a" in checks:
+        section.add(
+            "Definition (a) agrees with gamma/delta by construction wherever the weight"
+            " change is a power law in T and P, so its row tests that form; (b), from the"
+            " test error, is the independent test of a = gamma/delta."
+        )
 
 
 def _rescaling_exponent(crossover_fits: dict, fits: dict) -> float | None:
