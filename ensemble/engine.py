@@ -24,14 +24,16 @@ whose batch loss has been zero for a whole epoch (P/B steps) and whose weights c
 since its last check; when it passes, s* = last_active + 1 and t* = dt s*, exactly. The
 weights at detection are the weights at s*.
 
-The step and the check compute F in different kernels (the step in a batch of B, the
-check over the training set), which round differently: in float32 at alpha = 2^15 the
-margins 1 - alpha f y differ by up to about 0.01. A point the step sees fitted and the
-check does not would stall a member: its step never trains on it again, its check never
-passes. So a member whose check failed and whose step has stayed quiet for STALL_EPOCHS
-more epochs (its weights unchanged since the check) is stopped as converged at
-s* = last_active + 1: in the arithmetic of its own SGD steps it has stopped moving. Its
-final training loss, which the check computes, is then a rounding-level positive number
+The check evaluates F with the step's own forward pass (for FC, the fused one; on the
+CPU a point's F then does not depend on its batch, bit for bit). Where the two still
+round differently (on a GPU, where cuBLAS picks kernels by shape; the Triton step, whose
+check runs in torch), in float32 at alpha = 2^15 the margins 1 - alpha f y can differ by
+about 0.01, and a point the step sees fitted and the check does not would stall a
+member: its step never trains on it again, its check never passes. So a member whose
+check failed and whose step has stayed quiet for STALL_EPOCHS more epochs (its weights
+unchanged since the check) is stopped as converged at s* = last_active + 1: in the
+arithmetic of its own SGD steps it has stopped moving. Its final training loss, which
+the check computes, is then a rounding-level positive number
 (``MemberResult.train_loss``; ``EngineStats.stalled`` counts them).
 
 Quiet-step skipping (``skip_quiet``, on by default for the perceptron): a step whose B
@@ -595,6 +597,17 @@ class Engine:
         self._grad = vmap(grad_and_value(self._member_loss), chunk_size=chunk)
         self._fwd_own = vmap(self.model.forward)  # per-slot inputs
         self._fwd_shared = vmap(self.model.forward, in_dims=(0, None))  # shared inputs
+        if self.fused:  # evaluate with the step's own forward pass: F(w0), the stopping
+            # check and the step then round alike (on the CPU bit for bit)
+            L, act = group.L, group.activation
+
+            def own(w: Params, x: torch.Tensor) -> torch.Tensor:
+                return fused_torch.fc_forward(w, x.flatten(2), L, act, keep=False)[0]
+
+            def shared(w: Params, x: torch.Tensor) -> torch.Tensor:
+                return own(w, x.flatten(1).expand(w["w_out"].shape[0], -1, -1))
+
+            self._fwd_own, self._fwd_shared = own, shared
         self.quiet_steps = math.ceil(group.P / group.B)  # one epoch
         self.sync_every = int(min(max(group.P // (4 * group.B), 16), 1024))
         self.stats = EngineStats(slots=K)

@@ -50,27 +50,33 @@ def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def fc_forward(
-    params: Params, x: torch.Tensor, L: int, activation: str
+    params: Params, x: torch.Tensor, L: int, activation: str, keep: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """F(w, x) of K members on their own inputs x (K, B, d_in).
 
-    Returns (F (K, B), layer inputs, activation slopes). The activations are kept
-    transposed, (K, width, B), with the activation's scale s left out: u_0 = x^T,
-    u_{l+1} = act(pre_l) and z_l = s u_l for l >= 1, the scale folded into the next
-    product. Slopes are act'(pre_l) without s: a bool mask (pre_l > 0) for relu."""
+    Returns (F (K, B), layer inputs, activation slopes); without ``keep`` (evaluation)
+    the two lists are empty. The activations are kept transposed, (K, width, B), with
+    the activation's scale s left out: u_0 = x^T, u_{l+1} = act(pre_l) and z_l = s u_l
+    for l >= 1, the scale folded into the next product. Slopes are act'(pre_l) without
+    s: a bool mask (pre_l > 0) for relu. Each point's F does not depend on the other
+    points of the batch (on the CPU bit for bit: tested), so the engine evaluates F(w0)
+    and the training loss with this function too."""
     s = _SCALE[activation]
     u, us, slopes = x.transpose(1, 2), [x.transpose(1, 2)], []
     for layer in range(L):
         W = params[f"W{layer}"]  # (K, h, fan_in)
         pre = _scaled_bmm(W, u, (s if layer else 1.0) / math.sqrt(W.shape[2]))  # (K, h, B)
         if activation == "relu":
-            u, slope = torch.relu(pre), pre > 0
+            u = torch.relu(pre)
+            slope = pre > 0 if keep else None
         else:
             cdf = 0.5 * (1.0 + torch.erf(pre * _INV_SQRT_2))
-            u, slope = pre * cdf, cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
-        us.append(u)
-        slopes.append(slope)
-    return readout(params["w_out"], u, s), us, slopes
+            u = pre * cdf
+            slope = cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI if keep else None
+        if keep:
+            us.append(u)
+            slopes.append(slope)
+    return readout(params["w_out"], u, s), (us if keep else []), slopes
 
 
 def readout(w_out: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:

@@ -706,13 +706,45 @@ def test_mnas_trains_and_reports_every_observable(data_root):
         assert r.weights["b_out"].shape == ()
 
 
+def test_fused_engine_evaluates_with_the_step_forward_pass(data_root):
+    """On the CPU the FC engine's F(w0) and stopping check use the step's own forward
+    pass, and a point's F does not depend on its batch: the step's margins and the
+    check's agree bit for bit (so the step sees f(w0) = 0 exactly), whatever the batch."""
+    from ensemble import fused
+
+    g = Group(
+        dataset="mnist", arch="fc", P=256, B=16, h=128, L=5, pte=256, data_root=str(data_root)
+    )
+    e = Engine(g, 3, "cpu")
+    e._fill([0, 1, 2], [Member(alpha=2.0**15, T=2.0**-10, seed=s) for s in range(3)])
+    e._init_f0(torch.arange(3))
+    e._run_steps(20)
+    x = e.data.points(e.data.rows).flatten(2)
+    assert torch.equal(fused.fc_forward(e.params0, x, g.L, g.activation)[0], e.f0)
+    check = e._F(e.params, torch.arange(3), "train")
+    torch.manual_seed(0)
+    for _ in range(4):
+        rows = torch.randperm(g.P)[: g.B]
+        step = fused.fc_forward(e.params, x[:, rows], g.L, g.activation)[0]
+        assert torch.equal(step, check[:, rows])
+
+
+class _OtherKernels(Engine):
+    """An engine whose evaluation rounds differently from its step, as on a GPU, where
+    cuBLAS picks kernels by shape: F(w0) and the stopping check use the generic forward
+    pass (vmap of the model), the step the fused one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fwd_own = torch.func.vmap(self.model.forward)
+
+
 def test_member_whose_step_and_check_disagree_stops_as_stalled(data_root):
-    """float32 at alpha = 2^15: the SGD step (the fused forward on batches of B) and the
-    stopping check (the forward over the training set) round F differently. From weights
-    where one point's margin is > 0 for the check and <= 0 for the step, the step never
-    trains again and the check never passes: the member is stopped as converged (at
-    s* = last_active + 1 = 0, as it never stepped) after STALL_EPOCHS quiet epochs,
-    instead of idling to its step budget."""
+    """float32 at alpha = 2^15, evaluation rounding differently from the step
+    (``_OtherKernels``). From weights where one point's margin is > 0 for the check and
+    <= 0 for the step, the step never trains again and the check never passes: the
+    member is stopped as converged (at s* = last_active + 1 = 0, as it never stepped)
+    after STALL_EPOCHS quiet epochs, instead of idling to its step budget."""
     from ensemble import fused
 
     g = Group(
@@ -720,7 +752,7 @@ def test_member_whose_step_and_check_disagree_stops_as_stalled(data_root):
         data_root=str(data_root),
     )  # fmt: skip
     m = Member(alpha=2.0**15, T=2.0**-10, seed=3)
-    e = Engine(g, 1, "cpu")
+    e = _OtherKernels(g, 1, "cpu")
     e._fill([0], [m])
     e._init_f0(torch.arange(1))
     y, f0 = e.data.y[0], e.f0[0]
@@ -765,7 +797,7 @@ def test_member_whose_step_and_check_disagree_stops_as_stalled(data_root):
     check, step = margins(crafted)
     assert int((check > 0).sum()) == 1 and bool((step <= 0).all())
 
-    class FromCrafted(Engine):
+    class FromCrafted(_OtherKernels):
         def _load(self, slots, members, drawn):
             super()._load(slots, members, drawn)
             for n, p in self.params.items():
