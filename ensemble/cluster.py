@@ -12,6 +12,7 @@ import atexit
 import fcntl
 import gc
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,12 +48,16 @@ def connect(
     n_workers: int | None = None,
     dashboard_address: str = ":8787",
 ) -> Iterator[Client]:
-    """A Client for the sweep; an embedded cluster is closed on exit, a given one is not."""
+    """A Client for the sweep; an embedded cluster is closed on exit, a given one is not.
+    With a scheduler address, waits for its first worker (the plan depends on them)."""
     if client is not None:
         yield client
         return
     if scheduler is not None:
         with Client(scheduler) as c:
+            if not worker_count(c):  # the plan is cut for the workers there are
+                print(f"waiting for a worker to join {scheduler}", file=sys.stderr, flush=True)
+                c.wait_for_workers(1)
             yield c
         return
     with (

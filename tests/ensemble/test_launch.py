@@ -622,3 +622,18 @@ def test_worker_processes_claim_distinct_gpus(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_launch_on_a_scheduler_waits_for_its_first_worker(tmp_path, data_root):
+    """A launch given the address of a scheduler that has no worker yet waits for one
+    before it cuts the plan, then trains on it."""
+    spec = write_sweep(tmp_path / "one.toml", alpha="[1.0]", T="[0.03125]", seeds=1)
+    with LocalCluster(n_workers=0, threads_per_worker=1, dashboard_address=":0") as cluster:
+        joins = threading.Timer(3.0, cluster.scale, args=(1,))
+        joins.start()
+        tree = launch(
+            spec, tmp_path / "w.zarr", scheduler=cluster.scheduler_address, progress=False
+        )
+        joins.join()
+    report = tree.attrs["launch_report"]
+    assert (report["n_workers"], report["cells_done"], report["cells_failed"]) == (1, 1, 0)
