@@ -78,7 +78,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if a.dry_run:
         from ensemble.cluster import default_workers
 
-        print(dry_run(a.sweep, a.store, a.workers or default_workers(), a.max_members))
+        workers = default_workers() if a.workers is None else a.workers
+        print(dry_run(a.sweep, a.store, workers, a.max_members))
         return 0
     monitor = None
     if not a.no_monitor:

@@ -259,7 +259,12 @@ def check_options(
     must be integers >= 1 (or None, the default), ``device`` a torch device name; with
     ``local`` (an embedded cluster, whose workers run on this machine) a CUDA device must
     exist here."""
-    for name, value in (("n_workers", n_workers), ("slots", slots), ("max_members", max_members)):
+    counts = (
+        ("n_workers (--workers)", n_workers),
+        ("slots (--slots)", slots),
+        ("max_members (--max-members)", max_members),
+    )
+    for name, value in counts:
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
@@ -271,9 +276,11 @@ def check_options(
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as exc:
-        raise SpecError(f"device must be a torch device such as 'cpu' or 'cuda:0': {exc}") from None
+        raise SpecError(
+            f"device (--device) must be a torch device such as 'cpu' or 'cuda:0': {exc}"
+        ) from None
     if dev.type not in ("cpu", "cuda"):
-        raise SpecError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        raise SpecError(f"device (--device) must be 'cpu' or 'cuda[:N]', got {device!r}")
     if local and dev.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0 or (dev.index or 0) >= n:
