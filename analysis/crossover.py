@@ -92,7 +92,8 @@ def crossover_test_error(
     """T_c(P), definition (b): where the test error departs from its small-T plateau.
 
     Returns the Dataset described in `crossover_table`, plus ``plateau`` (over P, the
-    seed-mean test error on the plateau).
+    seed-mean test error on the plateau) and ``below_grid`` (over P: the seed-mean test
+    error departs on the plateau points already, so T_c is below the grid and NaN).
     """
     sel = at_alpha(ds, alpha)
     values = masked(sel, "test_error", include).compute()  # one read; the rest in memory
@@ -110,6 +111,17 @@ def crossover_test_error(
             for j in range(means.sizes["P"])
         ],
         {"long_name": "test error on the small-T plateau", "units": "1"},
+    )
+    table["below_grid"] = (
+        "P",
+        [
+            plateau_departure(T, means.values[:, j], rel_departure, abs_departure, n_plateau, 0.0)[
+                0
+            ]
+            == 0.0
+            for j in range(means.sizes["P"])
+        ],
+        {"long_name": "test error departs on the plateau points (T_c below the grid)"},
     )
     amount = (
         f"{abs_departure:g} (absolute)" if abs_departure is not None else f"{rel_departure:.0%}"

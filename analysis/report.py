@@ -529,9 +529,21 @@ def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
         row = [P]
         for table in tables.values():
             T_c, low, high = (float(table[v].sel(P=P)) for v in ("T_c", "T_c_low", "T_c_high"))
-            row += [_num(T_c, "{:.4g}"), f"[{_num(low, '{:.4g}')}, {_num(high, '{:.4g}')}]"]
+            below = "below_grid" in table and bool(table["below_grid"].sel(P=P))
+            row += [
+                "below the grid" if below else _num(T_c, "{:.4g}"),
+                f"[{_num(low, '{:.4g}')}, {_num(high, '{:.4g}')}]",
+            ]
         rows.append(row)
     section.table(header, rows)
+    for key, table in tables.items():
+        if "below_grid" in table and bool(table["below_grid"].any()):
+            P = table["P"].values[table["below_grid"].values].tolist()
+            section.add(
+                f"T_c ({key}) is below the grid at P = {P}: the test error departs on the"
+                " plateau points already, so these P are left out of the fit T_c ~ P^-a"
+                " and of the lazy fit range; a grid reaching smaller T would place them."
+            )
 
 
 def _perceptron(section: _Section, ds: xr.Dataset, n_boot: int, seed: int, rows: list) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import hypothesis.strategies as st
 import numpy as np
@@ -99,6 +100,26 @@ def test_definition_b_recovers_the_known_crossover(tsweep):
     assert (np.abs(error) < 3 * table["log_T_c_stderr"].values + 0.02).all(), error
     expected_plateau = LAWS.err0 * (table["P"].values / 1024.0) ** -0.3
     np.testing.assert_allclose(table["plateau"].values, expected_plateau, rtol=0.03)
+    assert not table["below_grid"].any()
+
+
+def test_definition_b_says_where_the_crossover_is_below_the_grid():
+    """On a grid from T = 2^-9 the two largest P already depart on their plateau points:
+    their T_c is NaN and flagged below the grid, the others are found."""
+    ds = tsweep_dataset(
+        np.random.default_rng(0), Laws(sigma_err=0.0), T=2.0 ** np.arange(-9, -1), n_spoiled=0
+    )
+    table = crossover_test_error(ds, n_boot=20)
+    assert table["below_grid"].values.tolist() == [False, False, False, True, True]
+    assert np.isnan(table["T_c"].values[3:]).all() and np.isfinite(table["T_c"].values[:3]).all()
+    # and the report says so
+    from analysis.report import _Section, _tc_table
+
+    section = _Section(Path("."), "t", ("png",))
+    _tc_table(section, {"b": table})
+    text = "\n".join(section.lines)
+    assert text.count("below the grid |") == 2
+    assert "T_c (b) is below the grid at P = [8192, 16384]" in text
 
 
 @pytest.mark.parametrize("definition", ["a", "b"])
