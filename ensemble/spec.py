@@ -72,6 +72,9 @@ __all__ = [
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 GRIDS = ("alpha", "T", "P", "seed")
+FLOAT32_RANGE = (2.0**-126, (2 - 2.0**-23) * 2.0**127)
+"""Smallest normal and largest float32 numbers: alpha and dt = T h B of a float32
+experiment must lie between them."""
 MAX_INT = 2**63 - 1
 """Largest P or seed: the cube stores them as int64."""
 """Swept fields, in the order of the cube's dimensions."""
@@ -310,6 +313,18 @@ class Experiment:
             object.__setattr__(self, key, _normalise_grid(where, key, getattr(self, key)))
         for P in self.P:
             self.group(P)
+        if self.settings["dtype"] == "float32":  # the engine holds alpha and dt as float32
+            tiny, huge = FLOAT32_RANGE
+            for key, values in (("alpha", self.alpha), ("T", self.T)):
+                scale = 1.0 if key == "alpha" else self.dt(1.0)
+                bad = [v for v in values if not tiny <= v * scale <= huge]
+                if bad:
+                    what = "alpha" if key == "alpha" else "dt = T h B"
+                    raise SpecError(
+                        f"{where}, field {key!r}: {what} must be a normal float32 number"
+                        f" ({tiny:.3g} to {huge:.3g}) with dtype float32, got {key} = {bad[0]!r};"
+                        ' use dtype = "float64" for more range'
+                    )
 
     def group(self, P: int) -> Group:
         """The validated Group of this experiment's members at training set size P."""

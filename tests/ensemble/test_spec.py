@@ -328,6 +328,8 @@ INVALID = [
     ({"seed": [-1]}, r"field 'seed': values must be integers from 0 to 2\*\*63 - 1.*got -1"),
     ({"seed": [2**63]}, r"field 'seed': values must be integers from 0 to 2\*\*63 - 1"),
     ({"seed": 0}, r"field 'seed': a seed count must be >= 1"),
+    ({"alpha": [1e-50]}, r"field 'alpha': alpha must be a normal float32 number.*1e-50"),
+    ({"T": [1e39]}, r"field 'T': dt = T h B must be a normal float32 number"),
     ({"seed": {"pow2": [0, 2]}}, r"field 'seed': give a list of seeds or a count"),
     ({"alpha": {"pow2": [3, 1]}}, r"field 'alpha': pow2 = \[3, 1\] needs lo <= hi"),
     ({"alpha": {"pow2": [0, 5, 2]}}, r"field 'alpha': .*hi - lo a multiple of step"),
