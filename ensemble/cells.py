@@ -55,8 +55,8 @@ class Group:
     d, chi      : perceptron input dimension and depletion exponent (chi >= 0)
     max_steps   : step budget per member (outcome "unfinished" when reached)
     max_seconds : wall-time budget of one ensemble batch (None: no limit): once spent,
-                  every member of the batch stops "unfinished", those still waiting for
-                  a slot with 0 steps (they are done cells: a rerun does not train them)
+                  the running members stop "unfinished" and the ones still waiting for a
+                  slot do not start (their cells stay missing: a rerun trains them)
     dtype       : "float32" (default) or "float64"
     tf32        : allow TF32 matmuls on CUDA (opt-in, recorded in the cube)
     """

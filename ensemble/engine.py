@@ -315,6 +315,8 @@ class EngineStats:
     """Wall time the run spent filling slots (waiting for host draws, copying them to the
     device, F(w0)); draws made in the background while slots train are not counted."""
     checks: int = 0
+    not_started: int = 0
+    """Members that never got a slot: the group's ``max_seconds`` was spent first."""
     stalled: int = 0
     """Members stopped as converged after STALL_EPOCHS quiet epochs that followed a failed
     stopping check (the step's and the check's roundings disagree)."""
@@ -884,10 +886,12 @@ class Engine:
         self,
         members: Iterable[Member],
         on_result: Callable[[int, MemberResult], None] | None = None,
-    ) -> list[MemberResult]:
+    ) -> list[MemberResult | None]:
         """Train ``members`` through the slots; returns their results in input order.
 
         on_result(index, result) is called as each member finishes (for streaming writes).
+        Once the group's ``max_seconds`` is spent, the running members stop (unfinished)
+        and no more start: their results are None (a later run trains them).
         """
         with (
             allow_tf32(self.group.tf32),  # evaluation too: cuDNN allows TF32 by default
@@ -899,18 +903,26 @@ class Engine:
         self,
         feeder: _Feeder,
         on_result: Callable[[int, MemberResult], None] | None,
-    ) -> list[MemberResult]:
+    ) -> list[MemberResult | None]:
         results: dict[int, MemberResult] = {}
+        n_members = len(feeder)
         K, ckpts = self.K, np.array(checkpoint_steps() + [np.iinfo(np.int64).max])
         led = _Ledger.empty(K)
         t_start = time.perf_counter()
         max_steps = self.group.max_steps
 
+        def spent() -> bool:
+            return (
+                self.group.max_seconds is not None
+                and time.perf_counter() - t_start > self.group.max_seconds
+            )
+
         def refill() -> None:
             """Free slots take the members whose host draws are ready; only when no slot
-            is busy does it wait for the draws in progress."""
+            is busy does it wait for the draws in progress. None start once the time
+            budget is spent."""
             free = np.flatnonzero(led.occupant < 0)
-            if not len(free) or not feeder:
+            if not len(free) or not feeder or spent():
                 return
             t = time.perf_counter()
             got = feeder.take(len(free), wait=len(free) == K)
@@ -956,10 +968,7 @@ class Engine:
             t_check = time.perf_counter()
             self.stats.checkpoint_seconds += t_check - t_ckpt
             # stopping checks: quiet for an epoch and changed since the last check, or budget
-            over_time = (
-                self.group.max_seconds is not None
-                and time.perf_counter() - t_start > self.group.max_seconds
-            )
+            over_time = spent()
             quiet_for = step - last_active - 1
             quiet = (quiet_for >= self.quiet_steps) & (last_active != led.checked_at)
             stalled = running & (last_active == led.checked_at)
@@ -1021,7 +1030,8 @@ class Engine:
                 self.stats.real_steps += max(n, 1)
                 self.stats.slot_steps += K * max(n, 1)
         self.stats.seconds += time.perf_counter() - t_start
-        return [results[i] for i in sorted(results)]
+        self.stats.not_started = n_members - len(results)
+        return [results.get(i) for i in range(n_members)]
 
     @torch.no_grad()
     def _harvest(
@@ -1115,8 +1125,9 @@ def train_batch(
     slots: int | None = None,
     on_result: Callable[[int, MemberResult], None] | None = None,
     keep_weights: bool = False,
-) -> list[MemberResult]:
-    """Train ``members`` (sharing ``group``) as one ensemble; results in input order.
+) -> list[MemberResult | None]:
+    """Train ``members`` (sharing ``group``) as one ensemble; results in input order
+    (None for members that never started within ``group.max_seconds``).
 
     slots defaults to len(members); fewer slots than members turns on continuous batching.
     """

@@ -144,6 +144,9 @@ class LaunchReport:
     """Cells per experiment whose task failed."""
     compiled_tasks: int = 0
     """Finished tasks that compiled their step (``compile_policy``)."""
+    not_started: int = 0
+    """Cells whose task spent its ``max_seconds`` before they got a slot: still missing,
+    a rerun trains them."""
     stalled: int = 0
     """Members stopped as converged once stalled (``engine.STALL_EPOCHS``): their final
     training loss is positive at the rounding level."""
@@ -174,6 +177,12 @@ class LaunchReport:
             + (
                 f"; {self.compiled_tasks} of {self.batches} tasks compiled"
                 if self.compiled_tasks
+                else ""
+            )
+            + (
+                f"; {self.not_started} cells not started within their task's max_seconds"
+                " (still missing: a rerun trains them)"
+                if self.not_started
                 else ""
             )
             + (
@@ -385,7 +394,7 @@ def run_batch(
     if engine.compiled:
         note_compiled(batch.group)
     for i, r in zip(todo, results, strict=True):
-        records[i] = member_record(r)
+        records[i] = None if r is None else member_record(r)  # None: not started in time
     return records, {**dataclasses.asdict(engine.stats), **info, "compiled": engine.compiled}
 
 

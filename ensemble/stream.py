@@ -179,10 +179,13 @@ class Sink:
     def finished(self, b: Batch, results: list[dict | None], stats: dict) -> int:
         """The task of ``b`` returned (``flush`` first): write the members no event
         brought; add its counters. A member neither streamed nor returned (published by an
-        attempt that died, its record lost on the way) counts as failed: it stays missing."""
+        attempt that died, its record lost on the way) counts as failed, one that never
+        started (the task's ``max_seconds`` was spent) as not started: both stay missing."""
         n = self.write((b.key, i, rec) for i, rec in enumerate(results) if rec is not None)
         r = self.report
-        lost = len(b.members) - len(self.written[b.key])
+        not_started = int(stats.get("not_started", 0))
+        r.not_started += not_started
+        lost = len(b.members) - len(self.written[b.key]) - not_started
         if lost:
             self._count_failed(b, lost)
             self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")

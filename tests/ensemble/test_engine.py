@@ -385,6 +385,18 @@ def test_budget_gives_unfinished(small_fc):
     assert r.train_loss > 0 and r.n_unfitted > 0
 
 
+def test_time_budget_stops_the_running_members_and_starts_no_more(small_fc):
+    """Once ``max_seconds`` is spent, the member in the only slot stops unfinished after
+    the steps it made, and the two still waiting never start: their results are None
+    (missing cells, which a later run trains), not unfinished at step 0."""
+    g = Group(**{**small_fc.as_dict(), "max_steps": 10**9, "max_seconds": 1.0})
+    members = [Member(alpha=1.0, T=2.0**-18, seed=s) for s in range(3)]
+    engine = Engine(g, 1, DEVICE)
+    first, *rest = engine.run(members)
+    assert first.outcome == UNFINISHED and first.steps > 0
+    assert rest == [None, None] and engine.stats.not_started == 2
+
+
 def test_checkpoint_times_are_exact_in_float32():
     """t at a checkpoint is dt * steps in double precision, as t*, also when the engine
     steps in float32 and dt = T B is not a float32 number (T = 0.3)."""

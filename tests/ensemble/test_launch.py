@@ -637,3 +637,21 @@ def test_launch_on_a_scheduler_waits_for_its_first_worker(tmp_path, data_root):
         joins.join()
     report = tree.attrs["launch_report"]
     assert (report["n_workers"], report["cells_done"], report["cells_failed"]) == (1, 1, 0)
+
+
+def test_cells_not_started_within_max_seconds_stay_missing(client, tmp_path):
+    """A task whose ``max_seconds`` is spent while its only slot trains the first of its
+    4 members starts none of the others: the launch reports them as not started (not
+    failed), they stay missing, and a rerun trains them."""
+    spec = write_sweep(tmp_path / "budget.toml", alpha="[1.0]", T="[0.0009765625]", seeds=4)
+    text = spec.read_text().replace("max_steps = 3000", "max_steps = 3000\nmax_seconds = 0.5")
+    spec.write_text(text)
+    store = tmp_path / "b.zarr"
+    report = launch(spec, store, client=client, progress=False, max_members=4, slots=1).attrs[
+        "launch_report"
+    ]
+    assert (report["cells_done"], report["not_started"], report["cells_failed"]) == (1, 3, 0)
+    assert "3 cells not started within their task's max_seconds" in report["summary"]
+    assert len(pending_cells(load_sweep(spec), store)["tiny_fc"]) == 3
+    again = launch(spec, store, client=client, progress=False, max_members=4, slots=1)
+    assert again.attrs["launch_report"]["cells_done"] == 1
