@@ -104,23 +104,21 @@ def crossover_test_error(
 
     table = crossover_table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
     T = means["T"].values
+    T_low, plateau = zip(
+        *(
+            plateau_departure(T, means.values[:, j], rel_departure, abs_departure, n_plateau, 0.0)
+            for j in range(means.sizes["P"])
+        ),
+        strict=True,
+    )
     table["plateau"] = (
         "P",
-        [
-            plateau_departure(T, means.values[:, j], 1.0, None, n_plateau)[1]
-            for j in range(means.sizes["P"])
-        ],
+        list(plateau),
         {"long_name": "test error on the small-T plateau", "units": "1"},
     )
     table["below_grid"] = (
         "P",
-        [
-            plateau_departure(T, means.values[:, j], rel_departure, abs_departure, n_plateau, 0.0)[
-                0
-            ]
-            == 0.0
-            for j in range(means.sizes["P"])
-        ],
+        [t == 0.0 for t in T_low],
         {"long_name": "test error departs on the plateau points (T_c below the grid)"},
     )
     amount = (

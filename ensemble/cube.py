@@ -253,18 +253,16 @@ def _recover_remote(store: str | os.PathLike) -> None:
             root = zarr.open_group(store, mode="a", use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return
-        staged = [k for k in root.group_keys() if k.endswith(".__new")]
-        for key in staged:
-            if root[key].attrs.get(SWAP_READY):
-                ds = xr.open_zarr(store, group=key, consolidated=False).load()
-                ds.attrs.pop(SWAP_READY)
-                for var in ds.variables.values():
-                    var.encoding = {}
-                name = key.removesuffix(".__new")
-                ds.to_zarr(store, group=name, mode="w", encoding=_encoding(ds), consolidated=False)
-            del root[key]
-        if staged:
-            _set_experiments(store)
+        for key in [k for k in root.group_keys() if k.endswith(".__new")]:
+            if not root[key].attrs.get(SWAP_READY):
+                del root[key]
+                _set_experiments(store)
+                continue
+            ds = xr.open_zarr(store, group=key, consolidated=False).load()
+            ds.attrs.pop(SWAP_READY)
+            for var in ds.variables.values():
+                var.encoding = {}
+            _write_group(ds, store, key.removesuffix(".__new"))  # the swap, again
 
 
 def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:

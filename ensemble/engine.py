@@ -1030,7 +1030,7 @@ class Engine:
                 self.stats.real_steps += max(n, 1)
                 self.stats.slot_steps += K * max(n, 1)
         self.stats.seconds += time.perf_counter() - t_start
-        self.stats.not_started = n_members - len(results)
+        self.stats.not_started += n_members - len(results)
         return [results.get(i) for i in range(n_members)]
 
     @torch.no_grad()
