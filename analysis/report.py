@@ -18,6 +18,7 @@ is written in report.md; the report never stops at one experiment's failure.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import traceback
@@ -50,7 +51,16 @@ from analysis.perceptron import (
     local_exponent_pairs,
     local_P_exponents,
 )
+from ensemble.provenance import git_commit
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
+
+
+@functools.cache
+def analysis_commit() -> str:
+    """The git commit of the ``analysis`` package writing a report ("+dirty" when its
+    files differ from it), named in every report's and reproduction page's header so
+    that a page written before an analysis fix can be told apart."""
+    return git_commit(Path(__file__).parent)
 
 
 class _Section:
@@ -180,7 +190,8 @@ def build_report(
         f"# Analysis report: `{store}`",
         "",
         f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `python -m"
-        f" analysis report`; {len(cube)} experiment(s): {', '.join(f'`{n}`' for n in cube)}.",
+        f" analysis report` (analysis code {analysis_commit()}); {len(cube)} experiment(s):"
+        f" {', '.join(f'`{n}`' for n in cube)}.",
         "",
         "Conventions: seed means over converged cells only (missing, diverged and"
         " unfinished cells never enter); errors are standard errors of the seed mean;"

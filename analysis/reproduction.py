@@ -60,6 +60,7 @@ from analysis.report import (
     OPTIMUM_FITS,
     ExperimentReport,
     Report,
+    analysis_commit,
     build_report,
 )
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
@@ -239,7 +240,8 @@ def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
     if m.description:
         lines += [m.description.strip(), ""]
     return lines + [
-        f"Generated {now} by `{command}` from the manifest `{m.path}`; do not edit by hand."
+        f"Generated {now} by `{command}` (analysis code {analysis_commit()}) from the"
+        f" manifest `{m.path}`; do not edit by hand."
         " Every number is read from the cubes; the detail of each run is in its report.",
         "",
         "Conventions: seed means over converged cells; `±` is the larger of the"
@@ -496,6 +498,8 @@ def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | 
         d, z, words = change(i0, il)
         if d > 0 and z > SIGNIFICANCE:
             kind, text = "hurts", f"{words}: noise hurts"
+        elif z > SIGNIFICANCE:  # a fall to the largest T, where the lowest mean is noisy
+            kind, text = "helps", f"{words}: noise helps"
         else:
             kind, text = "flat", f"{words}: within {SIGNIFICANCE:g} sigma"
     return Trend(point[i0], point[ib], point[il], kind, text)

@@ -18,7 +18,6 @@ import dataclasses
 import datetime as dt
 import math
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +32,7 @@ import ensemble
 from ensemble import cube
 from ensemble.cells import Cell, Group, SpecError
 from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
+from ensemble.provenance import git_commit
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
 from ensemble.stream import TOPIC_PREFIX, MemberStream, Sink, member_record
@@ -199,30 +199,9 @@ class LaunchReport:
         )
 
 
-def _git_commit() -> str:
-    """HEAD of the checkout ``ensemble`` runs from, with "+dirty" when tracked files of the
-    package differ from it (the code that ran is then not that commit); "unknown" outside
-    a git checkout."""
-    here = Path(ensemble.__file__).resolve().parent
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5
-        )
-
-    try:
-        head = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
-
-
 def _attrs(sweep: Sweep, exp: Experiment, git_commit: str) -> dict:
     """Flat group attributes: the experiment's settings and the launch's provenance
-    (``git_commit`` from ``_git_commit``, asked once per launch)."""
+    (``git_commit`` from ``ensemble.provenance.git_commit``, asked once per launch)."""
     import torch
 
     settings = {k: v for k, v in exp.group(exp.P[0]).as_dict().items() if k != "P"}
@@ -450,7 +429,7 @@ def launch(
         "sweep": sweep.name if isinstance(spec, Sweep) else str(spec),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "compile": compile,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(Path(ensemble.__file__).parent),
     }
     t0 = time.perf_counter()
     with cube.store_lock(store):

@@ -14,6 +14,7 @@ import xarray as xr
 from synthetic_cube import optimum_dataset, perceptron_dataset, write_cube
 
 from analysis.cli import main
+from analysis.report import analysis_commit
 from analysis.reproduction import (
     ManifestError,
     _commits,
@@ -88,6 +89,9 @@ def test_page_states_how_it_was_made(engine_page):
     text = (engine_page / "reproduction.md").read_text()
     assert text.startswith("# Test reproduction\n")
     assert "by `python -m analysis reproduce" in text and "--n-boot 20`" in text
+    # the analysis code that wrote it: this checkout's commit (dirty while edited)
+    assert re.search(r"\(analysis code ([0-9a-f]{40}(\+dirty)?|unknown)\)", text)
+    assert f"(analysis code {analysis_commit()})" in text
 
 
 def test_provenance_table_reads_the_launch_records(engine_page, real_cube):
@@ -204,6 +208,10 @@ def test_error_trend_classes():
     flat = error_trend(T, np.array([0.1, 0.1005, 0.0995, 0.101]), se)
     assert flat.kind == "flat" and flat.last[0] == T[-1]
     assert error_trend(T, np.array([0.1, np.nan, np.nan, np.nan]), se) is None
+    # the lowest mean is too noisy to count, the fall to the largest T is not
+    noisy_best = error_trend(T, np.array([0.2, 0.1, 0.15, 0.12]), np.array([5, 100, 5, 5]) / 1e3)
+    assert noisy_best.kind == "helps"
+    assert noisy_best.text.startswith("falls by 0.080 (11.3 sigma) from T = 2^-4 to 2^-1")
 
 
 # -- perceptron verdicts ----------------------------------------------------------------
