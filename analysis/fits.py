@@ -6,8 +6,10 @@ Model: :math:`\log y = \log A + \sum_k e_k \log x_k` over the grid variables ``x
 Conventions
 -----------
 - Weights: each point has the log-space error ``sigma = stderr / mean`` of its seed mean.
-  Points without a standard error (one seed) get the largest sigma of the others; if no
-  point has one, the fit is unweighted.
+  `fit_scaling` pools the seeds' relative spread over the fit points (`pooled_stderr`):
+  ``sigma_i = s / sqrt(n_i)`` for a point of n_i seeds, rather than each point's own
+  estimate from its few seeds. In `fit_power_law`, points without a standard error get
+  the largest sigma of the others; if no point has one, the fit is unweighted.
 - Parameter covariance: ``(A^T W A)^{-1}`` of the weighted least squares, multiplied by
   the reduced chi^2 when it exceeds 1 (the scatter around the power law is then larger
   than the seed noise, e.g. curvature; never shrunk below the seed errors). Unweighted
@@ -309,13 +311,40 @@ def fit_scaling(
         boot = bootstrap_mean(values, n_boot, np.random.default_rng(seed))
     return fit_power_law(
         stats["mean"],
-        stats["stderr"],
+        pooled_stderr(stats, where),
         where=where,
         symbols=symbols,
         quantity=name,
         boot_means=boot,
         range_note=note,
     )
+
+
+def pooled_stderr(stats: xr.Dataset, where: xr.DataArray | None = None) -> xr.DataArray:
+    """Standard errors of seed means from one relative spread pooled over the points.
+
+    stats : `analysis.aggregate.mean_stderr` output (``mean``, ``stderr``, ``n``)
+    where : the points that enter the pool (default: all)
+    Returns ``mean_i s / sqrt(n_i)``, with s^2 the pooled variance of the per-seed values
+    relative to their means, (sd_i / mean_i)^2 weighted by n_i - 1 over the points of
+    ``where`` with n_i >= 2; ``stats["stderr"]`` (NaN where n < 2) when none has.
+    Few seeds (3-5) estimate each point's own error poorly, and weighting by it lets the
+    points whose seeds happen to agree dominate the fit and its bootstrap (which keeps
+    the weights): on synthetic cubes of 5 seeds the exponents came out noisier and their
+    errors too small (|z| > 2 in 20 % of cubes for a nominal 5 %).
+    """
+    n = stats["n"]
+    rel_sd2 = (stats["stderr"] / stats["mean"]) ** 2 * n  # (sd_i / mean_i)^2
+    dof = (n - 1).where((n >= 2) & np.isfinite(rel_sd2), 0)
+    if where is not None:
+        dof = dof.where(where.astype(bool), 0)
+    total = float(dof.sum())
+    if total == 0:
+        return stats["stderr"]
+    s2 = float((rel_sd2.fillna(0.0) * dof).sum()) / total
+    out = abs(stats["mean"]) * math.sqrt(s2) / np.sqrt(n.where(n > 0))
+    out.attrs = dict(stats["stderr"].attrs)
+    return out.rename("stderr")
 
 
 def _fit_range(

@@ -33,7 +33,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.aggregate import Include, at_alpha, bootstrap_mean, masked, mean_stderr
-from analysis.fits import InsufficientData, PowerLawFit, Range, fit_scaling
+from analysis.fits import InsufficientData, PowerLawFit, Range, fit_scaling, pooled_stderr
 
 QUANTITIES: dict[str, tuple[str, str]] = {
     "signal": ("signal (w - w0) . e1", "1"),
@@ -190,14 +190,15 @@ def local_P_exponents(
     slope(T, pair) = ln(q(P_hi) / q(P_lo)) / ln(P_hi / P_lo) from seed means.
     ``slope_mean`` is the weighted mean over T (within ``T_range``) for each pair, with
     weights 1 / e^2, e = sqrt((se_lo/q_lo)^2 + (se_hi/q_hi)^2) / ln(P_hi/P_lo) from the
-    cells' standard errors. Errors (``stderr``, ``slope_mean_stderr``) come from a bootstrap
-    over seeds (``n_boot`` resamples, generator ``seed``, variance scaled by n/(n-1) for n
-    seeds; a resample's mean over T weighs only the slopes it has) that draws the same
-    seeds in every cell: a seed fixes the
-    initialisation, the batch draws and (for the perceptron) the nested training sets at
-    every T and P, so cells of one seed are correlated and only a joint resample gives the
-    right error of a slope or of a mean over T. Returns a computed Dataset with dims
-    (T, pair) and coords P_lo, P_hi, P_mid (geometric mean).
+    cells' standard errors pooled over the cells in range (`analysis.fits.pooled_stderr`:
+    equal weights where the cells have equal seed counts). Errors (``stderr``,
+    ``slope_mean_stderr``; NaN with ``n_boot`` < 2) come from a bootstrap over seeds
+    (``n_boot`` resamples, generator ``seed``, variance scaled by n/(n-1) for n seeds; a
+    resample's mean over T weighs only the slopes it has) that draws the same seeds in
+    every cell: a seed fixes the initialisation, the batch draws and (for the perceptron)
+    the nested training sets at every T and P, so cells of one seed are correlated and
+    only a joint resample gives the right error of a slope or of a mean over T. Returns a
+    computed Dataset with dims (T, pair) and coords P_lo, P_hi, P_mid (geometric mean).
     """
     sel = at_alpha(ds, alpha)
     values = masked(sel, per_seed(sel, quantity), include)
@@ -217,13 +218,17 @@ def local_P_exponents(
     slope, boot_slope = slopes(stats["mean"].values), slopes(boot)
     n = max(values.sizes["seed"], 2)
     inflate = math.sqrt(n / (n - 1))  # the bootstrap variance of a mean has ddof = 0
-    with np.errstate(invalid="ignore"):
-        usable = np.isfinite(boot_slope).mean(axis=0) > 0.9  # (T, pair)
-        stderr = np.where(usable, inflate * np.nanstd(boot_slope, axis=0), np.nan)
-        rel = stats["stderr"].values / stats["mean"].values
-        # weights from the per-cell standard errors, which few seeds estimate better
-        # than a bootstrap of a ratio does
-        weight_err = np.sqrt(rel[:, 1:] ** 2 + rel[:, :-1] ** 2) / log_ratio
+
+    def spread(x: np.ndarray) -> np.ndarray:
+        """Bootstrap standard deviation along the first axis (NaN with < 2 replicates)."""
+        if len(x) < 2:
+            return np.full(x.shape[1:], np.nan)
+        with np.errstate(invalid="ignore"):
+            return inflate * np.nanstd(x, axis=0)
+
+    # (T, pair); without a bootstrap (n_boot < 2) the point estimates alone
+    usable = np.isfinite(boot_slope).mean(axis=0) > 0.9 if n_boot >= 2 else np.isfinite(slope)
+    stderr = np.where(usable, spread(boot_slope), np.nan)
     T = stats["T"].values
     lo, hi = T_range if T_range is not None else (None, None)
     in_range = np.ones(len(T), bool)
@@ -231,6 +236,13 @@ def local_P_exponents(
         in_range &= T >= lo
     if hi is not None:
         in_range &= T <= hi
+    # weights from the seeds' relative spread pooled over the cells in range
+    # (`analysis.fits.pooled_stderr`), not from each cell's own few-seed estimate
+    in_T = xr.DataArray(in_range, dims="T", coords={"T": T})
+    pooled = pooled_stderr(stats, in_T.broadcast_like(stats["mean"]))
+    with np.errstate(invalid="ignore"):
+        rel = (pooled / stats["mean"]).transpose("T", "P").values
+        weight_err = np.sqrt(rel[:, 1:] ** 2 + rel[:, :-1] ** 2) / log_ratio
     weight = np.where(
         np.isfinite(slope)
         & np.isfinite(weight_err)
@@ -255,7 +267,7 @@ def local_P_exponents(
             / boot_total,
             np.nan,
         )
-        mean_err = np.where(total > 0, inflate * np.nanstd(boot_mean, axis=0), np.nan)
+    mean_err = np.where(total > 0, spread(boot_mean), np.nan)
     coords = {
         "T": T,
         "P_lo": ("pair", P[:-1]),

@@ -7,12 +7,16 @@ import pytest
 import xarray as xr
 from synthetic_cube import Laws, tsweep_dataset
 
+from analysis.aggregate import masked, mean_stderr
 from analysis.fits import (
+    REL_CHANGE_SYMBOLS,
     InsufficientData,
     fit_power_law,
     fit_rel_change,
+    fit_scaling,
     fit_t_star,
     lazy_mask,
+    pooled_stderr,
     ratio,
 )
 from analysis.load import open_cube
@@ -107,3 +111,32 @@ def test_lazy_mask_drops_a_P_whose_crossover_is_below_the_grid():
     fit = fit_rel_change(ds)
     _close(fit["delta"], LAWS.delta, 0.1)
     _close(fit["gamma"], LAWS.gamma, 0.1)
+
+
+def test_seed_errors_are_pooled_over_the_fit_points(rng):
+    """With the same seeds at every point the pooled errors are equal, so the fit is the
+    unweighted one however unequal the points' own errors (a point whose seeds happen to
+    agree no longer pulls the fit through itself); a point of fewer seeds weighs less."""
+    ds = tsweep_dataset(rng, n_seed=4, n_spoiled=0)
+    sel = ds.sel(alpha=ds["alpha"].max())
+    values = masked(sel, "rel_change", ("converged",)).compute()
+    # one point's seeds agree to 0.1 % but sit 30 % above the law
+    point = {"T": 2, "P": 1}
+    values[point] = 1.3 * float(values[point].mean()) * (1 + 1e-3 * np.arange(4))
+    stats = mean_stderr(values).transpose("T", "P")
+    fitted = fit_scaling(sel.assign(rel_change=values), "rel_change", REL_CHANGE_SYMBOLS,
+                         fit_range="all")  # fmt: skip
+    unweighted = fit_power_law(stats["mean"], None)
+    for var in ("T", "P"):
+        expected = unweighted.exponents[var].value
+        assert fitted.exponents[var].value == pytest.approx(expected, abs=1e-12)
+    own = fit_power_law(stats["mean"], stats["stderr"])  # each point's own error
+    assert abs(own["T"].value - fitted["T"].value) > 0.01  # the outlier pulled it
+    # pooled: sd / mean pooled with n - 1 weights, divided by sqrt(n) per point
+    rel_sd = (values.std("seed", ddof=1) / values.mean("seed")).values
+    pooled = pooled_stderr(stats)
+    assert np.allclose(pooled / stats["mean"], np.sqrt(np.mean(rel_sd**2) / 4))
+    fewer = values.where(~((values["T"] == values["T"][0]) & (values["seed"] > 0)))
+    few_stats = mean_stderr(fewer).transpose("T", "P")
+    ratio = (pooled_stderr(few_stats) / few_stats["mean"]).values
+    assert np.allclose(ratio[0], 2 * ratio[1])  # 1 seed against 4

@@ -113,3 +113,21 @@ def test_local_exponent_error_ignores_resamples_without_a_slope():
     assert float(last["slope_mean"]) == pytest.approx(0.5, abs=0.05)
     # the spread of a weighted mean is at most the largest spread of its terms
     assert float(last["slope_mean_stderr"]) <= float(per_T.max())
+
+
+def test_local_exponent_mean_weighs_cells_by_seed_count_not_own_error(rng):
+    """Where every cell has the same seeds the mean over T is the plain mean of the
+    slopes (each cell's own few-seed error made it lean on cells whose seeds happened to
+    agree); without a bootstrap the means stand and the errors are NaN."""
+    ds = perceptron_dataset(rng, 1.0)  # one diverged cell: T = 1, P = 1024, seed 0
+    local = local_P_exponents(ds, "signal", n_boot=200, seed=1)
+    slope = local["slope"].values
+    # pairs 1.. have 5 seeds in every cell: equal weights
+    assert np.allclose(
+        local["slope_mean"].values[1:], slope[:, 1:].mean(axis=0), rtol=0, atol=1e-12
+    )
+    # pair 0: the 4-seed cell weighs less than the others
+    assert not np.isclose(local["slope_mean"].values[0], slope[:, 0].mean(), rtol=0, atol=1e-6)
+    bare = local_P_exponents(ds, "signal", n_boot=0)
+    assert np.allclose(bare["slope_mean"].values, local["slope_mean"].values, rtol=0, atol=1e-12)
+    assert np.isnan(bare["slope_mean_stderr"].values).all()
