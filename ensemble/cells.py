@@ -8,6 +8,7 @@ P, B, budgets, dtype); members differ only in (alpha, T, seed).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 DATASETS = ("mnist", "cifar10", "perceptron")
@@ -17,6 +18,9 @@ DTYPES = ("float32", "float64")
 POOL_SIZE = {"mnist": 70_000, "cifar10": 60_000}
 INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 """(C, H, W) of one image; the perceptron's input is (d,)."""
+FLOAT32_RANGE = (2.0**-126, (2 - 2.0**-23) * 2.0**127)
+"""Smallest normal and largest float32 numbers: alpha and dt = T h B of a float32
+group must lie between them."""
 
 
 class EnsembleError(Exception):
@@ -129,6 +133,23 @@ class Group:
     def dt(self, T: float) -> float:
         """SGD step dt = T * h * B (h = 1 for the perceptron)."""
         return T * self.h * self.B
+
+    def check_scales(self, alpha: Iterable[float], T: Iterable[float]) -> None:
+        """With dtype float32, every alpha and dt = T h B must be a normal float32 number:
+        the engine holds them as float32 (alpha = 1e-50 became 0 and read as diverged at
+        step 0). Raises SpecError naming the field."""
+        if self.dtype != "float32":
+            return
+        tiny, huge = FLOAT32_RANGE
+        for key, values, scale in (("alpha", alpha, 1.0), ("T", T, self.dt(1.0))):
+            bad = [v for v in values if not tiny <= v * scale <= huge]
+            if bad:
+                what = "alpha" if key == "alpha" else "dt = T h B"
+                raise SpecError(
+                    f"field {key!r}: {what} must be a normal float32 number ({tiny:.3g} to"
+                    f" {huge:.3g}) with dtype float32, got {key} = {bad[0]!r};"
+                    ' use dtype = "float64" for more range'
+                )
 
     def as_dict(self) -> dict:
         """Settings as plain values (for cube attributes and task keys)."""

@@ -31,8 +31,10 @@ def _ints(text: str) -> list[int]:
 def _cmd_train(a: argparse.Namespace) -> int:
     from ensemble.cells import Group, Member
     from ensemble.engine import Engine, default_slots, resolve_device
-    from ensemble.launch import check_shares
+    from ensemble.launch import check_options, check_shares
     from ensemble.schema import OUTCOME_FLAGS
+
+    check_options(device=a.device, slots=a.slots, local=True)
 
     group = Group(
         dataset=a.dataset,
@@ -49,9 +51,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         data_root=a.data_root,
     )
+    group.check_scales(a.alpha, a.T)
     members = [Member(alpha=al, T=T, seed=s) for al in a.alpha for T in a.T for s in a.seeds]
     device = resolve_device(a.device)
-    k = a.slots or default_slots(group, device, len(members))
+    k = a.slots if a.slots is not None else default_slots(group, device, len(members))
     engine = Engine(group, k, device, compile=a.compile)
     results = engine.run(members)
     head = f"{'alpha':>10} {'T':>10} {'seed':>4} {'outcome':>10} {'steps':>8} {'t*':>10}"
@@ -79,7 +82,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         from ensemble.cluster import default_workers
 
         workers = default_workers() if a.workers is None else a.workers
-        print(dry_run(a.sweep, a.store, workers, a.max_members))
+        print(dry_run(a.sweep, a.store, workers, a.max_members, device=a.device))
         return 0
     monitor = None
     if not a.no_monitor:

@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ensemble.cells import EnsembleError
+from ensemble.cells import EnsembleError, SpecError
 from ensemble.schema import (
     CELL_VARS,
     CHECKPOINT_DIM,
@@ -294,14 +294,7 @@ def ensure_experiment(
             empty_experiment(**grid, layers=layers, dt_per_T=dt_per_T, attrs=attrs), store, name
         )
         return
-    fixed = {k: v for k, v in attrs.items() if k not in PROVENANCE}
-    stored = {k: old.attrs.get(k) for k in fixed}
-    if stored != fixed:
-        diff = {k: (stored[k], fixed[k]) for k in fixed if stored[k] != fixed[k]}
-        raise ValueError(
-            f"experiment {name!r} in {store} was run with other settings (stored, new): {diff};"
-            " give the changed experiment another name or use another store"
-        )
+    _check_settings(old, store, name, attrs)
     union = {d: np.union1d(old[d].values, np.asarray(grid[d])) for d in DIMS}
     if all(len(union[d]) == old.sizes[d] for d in DIMS):
         return
@@ -311,6 +304,25 @@ def ensure_experiment(
     for var in loaded.data_vars:
         new[var].loc[sel] = loaded[var].values
     _write_group(new, store, name)
+
+
+def check_settings(store: str | os.PathLike, name: str, attrs: dict) -> None:
+    """Raise SpecError when the group ``name`` of ``store`` exists with settings (its
+    attributes other than PROVENANCE) that differ from ``attrs``."""
+    old = open_experiment(store, name)
+    if old is not None:
+        _check_settings(old, store, name, attrs)
+
+
+def _check_settings(old: xr.Dataset, store: str | os.PathLike, name: str, attrs: dict) -> None:
+    fixed = {k: v for k, v in attrs.items() if k not in PROVENANCE}
+    stored = {k: old.attrs.get(k) for k in fixed}
+    if stored != fixed:
+        diff = {k: (stored[k], fixed[k]) for k in fixed if stored[k] != fixed[k]}
+        raise SpecError(
+            f"experiment {name!r} in {store} was run with other settings (stored, new): {diff};"
+            " give the changed experiment another name or use another store"
+        )
 
 
 PROVENANCE = (

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
 import ensemble
 from ensemble import cube
-from ensemble.cells import Cell, Group, SpecError
+from ensemble.cells import Cell, EnsembleError, Group, SpecError
 from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
 from ensemble.provenance import git_commit
 from ensemble.schema import DIMS
@@ -287,6 +288,13 @@ def check_data(sweep: Sweep, data_root: str | None = None) -> None:
         data.load_raw(name, data_root)
 
 
+def check_settings(sweep: Sweep, store: str | os.PathLike) -> None:
+    """Raise SpecError when an experiment of ``sweep`` is stored in ``store`` with other
+    settings (`ensemble.cube.check_settings`)."""
+    for exp in sweep.experiments:
+        cube.check_settings(store, exp.name, _attrs(sweep, exp, git_commit=""))
+
+
 def pending_cells(sweep: Sweep, store: str | os.PathLike) -> dict[str, list[Cell]]:
     """Cells of each experiment not yet done in ``store`` (all of them if it is new)."""
     out = {}
@@ -434,6 +442,7 @@ def launch(
     t0 = time.perf_counter()
     with cube.store_lock(store):
         cube.recover(store)
+        check_settings(sweep, store)  # every experiment's, before any group changes
         for exp in sweep.experiments:
             g = exp.group(exp.P[0])
             grid = {d: getattr(exp, d) for d in DIMS}
@@ -601,17 +610,23 @@ def dry_run(
     n_workers: int,
     max_members: int | None = None,
     gpu: bool | None = None,
+    device: str | None = None,
 ) -> str:
     """The plan of the cells still missing in ``store`` (all cells without a store), as
-    ``launch`` with the same ``n_workers`` and ``max_members`` would cut it, for GPU
-    workers if ``gpu`` (default: whether this machine has CUDA)."""
-    check_options(n_workers=n_workers, max_members=max_members)
+    ``launch`` with the same ``n_workers``, ``max_members`` and ``device`` would cut it:
+    for GPU workers if ``gpu`` (default: whether ``device`` is a CUDA one, without it
+    whether this machine has CUDA). Settings that differ from the store's are refused as
+    the launch refuses them."""
+    check_options(n_workers=n_workers, device=device, max_members=max_members)
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     if store is None:
         pending = {e.name: e.cells() for e in sweep.experiments}
     else:
+        check_settings(sweep, store)
         pending = pending_cells(sweep, store)  # all cells where the store is new
-    if gpu is None:
+    if gpu is None and device is not None:
+        gpu = device.startswith("cuda")
+    elif gpu is None:
         import torch
 
         gpu = torch.cuda.is_available()
@@ -626,7 +641,12 @@ def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
     how the planner's step estimates compare with the steps taken (`estimate_ratios`)."""
     from ensemble.schema import OUTCOME_FLAGS
 
-    tree = xr.open_datatree(store, engine="zarr")
+    try:
+        tree = xr.open_datatree(store, engine="zarr")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+        raise EnsembleError(
+            f"store {store} is not a results cube ({type(exc).__name__}: {exc})"
+        ) from None
     lines = [f"{store}"]
     for name, node in sorted(tree.children.items()):
         ds = node.to_dataset()

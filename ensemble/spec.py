@@ -72,12 +72,12 @@ __all__ = [
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 GRIDS = ("alpha", "T", "P", "seed")
-FLOAT32_RANGE = (2.0**-126, (2 - 2.0**-23) * 2.0**127)
-"""Smallest normal and largest float32 numbers: alpha and dt = T h B of a float32
-experiment must lie between them."""
+"""Swept fields, in the order of the cube's dimensions."""
 MAX_INT = 2**63 - 1
 """Largest P or seed: the cube stores them as int64."""
-"""Swept fields, in the order of the cube's dimensions."""
+MAX_CELLS = 10**7
+"""Most cells of one experiment: the planner lists every cell and the cube holds a few
+hundred bytes per cell (the paper's largest sweeps have about 10^4)."""
 
 SETTING_TYPES: dict[str, type] = {
     "dataset": str,
@@ -167,8 +167,11 @@ def _pow2(where: str, key: str, spec: Any) -> list[int] | list[float]:
             f" a multiple of step"
         )
     if key == "P":
-        if lo < 0:
-            raise SpecError(f"{where}, field 'P': pow2 exponents must be >= 0, got {args!r}")
+        if lo < 0 or hi > 62:
+            raise SpecError(
+                f"{where}, field 'P': pow2 exponents must be in [0, 62] (P <= 2**63 - 1),"
+                f" got {args!r}"
+            )
         return [2**k for k in range(lo, hi + 1, step)]
     if max(abs(lo), abs(hi)) > 1000:
         raise SpecError(f"{where}, field {key!r}: pow2 exponents must be in [-1000, 1000]")
@@ -178,8 +181,11 @@ def _pow2(where: str, key: str, spec: Any) -> list[int] | list[float]:
 def _grid_values(where: str, key: str, value: Any) -> list:
     """A grid as written in a file (list, pow2 table, or seed count) -> list of values."""
     if key == "seed" and _is_int(value):
-        if value < 1:
-            raise SpecError(f"{where}, field 'seed': a seed count must be >= 1, got {value}")
+        if not 1 <= value <= MAX_CELLS:
+            raise SpecError(
+                f"{where}, field 'seed': a seed count must be from 1 to {MAX_CELLS:.0e},"
+                f" got {value}"
+            )
         return list(range(value))
     if isinstance(value, Mapping):
         if key == "seed":
@@ -311,20 +317,19 @@ class Experiment:
         object.__setattr__(self, "settings", _normalise_settings(where, self.settings))
         for key in GRIDS:
             object.__setattr__(self, key, _normalise_grid(where, key, getattr(self, key)))
+        n_cells = math.prod(len(getattr(self, key)) for key in GRIDS)
+        if n_cells > MAX_CELLS:
+            raise SpecError(
+                f"{where}: the grid has {n_cells} cells (alpha x T x P x seed ="
+                f" {' x '.join(str(len(getattr(self, k))) for k in GRIDS)}), at most"
+                f" {MAX_CELLS:.0e} per experiment: split it into experiments"
+            )
         for P in self.P:
             self.group(P)
-        if self.settings["dtype"] == "float32":  # the engine holds alpha and dt as float32
-            tiny, huge = FLOAT32_RANGE
-            for key, values in (("alpha", self.alpha), ("T", self.T)):
-                scale = 1.0 if key == "alpha" else self.dt(1.0)
-                bad = [v for v in values if not tiny <= v * scale <= huge]
-                if bad:
-                    what = "alpha" if key == "alpha" else "dt = T h B"
-                    raise SpecError(
-                        f"{where}, field {key!r}: {what} must be a normal float32 number"
-                        f" ({tiny:.3g} to {huge:.3g}) with dtype float32, got {key} = {bad[0]!r};"
-                        ' use dtype = "float64" for more range'
-                    )
+        try:
+            self.group(self.P[0]).check_scales(self.alpha, self.T)
+        except SpecError as err:
+            raise SpecError(f"{where}, {err}") from None
 
     def group(self, P: int) -> Group:
         """The validated Group of this experiment's members at training set size P."""

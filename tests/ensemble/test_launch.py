@@ -21,6 +21,7 @@ import xarray as xr
 from distributed import Client, LocalCluster
 from tiny_sweep import write_sweep
 
+from ensemble import cube
 from ensemble import launch as launch_module
 from ensemble.cells import SpecError
 from ensemble.cluster import QuickExit, connect, gpu_workers, worker_count
@@ -385,8 +386,25 @@ def test_changed_settings_are_refused(client, tmp_path):
     )
     text = (tmp_path / "a.toml").read_text().replace("h = 32", "h = 16")
     (tmp_path / "b.toml").write_text(text)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(SpecError, match="other settings"):
         launch(tmp_path / "b.toml", store, client=client, progress=False)
+    # an experiment before the changed one is neither created nor grown, and a dry run
+    # refuses what the launch refuses
+    new = text.split("[[experiment]]")[1].replace("tiny_fc", "tiny_new")
+    (tmp_path / "c.toml").write_text(
+        text.replace("[[experiment]]", f"[[experiment]]{new}\n[[experiment]]", 1)
+    )
+    with pytest.raises(SpecError, match="other settings"):
+        launch(tmp_path / "c.toml", store, client=client, progress=False)
+    assert cube.open_experiment(store, "tiny_new") is None
+    with pytest.raises(SpecError, match="other settings"):
+        dry_run(tmp_path / "c.toml", store, n_workers=1)
+    cli = subprocess.run(
+        [sys.executable, "-m", "ensemble", "run", str(tmp_path / "b.toml"), "--dry-run",
+         "--store", str(store)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cli.returncode == 2 and cli.stderr.startswith("error: experiment 'tiny_fc'")
 
 
 @pytest.mark.parametrize(
@@ -452,6 +470,30 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
         check=True,
     )
     assert "total: 8 batches, 8 members" in capped.stdout, capped.stdout
+    # --device cuda plans for GPU workers on this CPU-only machine too (for --scheduler)
+    assert dry_run(spec, None, 2, device="cuda") == dry_run(spec, None, 2, gpu=True)
+    assert dry_run(spec, None, 2, device="cpu") == dry_run(spec, None, 2, gpu=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--alpha", "1e-50"], "field 'alpha': alpha must be a normal float32"),
+        (["train", "--T", "1e-300"], "field 'T': dt = T h B must be a normal float32"),
+        (["train", "--slots", "0"], "slots (--slots) must be an integer >= 1"),
+        (["train", "--device", "foo"], "device (--device) must be a torch device"),
+        (["status", "no_such.zarr"], "store no_such.zarr is not a results cube"),
+        (["run", "quick_fc_phase_mnist", "--dry-run", "--device", "tpu"], "device (--device)"),
+    ],
+)
+def test_cli_refuses_bad_input_before_compute(tmp_path, args, message):
+    """Exit status 2 and one line naming the field, not a traceback or a wrong run."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ensemble", *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_status_compares_steps_with_the_planner(tmp_path, reference):

@@ -324,10 +324,16 @@ INVALID = [
     ({"P": [16, 16]}, r"field 'P': duplicate values \[16\]"),
     ({"P": [16.0]}, r"field 'P': values must be integers from 1 to 2\*\*63 - 1.*got 16.0"),
     ({"P": [0]}, r"field 'P': values must be integers from 1 to 2\*\*63 - 1.*got 0"),
-    ({"P": {"pow2": [-1, 3]}}, r"field 'P': pow2 exponents must be >= 0"),
+    ({"P": {"pow2": [-1, 3]}}, r"field 'P': pow2 exponents must be in \[0, 62\]"),
+    ({"P": {"pow2": [0, 10**6]}}, r"field 'P': pow2 exponents must be in \[0, 62\]"),  # at once
+    ({"seed": 10**12}, r"field 'seed': a seed count must be from 1 to 1e\+07, got 10+"),
+    (
+        {"seed": 10**6, "T": {"pow2": [-12, 0]}},
+        r"52000000 cells .* 2 x 13 x 2 x 1000000\), at most",
+    ),
     ({"seed": [-1]}, r"field 'seed': values must be integers from 0 to 2\*\*63 - 1.*got -1"),
     ({"seed": [2**63]}, r"field 'seed': values must be integers from 0 to 2\*\*63 - 1"),
-    ({"seed": 0}, r"field 'seed': a seed count must be >= 1"),
+    ({"seed": 0}, r"field 'seed': a seed count must be from 1 to"),
     ({"alpha": [1e-50]}, r"field 'alpha': alpha must be a normal float32 number.*1e-50"),
     ({"T": [1e39]}, r"field 'T': dt = T h B must be a normal float32 number"),
     ({"seed": {"pow2": [0, 2]}}, r"field 'seed': give a list of seeds or a count"),
