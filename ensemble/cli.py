@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 
@@ -298,11 +299,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and not args.dry_run and not args.store:
         print("error: run needs --store (a Zarr path) unless --dry-run", file=sys.stderr)
         return 2
+    if args.command == "run" and not args.dry_run:
+        # a batch system's stop (SIGTERM, e.g. SLURM at the time limit, or `timeout`)
+        # interrupts the launch like Ctrl-C: what arrived is written, the launch recorded
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except EnsembleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        if args.command != "run":
+            raise
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(
+            f"interrupted ({signal.Signals(signum).name}): the cells that arrived are written;"
+            " rerun the same command to train the rest",
+            file=sys.stderr,
+        )
+        return 128 + signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

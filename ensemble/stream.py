@@ -137,8 +137,9 @@ class Sink:
 
     def flush(self) -> int:
         """Write the members received since the last flush."""
-        items, self.pending = self.pending, []
-        return self.write(items)
+        n = self.write(self.pending)  # kept until written: an interrupted write is redone
+        self.pending = []
+        return n
 
     def start(self, key: str) -> None:
         """Task ``key`` began training (once per task, a retried one included)."""

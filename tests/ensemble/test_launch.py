@@ -201,6 +201,40 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, dat
     assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
 
 
+def test_sigterm_stops_the_launch_like_ctrl_c(client, tmp_path, slow, data_root):
+    """A batch system's stop (SIGTERM to the launching process, as SLURM or `timeout`
+    send) interrupts the launch as Ctrl-C does: it writes what arrived, records itself
+    as not completed, exits 128 + 15 with a line saying how to resume, and the rerun
+    trains only the rest."""
+    spec, reference = slow
+    store = tmp_path / "t.zarr"
+    cmd = [sys.executable, "-m", "ensemble", "run", str(spec), "--store", str(store),
+           "--workers", "1", "--max-members", "4", "--slots", "1", "--no-monitor",
+           "--dashboard-address", ":0"]  # fmt: skip
+    sweep = load_sweep(spec)
+    env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    done = 0
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = _done(sweep, store) if store.exists() else 0
+        if 1 <= done < 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert 1 <= done < 4, f"the launch was not caught partway ({done} cells done)"
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted (SIGTERM)" in stderr and "rerun the same command" in stderr
+    (record,) = launches(store, "tiny_fc")
+    assert record["completed"] is False and record["cells_trained"] >= done
+    missing = len(pending_cells(sweep, store)["tiny_fc"])
+    report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
+    assert report["cells_done"] == missing
+    assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
+
+
 def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, slow):
     """The worker of a launch's only task is killed once a member is in the cube: Dask
     retries the task on a worker, which skips the members already published, and the
