@@ -428,6 +428,11 @@ def launch(
     ``ensemble.schema.LAUNCHES_ATTR``); a launch that trains nothing records nothing.
     """
     check_options(n_workers, device, slots, max_members, local=client is None and not scheduler)
+    if n_workers is not None and (client is not None or scheduler):
+        raise SpecError(
+            "n_workers (--workers) sizes the embedded cluster; a launch on a scheduler"
+            " (--scheduler) or a client uses that cluster's workers: give one of the two"
+        )
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     check_data(sweep, data_root)
     report = LaunchReport()

@@ -472,6 +472,14 @@ def test_invalid_launch_options_refused_before_compute(tmp_path, option, value):
     assert not (tmp_path / "never.zarr").exists()
 
 
+def test_workers_with_a_scheduler_refused_before_connecting(tmp_path):
+    """--workers sizes an embedded cluster only: with --scheduler it would be ignored."""
+    spec = write_sweep(tmp_path / "ok.toml")
+    with pytest.raises(SpecError, match=r"n_workers \(--workers\) sizes the embedded"):
+        launch(spec, tmp_path / "never.zarr", scheduler="tcp://127.0.0.1:9", n_workers=2)
+    assert not (tmp_path / "never.zarr").exists()
+
+
 def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
     """Cells whose tasks fail (here: a GPU the workers do not have, which only they can
     tell) make ``python -m ensemble run`` exit with status 1 and say so."""
