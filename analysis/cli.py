@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument(
         "--skip-missing",
         action="store_true",
-        help="note a run whose cube is absent instead of failing",
+        help="for a run whose cube is absent, keep its section from an earlier call"
+        " (marked with its date and analysis code) or note the absence, instead of failing",
     )
     _fit_options(repro, formats="png")
     return p

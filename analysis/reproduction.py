@@ -33,6 +33,7 @@ from the numbers of that report:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -193,7 +194,10 @@ def reproduce(
 ) -> Path:
     """Write ``<out_dir>/reproduction.md`` and ``<out_dir>/reproduction/<key>/`` per run.
 
-    skip_missing : write a line for a run whose cube is absent instead of failing
+    skip_missing : for a run whose cube is absent, keep the section (and report folder)
+                   that an earlier call wrote from it, marked with its date and analysis
+                   code (`KEPT_FILE`), or write a line saying the cube is absent;
+                   without it an absent cube fails
     n_boot, seed : bootstrap of the fits (see `analysis.report.write_report`)
     formats      : figure formats; the page embeds the first
     command      : the command line named in the page's header
@@ -222,16 +226,74 @@ def reproduce(
         if run.key not in absent
     }
     command = command or f"python -m analysis reproduce {m.path} --out {out_dir}"
-    lines = _header(m, command, n_boot, seed)
-    lines += _provenance_table(m, reports, absent, out_dir)
+    kept = {key: _kept(out_dir, key) for key in absent}
+    rows, sections = {}, {}
     for run in m.runs:
         if run.key in absent:
-            lines += [f"## {run.title}", "", f"Cube absent: {absent[run.key]}.", ""]
-        else:
-            lines += _run_section(run, reports[run.key], out_dir, formats[0])
+            rows[run.key], sections[run.key] = _absent_run(
+                run, absent[run.key], kept[run.key], out_dir
+            )
+            continue
+        rows[run.key] = _provenance_row(run, reports[run.key], out_dir)
+        sections[run.key] = _run_section(run, reports[run.key], out_dir, formats[0])
+        _keep(out_dir, run.key, rows[run.key], sections[run.key])
+    lines = _header(m, command, n_boot, seed)
+    if any(kept.values()):
+        lines += [
+            f"**Not every run was regenerated**: {len([k for k in kept.values() if k])} run(s)"
+            " show the section written from their cube by an earlier call (marked under its"
+            " title with its date and analysis code) because the cube was absent now.",
+            "",
+        ]
+    lines += ["## Provenance", "", *_table(PROVENANCE_HEADER, [rows[r.key] for r in m.runs])]
+    for run in m.runs:
+        lines += sections[run.key]
     path = out_dir / "reproduction.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+KEPT_FILE = "page.json"
+"""Per run, in ``<out>/reproduction/<key>/``: the run's provenance row and section as last
+written from its cube, with the date and analysis code, reused by ``skip_missing``."""
+
+
+def _keep(out_dir: Path, key: str, row: list[str], section: list[str]) -> None:
+    kept = {
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "analysis_code": analysis_commit(),
+        "row": row,
+        "section": section,
+    }
+    (out_dir / "reproduction" / key / KEPT_FILE).write_text(json.dumps(kept, indent=1) + "\n")
+
+
+def _kept(out_dir: Path, key: str) -> dict | None:
+    """The run's last section (`KEPT_FILE`), or None when there is none or it is unreadable."""
+    try:
+        kept = json.loads((out_dir / "reproduction" / key / KEPT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(kept, dict) and {"generated", "analysis_code", "row", "section"} <= set(kept)
+    return kept if ok else None
+
+
+def _absent_run(
+    run: Run, why: str, kept: dict | None, out_dir: Path
+) -> tuple[list[str], list[str]]:
+    """Provenance row and section of a run whose cube is absent: the kept ones, marked."""
+    if kept is None:
+        row = [f"`{run.key}`", _sweep_cell(run, None, out_dir), "cube absent"] + ["—"] * 5
+        return row, [f"## {run.title}", "", f"Cube absent: {why}.", ""]
+    when, code = kept["generated"], _short(str(kept["analysis_code"]))
+    row = list(kept["row"])
+    row[-1] += f"; section of {when[:10]}, cube absent now"
+    title, *rest = kept["section"]
+    mark = (
+        f"**Not regenerated**: {why}. This section and its report were written on {when}"
+        f" by analysis code `{code}`; analysis changes since then are not in their numbers."
+    )
+    return row, [title, "", mark, *rest]
 
 
 def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
@@ -309,28 +371,19 @@ def provenance(data: Mapping[str, xr.Dataset]) -> Provenance:
     )
 
 
-def _provenance_table(
-    m: Manifest, reports: Mapping[str, Report], absent: Mapping[str, str], out_dir: Path
-) -> list[str]:
-    header = ["run", "sweep", "command(s)", "device", "wall time", "cells done / total"]
-    header += ["outcomes", "code"]
-    rows = []
-    for run in m.runs:
-        if run.key in absent:
-            rows.append(
-                [f"`{run.key}`", _sweep_cell(run, None, out_dir), "cube absent"] + ["—"] * 5
-            )
-            continue
-        report = reports[run.key]
-        p = provenance({name: e.data for name, e in report.experiments.items()})
-        link = _rel(report.path, out_dir)
-        rows.append(
-            [f"[`{run.key}`]({link})", _sweep_cell(run, p, out_dir)]
-            + _launch_cells(p)
-            + [f"{p.done} / {p.total}", _outcome_text(p.outcomes)]
-            + [_commits(p)]
-        )
-    return ["## Provenance", "", *_table(header, rows)]
+PROVENANCE_HEADER = ["run", "sweep", "command(s)", "device", "wall time"]
+PROVENANCE_HEADER += ["cells done / total", "outcomes", "code"]
+
+
+def _provenance_row(run: Run, report: Report, out_dir: Path) -> list[str]:
+    p = provenance({name: e.data for name, e in report.experiments.items()})
+    link = _rel(report.path, out_dir)
+    return (
+        [f"[`{run.key}`]({link})", _sweep_cell(run, p, out_dir)]
+        + _launch_cells(p)
+        + [f"{p.done} / {p.total}", _outcome_text(p.outcomes)]
+        + [_commits(p)]
+    )
 
 
 def _sweep_cell(run: Run, p: Provenance | None, out_dir: Path) -> str:
