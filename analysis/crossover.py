@@ -225,11 +225,13 @@ def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
         where = (T_c["P"] >= (lo or 0)) & (T_c["P"] <= (hi or np.inf))
     stderr = (table["T_c"] * table["log_T_c_stderr"]).rename("T_c_stderr")
     boot = table["T_c_boot"] if table.sizes.get("bootstrap", 0) >= 2 else None
-    n_found = int(np.isfinite(T_c.values).sum())
+    in_range = np.ones(T_c.sizes["P"], bool) if where is None else where.values
+    n_found = int((np.isfinite(T_c.values) & in_range).sum())
     if n_found < 3:
+        P_fit = T_c["P"].values[in_range].tolist()
         raise InsufficientData(
-            f"T_c found for {n_found} of {T_c.sizes['P']} P values"
-            f" (P = {T_c['P'].values.tolist()}); fitting T_c ~ P^-a needs at least 3"
+            f"T_c found for {n_found} of {len(P_fit)} P values in the fit range"
+            f" (P = {P_fit}); fitting T_c ~ P^-a needs at least 3"
         )
     fit = fit_power_law(
         T_c.rename("T_c"),

@@ -195,10 +195,12 @@ def build_report(
         "",
         "Conventions: seed means over converged cells only (missing, diverged and"
         " unfinished cells never enter); errors are standard errors of the seed mean;"
-        " fits are least squares in log space weighted by those errors, with the lstsq"
+        " fits are least squares in log space, each point weighted by one relative seed"
+        " spread pooled over the fit's points (s / sqrt(n) for n seeds), with the lstsq"
         f" error and a bootstrap over seeds ({n_boot} resamples, seed {seed}); `±` gives the"
-        " larger. Exponent fits use the lazy range (largest alpha; for each P the T up to"
-        " the test-error crossover T_c^(b)(P)). T_c: (a) T where ||w - w0||/||w0|| reaches a"
+        " larger. T-sweep exponent fits use the lazy range (largest alpha; for each P the T"
+        " up to the test-error crossover T_c^(b)(P)); the perceptron's use every T and P."
+        " T_c: (a) T where ||w - w0||/||w0|| reaches a"
         " level (geometric mean of the data), (b) T where the test error departs by 10 % from"
         " its small-T plateau; both interpolated in log T, with 95 % bootstrap intervals.",
         "",

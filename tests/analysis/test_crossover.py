@@ -139,3 +139,8 @@ def test_too_few_P_for_the_exponent(rng):
     assert np.isfinite(table["T_c"]).all()
     with pytest.raises(InsufficientData, match="at least 3"):
         fit_crossover(table)
+    # P outside the fit range do not count among the P with a crossover
+    wide = crossover_test_error(tsweep_dataset(rng, n_spoiled=0), n_boot=10)
+    assert np.isfinite(wide["T_c"]).sum() >= 3
+    with pytest.raises(InsufficientData, match=r"found for 2 of 2 P values in the fit range"):
+        fit_crossover(wide, P_range=(None, 2048))
