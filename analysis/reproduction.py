@@ -654,13 +654,19 @@ def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Tren
     mean = err["mean"]
     if not np.isfinite(mean.values).any():
         return ["No cell converged at this P.", ""]
-    best = mean.where(np.isfinite(mean), np.inf).argmin(...)
+    # among the cells with a standard error (2 seeds or more) where there are any: one
+    # seed left where the others diverged is not a mean to rank
+    several = bool((err["n"] >= 2).any()) and bool((err["n"] == 1).any())
+    ranked = np.isfinite(mean) & (err["n"] >= 2 if several else True)
+    best = mean.where(ranked, np.inf).argmin(...)
     cell = {d: float(mean[d].values[i]) for d, i in best.items()}
     at = err.isel(best)
+    n = int(at["n"])
     lines = [
         f"- Lowest test error {_pm(float(at['mean']), float(at['stderr']))}"
-        f" ({int(at['n'])} seeds) at alpha = {pow2_text(cell['alpha'])},"
-        f" T = {pow2_text(cell['T'])}."
+        f" ({n} seed{'s' if n > 1 else ''}) at alpha = {pow2_text(cell['alpha'])},"
+        f" T = {pow2_text(cell['T'])}"
+        + (" (among the cells with 2 seeds or more)." if several else ".")
     ]
     for kind, words in (
         ("helps", "Noise helps (error falls with T)"),

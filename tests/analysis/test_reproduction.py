@@ -200,6 +200,30 @@ def test_optimal_temperature_reading(tmp_path):
     assert "reproduction/f/figures/feature_optimal_T_P256.png" in image_links(page)
 
 
+def test_lowest_error_is_a_mean_of_several_seeds():
+    """A cell where one seed converged and the others diverged is not ranked lowest."""
+    from analysis.reproduction import _phase_summary
+
+    T = 2.0 ** np.arange(-4, -1)
+    coords = {"alpha": [1.0], "T": T}
+    err = xr.Dataset(
+        {
+            "mean": (("alpha", "T"), [[0.2, 0.15, 0.1]]),
+            "stderr": (("alpha", "T"), [[0.01, 0.01, np.nan]]),
+            "n": (("alpha", "T"), [[4, 4, 1]]),
+        },
+        coords=coords,
+    )
+    rel = xr.Dataset({"mean": (("alpha", "T"), [[0.1, 0.1, 0.1]])}, coords=coords)
+    (line, *_) = _phase_summary(err, rel, {})
+    assert line == (
+        "- Lowest test error 0.1500 ± 0.0100 (4 seeds) at alpha = 1, T = 2^-3"
+        " (among the cells with 2 seeds or more)."
+    )
+    alone = err.assign(n=err["n"] * 0 + 1, stderr=err["stderr"] * np.nan)
+    assert _phase_summary(alone, rel, {})[0].startswith("- Lowest test error 0.1000 (1 seed) at")
+
+
 def test_error_trend_classes():
     T = 2.0 ** np.arange(-4, 0)
     se = np.full(4, 0.001)
