@@ -523,12 +523,16 @@ def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | 
     """Classify the test error against T (None when fewer than 2 T have a mean).
 
     A change counts when it exceeds SIGNIFICANCE combined standard errors; a missing
-    standard error (one seed) counts as 0, so any change counts."""
+    standard error (one seed) counts as 0, so any change counts. The lowest mean is
+    taken among the T with a standard error where there are any (one seed left where
+    the others diverged is not a mean to rank)."""
     ok = np.flatnonzero(np.isfinite(mean))
     if len(ok) < 2:
         return None
     i0, il = int(ok[0]), int(ok[-1])
-    ib = int(ok[np.argmin(mean[ok])])
+    rankable = ok[np.isfinite(stderr[ok])]
+    rankable = rankable if len(rankable) else ok
+    ib = int(rankable[np.argmin(mean[rankable])])
     point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
 
     def change(i: int, j: int) -> tuple[float, float, str]:

@@ -237,6 +237,9 @@ def test_error_trend_classes():
     noisy_best = error_trend(T, np.array([0.2, 0.1, 0.15, 0.12]), np.array([5, 100, 5, 5]) / 1e3)
     assert noisy_best.kind == "helps"
     assert noisy_best.text.startswith("falls by 0.080 (11.3 sigma) from T = 2^-4 to 2^-1")
+    # a one-seed mean (no stderr) is not the lowest where others have errors
+    lone = error_trend(T, np.array([0.2, 0.15, 0.1, 0.18]), np.array([1, 1, np.nan, 1]) / 1e3)
+    assert lone.best[0] == T[1] and lone.kind == "optimum"
 
 
 # -- perceptron verdicts ----------------------------------------------------------------
