@@ -200,15 +200,19 @@ class LaunchReport:
         )
 
 
+def _settings(exp: Experiment) -> dict:
+    """The group attributes that say what an experiment computes (a rerun must match)."""
+    settings = {k: v for k, v in exp.group(exp.P[0]).as_dict().items() if k != "P"}
+    return {"experiment": exp.name, **settings}
+
+
 def _attrs(sweep: Sweep, exp: Experiment, git_commit: str) -> dict:
     """Flat group attributes: the experiment's settings and the launch's provenance
     (``git_commit`` from ``ensemble.provenance.git_commit``, asked once per launch)."""
     import torch
 
-    settings = {k: v for k, v in exp.group(exp.P[0]).as_dict().items() if k != "P"}
     return {
-        "experiment": exp.name,
-        **settings,
+        **_settings(exp),
         "sweep": sweep.name,
         "package_version": ensemble.__version__,
         "git_commit": git_commit,
@@ -292,7 +296,7 @@ def check_settings(sweep: Sweep, store: str | os.PathLike) -> None:
     """Raise SpecError when an experiment of ``sweep`` is stored in ``store`` with other
     settings (`ensemble.cube.check_settings`)."""
     for exp in sweep.experiments:
-        cube.check_settings(store, exp.name, _attrs(sweep, exp, git_commit=""))
+        cube.check_settings(store, exp.name, _settings(exp))
 
 
 def pending_cells(sweep: Sweep, store: str | os.PathLike) -> dict[str, list[Cell]]:

@@ -153,36 +153,16 @@ def _done(sweep, store) -> int:
         return 0
 
 
-def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, data_root):
-    """One task trains 4 members one after another: they reach the cube as they stop,
-    so a launch killed partway through its only task keeps them, and the rerun trains
-    only the rest, to the same cube as an uninterrupted launch."""
-    spec, reference = slow
-    store = tmp_path / "s.zarr"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ensemble",
-        "run",
-        str(spec),
-        "--store",
-        str(store),
-        "--workers",
-        "1",
-        "--max-members",
-        "4",
-        "--slots",
-        "1",
-        "--no-monitor",
-        "--dashboard-address",
-        ":0",
-    ]
-    sweep = load_sweep(spec)
-    assert len(plan(sweep, {"tiny_fc": sweep.experiments[0].cells()}, 1, 4)) == 1
+def _run_until_partway(spec, store, data_root, **popen) -> tuple[subprocess.Popen, int]:
+    """Start ``python -m ensemble run`` of the 4-cell ``slow`` sweep as one task of one
+    slot, and return it with its cells done once 1-3 are in the cube (or it ended, or
+    300 s passed)."""
+    cmd = [sys.executable, "-m", "ensemble", "run", str(spec), "--store", str(store),
+           "--workers", "1", "--max-members", "4", "--slots", "1", "--no-monitor",
+           "--dashboard-address", ":0"]  # fmt: skip
     env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, **popen)
+    sweep = load_sweep(spec)
     done = 0
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -190,6 +170,19 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, dat
         if 1 <= done < 4:
             break
         time.sleep(0.2)
+    return proc, done
+
+
+def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, data_root):
+    """One task trains 4 members one after another: they reach the cube as they stop,
+    so a launch killed partway through its only task keeps them, and the rerun trains
+    only the rest, to the same cube as an uninterrupted launch."""
+    spec, reference = slow
+    store = tmp_path / "s.zarr"
+    sweep = load_sweep(spec)
+    assert len(plan(sweep, {"tiny_fc": sweep.experiments[0].cells()}, 1, 4)) == 1
+    proc, done = _run_until_partway(spec, store, data_root, start_new_session=True,
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 1 <= done < 4, f"the launch was not caught partway ({done} cells done)"
@@ -208,20 +201,8 @@ def test_sigterm_stops_the_launch_like_ctrl_c(client, tmp_path, slow, data_root)
     trains only the rest."""
     spec, reference = slow
     store = tmp_path / "t.zarr"
-    cmd = [sys.executable, "-m", "ensemble", "run", str(spec), "--store", str(store),
-           "--workers", "1", "--max-members", "4", "--slots", "1", "--no-monitor",
-           "--dashboard-address", ":0"]  # fmt: skip
     sweep = load_sweep(spec)
-    env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    done = 0
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = _done(sweep, store) if store.exists() else 0
-        if 1 <= done < 4:
-            break
-        time.sleep(0.2)
+    proc, done = _run_until_partway(spec, store, data_root, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert 1 <= done < 4, f"the launch was not caught partway ({done} cells done)"
