@@ -323,18 +323,21 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
 
 def _finite_d_rows(report: Report) -> list[dict[str, object]]:
     """Largest-pair local P-exponents of the signal and of s / n of each perceptron group
-    (rows for `plots.perceptron_finite_d`); of groups with the same (chi, d), the one
-    reaching the largest P."""
+    (rows for `plots.perceptron_finite_d`): the largest P pair with a finite mean; of groups
+    with the same (chi, d), the one reaching the largest P."""
     best: dict[tuple, dict[str, object]] = {}
     for er in report.experiments.values():
         for q in ("signal", "snr"):
             local = er.results.get(f"local_{q}")
             if local is None or not is_perceptron(er.data):
                 continue
-            (lo, hi), (m, e) = max(local_exponent_map(local).items())
+            finite = [(p, v) for p, v in local_exponent_map(local).items() if math.isfinite(v[0])]
+            if not finite:
+                continue
+            (lo, hi), (m, e) = max(finite)
             attrs = er.data.attrs
             key = (attrs.get("chi"), attrs.get("d"), q)
-            if math.isfinite(m) and (key not in best or hi > best[key]["P_hi"]):
+            if key not in best or hi > best[key]["P_hi"]:
                 best[key] = {"chi": key[0], "d": key[1], "quantity": q}
                 best[key] |= {"P_lo": lo, "P_hi": hi, "fitted": m, "stderr": e}
     return list(best.values())

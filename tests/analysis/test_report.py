@@ -161,3 +161,18 @@ def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
     row = table_row(part, "8192-16384")
     assert abs(float(row[1]) - 0.5) < 4 * float(row[2]), row
     assert abs(float(row[3]) - 0.6) < 4 * float(row[4]), row
+
+
+def test_finite_d_falls_back_to_the_largest_pair_with_a_mean(tmp_path, rng):
+    """A group whose largest P has no converged seed keeps its point from the next pair."""
+    ds = perceptron_dataset(rng, 1.0, d=16)
+    ds["outcome"].loc[{"P": 16384}] = DIVERGED
+    report = build_report(
+        write_cube(tmp_path / "d.zarr", {"chi1": ds}), tmp_path / "out", n_boot=50, formats=("png",)
+    )
+    rows = _finite_d_rows(report)
+    assert {(r["quantity"], r["P_lo"], r["P_hi"]) for r in rows} == {
+        ("signal", 4096, 8192),
+        ("snr", 4096, 8192),
+    }
+    assert all(np.isfinite(r["fitted"]) for r in rows)
