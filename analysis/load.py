@@ -11,25 +11,13 @@ import os
 from typing import Any
 
 import xarray as xr
-import zarr
+
+from ensemble.cube import experiment_names
+
+__all__ = ["Store", "experiment_names", "open_cube"]
 
 Store = str | os.PathLike | Any
 """A path to a Zarr store or any store object that zarr and xarray accept."""
-
-
-def experiment_names(store: Store) -> list[str]:
-    """Names of the experiment groups of a cube.
-
-    The groups named by the root attribute ``experiments``, in that order, then any
-    other child group of the root in alphabetical order (the attribute can lag behind
-    the groups, e.g. when a writer read stale consolidated metadata), leaving out the
-    writer's temporary groups (names with a dot, such as ``name.__new``). The listing
-    reads the store itself, not its consolidated metadata, which can be stale.
-    """
-    root = zarr.open_group(_as_store(store), mode="r", use_consolidated=False)
-    present = {str(name) for name in root.group_keys() if "." not in str(name)}
-    named = [str(name) for name in root.attrs.get("experiments", []) if str(name) in present]
-    return named + sorted(present - set(named))
 
 
 def open_cube(store: Store) -> dict[str, xr.Dataset]:

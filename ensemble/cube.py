@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -219,9 +220,31 @@ def _write_group(ds: xr.Dataset, store: str | os.PathLike, name: str) -> None:
 def _set_experiments(store: str | os.PathLike) -> None:
     with _quiet_zarr():
         root = zarr.open_group(store, mode="a", use_consolidated=False)  # not the stale copy
-        names = sorted(k for k in root.group_keys() if "." not in k)
-        root.attrs["experiments"] = names
+        root.attrs["experiments"] = sorted(_group_names(root))
         zarr.consolidate_metadata(store)
+
+
+def _group_names(root: zarr.Group) -> set[str]:
+    """The root's experiment groups: child groups, less the writer's temporary ones (names
+    with a dot, such as ``name.__new`` and ``name.__old`` of `_write_group`)."""
+    return {str(k) for k in root.group_keys() if "." not in str(k)}
+
+
+def experiment_names(store: Any) -> list[str]:
+    """Names of the experiment groups of a cube (a path or any store zarr accepts).
+
+    The groups named by the root attribute ``experiments``, in that order, then any
+    other child group of the root in alphabetical order (the attribute can lag behind
+    the groups, e.g. when a writer read stale consolidated metadata), leaving out the
+    writer's temporary groups. The listing reads the store itself, not its consolidated
+    metadata, which can be stale. Raises FileNotFoundError (zarr's GroupNotFoundError is
+    one) where there is no Zarr group.
+    """
+    with _quiet_zarr():
+        root = zarr.open_group(store, mode="r", use_consolidated=False)
+    present = _group_names(root)
+    named = [str(n) for n in root.attrs.get("experiments", []) if str(n) in present]
+    return named + sorted(present - set(named))
 
 
 def recover(store: str | os.PathLike) -> None:

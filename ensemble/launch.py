@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-import zarr
 
 import ensemble
 from ensemble import cube
@@ -651,14 +650,14 @@ def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
     from ensemble.schema import OUTCOME_FLAGS
 
     try:
-        tree = xr.open_datatree(store, engine="zarr")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+        names = cube.experiment_names(store)
+        groups = {n: xr.open_zarr(store, group=n, consolidated=False) for n in sorted(names)}
+    except (FileNotFoundError, KeyError) as exc:
         raise EnsembleError(
             f"store {store} is not a results cube ({type(exc).__name__}: {exc})"
         ) from None
     lines = [f"{store}"]
-    for name, node in sorted(tree.children.items()):
-        ds = node.to_dataset()
+    for name, ds in groups.items():
         done = int(ds["done"].sum())
         total = int(ds["done"].size)
         counts = {OUTCOME_FLAGS[k]: int((ds["outcome"] == k).sum()) for k in OUTCOME_FLAGS if k}

@@ -135,14 +135,15 @@ def _tallies_from_cube(
     """Experiments, per-square tallies of the done cells, and summed steps and seconds.
 
     grids : per experiment name, the alpha/T/P/seed values to keep (a sweep's grid);
-            None reads every group listed in the root's ``experiments`` attribute, whole.
+            None reads every experiment group (`cube.experiment_names`), whole.
     """
     import xarray as xr
-    import zarr
+
+    from ensemble.cube import experiment_names
 
     try:
-        names = list(zarr.open_group(str(store), mode="r").attrs.get("experiments", []))
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        names = experiment_names(store)
+    except FileNotFoundError:
         names = []
     if grids is not None:
         names = [n for n in grids if n in names]

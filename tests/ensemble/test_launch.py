@@ -549,6 +549,24 @@ def test_status_compares_steps_with_the_planner(tmp_path, reference):
     assert f"over {len(squares)} (alpha, T, P)" in text and "geometric mean" in text
 
 
+def test_status_and_monitor_skip_a_grow_in_progress(tmp_path, reference):
+    """The temporary groups of a group swap (``name.__new`` staged, ``name.__old`` not yet
+    removed) are not experiments: ``status`` and the monitor's tallies list the group once,
+    with its own counts, while a grow by another launch is under way."""
+    from ensemble.launch import store_status
+    from ensemble.monitor import _tallies_from_cube
+
+    store = tmp_path / "r.zarr"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        for name in ("tiny_fc", "tiny_fc.__new", "tiny_fc.__old"):
+            reference.to_zarr(store, group=name, consolidated=True)
+    lines = store_status(store).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("  tiny_fc: "), lines
+    experiments, _, _ = _tallies_from_cube(store)
+    assert [e["name"] for e in experiments] == ["tiny_fc"]
+
+
 def test_gpu_workers_get_one_task_per_worker_and_P(client):
     """On GPU workers a sweep's cells of one P go to one task per worker (the ensemble as
     large as memory allows), on CPU workers to at least TASKS_PER_WORKER tasks of at most
