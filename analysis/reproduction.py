@@ -519,6 +519,15 @@ class Trend:
     text: str
 
 
+def rankable_means(mean: np.ndarray, stderr: np.ndarray) -> np.ndarray:
+    """Mask of the seed means to rank for a lowest error: the finite means with a standard
+    error (2 seeds or more) where there are any, else every finite mean. One seed left
+    where the others diverged is not a mean to rank."""
+    ok = np.isfinite(mean)
+    several = ok & np.isfinite(stderr)
+    return several if several.any() else ok
+
+
 def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | None:
     """Classify the test error against T (None when fewer than 2 T have a mean).
 
@@ -530,8 +539,7 @@ def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | 
     if len(ok) < 2:
         return None
     i0, il = int(ok[0]), int(ok[-1])
-    rankable = ok[np.isfinite(stderr[ok])]
-    rankable = rankable if len(rankable) else ok
+    rankable = np.flatnonzero(rankable_means(mean, stderr))
     ib = int(rankable[np.argmin(mean[rankable])])
     point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
 
@@ -658,10 +666,8 @@ def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Tren
     mean = err["mean"]
     if not np.isfinite(mean.values).any():
         return ["No cell converged at this P.", ""]
-    # among the cells with a standard error (2 seeds or more) where there are any: one
-    # seed left where the others diverged is not a mean to rank
-    several = bool((err["n"] >= 2).any()) and bool((err["n"] == 1).any())
-    ranked = np.isfinite(mean) & (err["n"] >= 2 if several else True)
+    ranked = rankable_means(mean.values, err["stderr"].values)
+    several = bool(ranked.sum() < np.isfinite(mean.values).sum())  # one-seed cells left out
     best = mean.where(ranked, np.inf).argmin(...)
     cell = {d: float(mean[d].values[i]) for d, i in best.items()}
     at = err.isel(best)
