@@ -617,14 +617,12 @@ def dry_run(
     store: str | os.PathLike | None,
     n_workers: int,
     max_members: int | None = None,
-    gpu: bool | None = None,
     device: str | None = None,
 ) -> str:
     """The plan of the cells still missing in ``store`` (all cells without a store), as
     ``launch`` with the same ``n_workers``, ``max_members`` and ``device`` would cut it:
-    for GPU workers if ``gpu`` (default: whether ``device`` is a CUDA one, without it
-    whether this machine has CUDA). Settings that differ from the store's are refused as
-    the launch refuses them."""
+    for GPU workers if ``device`` is a CUDA one (without it, if this machine has CUDA).
+    Settings that differ from the store's are refused as the launch refuses them."""
     check_options(n_workers=n_workers, device=device, max_members=max_members)
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     if store is None:
@@ -632,9 +630,9 @@ def dry_run(
     else:
         check_settings(sweep, store)
         pending = pending_cells(sweep, store)  # all cells where the store is new
-    if gpu is None and device is not None:
+    if device is not None:
         gpu = device.startswith("cuda")
-    elif gpu is None:
+    else:
         import torch
 
         gpu = torch.cuda.is_available()

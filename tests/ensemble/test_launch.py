@@ -37,7 +37,7 @@ from ensemble.launch import (
     pending_cells,
     plan,
 )
-from ensemble.plan import Batch, estimate_steps, plan_batches
+from ensemble.plan import Batch, estimate_steps, format_plan, plan_batches
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
 from ensemble.spec import load_sweep
 from ensemble.stream import TOPIC_PREFIX
@@ -494,8 +494,12 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
     )
     assert "total: 8 batches, 8 members" in capped.stdout, capped.stdout
     # --device cuda plans for GPU workers on this CPU-only machine too (for --scheduler)
-    assert dry_run(spec, None, 2, device="cuda") == dry_run(spec, None, 2, gpu=True)
-    assert dry_run(spec, None, 2, device="cpu") == dry_run(spec, None, 2, gpu=False)
+    sweep = load_sweep("fc_tsweep_mnist")  # large enough for the two plans to differ
+    pending = {e.name: e.cells() for e in sweep.experiments}
+    plans = {d: dry_run(sweep, None, 2, device=d) for d in ("cuda", "cpu")}
+    for device, gpu in (("cuda", True), ("cpu", False)):
+        assert plans[device].endswith(format_plan(plan(sweep, pending, 2, None, gpu)))
+    assert plans["cuda"] != plans["cpu"]
 
 
 @pytest.mark.parametrize(
