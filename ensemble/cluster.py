@@ -92,6 +92,34 @@ def gpu_workers(client: Client, device: str | None) -> bool:
     return any(v is True for v in answers.values())
 
 
+def _host_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def worker_memory(client: Client) -> int:
+    """The least memory any worker of ``client`` may use, in bytes: its Dask
+    ``memory_limit`` (an embedded cluster's share of this machine), or its host's total
+    memory where it has none."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    unlimited = [a for a, w in info.items() if not w.get("memory_limit")]
+    hosts = client.run(_host_memory, workers=unlimited) if unlimited else {}
+    return min(int(w.get("memory_limit") or hosts[a]) for a, w in info.items())
+
+
+def task_memory() -> int:
+    """The memory a task in this process may use, in bytes: on a Dask worker its
+    ``memory_limit`` (where set), elsewhere the host's available memory."""
+    import psutil
+
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except ValueError:  # not on a worker
+        limit = None
+    return int(limit or psutil.virtual_memory().available)
+
+
 def worker_device(device: str | None) -> str:
     """The device a task on this worker trains on: ``device`` if given, else a GPU, else
     the CPU. A worker named by an integer (an embedded ``LocalCluster``'s) takes GPU

@@ -132,15 +132,24 @@ GPU_MEMORY_FRACTION = 0.7
 
 
 def default_slots(group: Group, device: str | torch.device, n_members: int) -> int:
-    """Ensemble size for ``n_members`` members: from the free memory on CUDA, else CPU_SLOTS."""
-    from ensemble.plan import member_bytes
+    """Ensemble size for ``n_members`` members: as many as GPU_MEMORY_FRACTION of the free
+    memory holds on CUDA; on the CPU at most CPU_SLOTS, within CPU_MEMORY_FRACTION of the
+    memory a task may use (``cluster.task_memory``). SpecError where one member does not
+    fit (`plan.member_bytes`)."""
+    from ensemble.cluster import task_memory
+    from ensemble.plan import CPU_MEMORY_FRACTION, member_bytes, member_too_large
 
     dev = torch.device(device)
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        k = int(GPU_MEMORY_FRACTION * free) // member_bytes(group)
+        budget, need = (
+            int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(dev)[0]),
+            member_bytes(group),
+        )
     else:
-        k = CPU_SLOTS
+        budget, need = int(CPU_MEMORY_FRACTION * task_memory()), member_bytes(group, host=True)
+    if need > budget:
+        raise member_too_large(f"{group.arch}, P={group.P}, on {dev}", need, budget)
+    k = budget // need if dev.type == "cuda" else min(CPU_SLOTS, budget // need)
     return max(1, min(k, n_members))
 
 

@@ -26,12 +26,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import xarray as xr
 
 import ensemble
 from ensemble import cube
 from ensemble.cells import Cell, EnsembleError, Group, SpecError
-from ensemble.plan import Batch, compile_break_even, format_plan, plan_batches
+from ensemble.plan import (
+    CPU_MEMORY_FRACTION,
+    Batch,
+    compile_break_even,
+    format_plan,
+    member_bytes,
+    member_too_large,
+    plan_batches,
+)
 from ensemble.provenance import git_commit
 from ensemble.schema import DIMS
 from ensemble.spec import Experiment, Sweep, load_sweep
@@ -283,6 +292,17 @@ def check_options(
             )
 
 
+def check_memory(sweep: Sweep, worker_memory: int) -> None:
+    """Raise SpecError, before any compute, where one member of a group needs more than
+    CPU_MEMORY_FRACTION of a CPU worker's ``worker_memory`` (bytes; `plan.member_bytes`)."""
+    budget = int(CPU_MEMORY_FRACTION * worker_memory)
+    for exp in sweep.experiments:
+        for P in exp.P:
+            need = member_bytes(exp.group(P), host=True)
+            if need > budget:
+                raise member_too_large(f"{exp.name} (P={P})", need, budget)
+
+
 def check_data(sweep: Sweep, data_root: str | None = None) -> None:
     """Raise DataError before any compute when a dataset of the sweep is missing."""
     from ensemble import data
@@ -313,14 +333,18 @@ def plan(
     n_workers: int,
     max_members: int | None,
     gpu: bool = False,
+    worker_memory: int | None = None,
 ) -> list[Batch]:
     """Batches of the pending cells. CPU workers: at most ``max_members`` members (default
     MAX_MEMBERS) and at least TASKS_PER_WORKER tasks per worker for each P where there are
-    enough cells (but no fewer than MIN_MEMBERS_PER_TASK members per task). GPU workers
-    (``gpu``): one task per worker for each P, of at most ``max_members`` (default
-    GPU_MAX_MEMBERS)."""
+    enough cells (but no fewer than MIN_MEMBERS_PER_TASK members per task), and no more
+    than CPU_MEMORY_FRACTION of ``worker_memory`` (bytes; None: unbounded) holds
+    (`plan.member_bytes`; SpecError before any compute where one member does not fit).
+    GPU workers (``gpu``): one task per worker for each P, of at most ``max_members``
+    (default GPU_MAX_MEMBERS); the engine sizes its slots from the device's free memory."""
     tasks = 1 if gpu else TASKS_PER_WORKER
     cap = max_members or (GPU_MAX_MEMBERS if gpu else MAX_MEMBERS)
+    memory = None if gpu or worker_memory is None else int(CPU_MEMORY_FRACTION * worker_memory)
     batches = []
     for exp in sweep.experiments:
         cells = pending[exp.name]
@@ -328,7 +352,7 @@ def plan(
             at_P = [c for c in cells if c.P == P]
             per_task = math.ceil(len(at_P) / (tasks * max(n_workers, 1)))
             size = max(1, min(cap, max(per_task, MIN_MEMBERS_PER_TASK)))
-            batches += plan_batches(exp, at_P, max_members=size)
+            batches += plan_batches(exp, at_P, max_members=size, memory_bytes=memory, host=True)
     return batches
 
 
@@ -438,6 +462,12 @@ def launch(
         )
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
     check_data(sweep, data_root)
+    if client is None and not scheduler and not _local_gpus(device):
+        from ensemble.cluster import default_workers
+
+        # the embedded cluster's CPU workers each get this share of the machine (Dask's
+        # memory_limit="auto"); other workers are checked once connected (plan, engine)
+        check_memory(sweep, psutil.virtual_memory().total // (n_workers or default_workers()))
     report = LaunchReport()
     record = {
         "id": uuid.uuid4().hex[:12],
@@ -526,13 +556,14 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
     from distributed import wait
     from tqdm.auto import tqdm
 
-    from ensemble.cluster import connect, gpu_workers, worker_count
+    from ensemble.cluster import connect, gpu_workers, worker_count, worker_memory
 
     with connect(**cluster) as c:
         report.dashboard = c.dashboard_link
         report.n_workers = worker_count(c)
         gpu = gpu_workers(c, task.device)
-        batches = plan(sweep, pending, report.n_workers, task.max_members, gpu)
+        memory = None if gpu else worker_memory(c)
+        batches = plan(sweep, pending, report.n_workers, task.max_members, gpu, memory)
         report.batches = len(batches)
         mon = monitor(c, sweep, store, batches) if monitor else None
         if progress:
@@ -612,6 +643,16 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     c.unsubscribe_topic(topic)
 
 
+def _local_gpus(device: str | None) -> bool:
+    """Whether workers on this machine train on GPUs: ``device`` if given, else whether
+    this machine has CUDA (as ``cluster.gpu_workers`` decides for a running cluster)."""
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def dry_run(
     spec: Sweep | str | os.PathLike,
     store: str | os.PathLike | None,
@@ -621,7 +662,8 @@ def dry_run(
 ) -> str:
     """The plan of the cells still missing in ``store`` (all cells without a store), as
     ``launch`` with the same ``n_workers``, ``max_members`` and ``device`` would cut it:
-    for GPU workers if ``device`` is a CUDA one (without it, if this machine has CUDA).
+    for GPU workers if ``device`` is a CUDA one (without it, if this machine has CUDA),
+    CPU workers with this machine's memory shared among them.
     Settings that differ from the store's are refused as the launch refuses them."""
     check_options(n_workers=n_workers, device=device, max_members=max_members)
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
@@ -630,13 +672,10 @@ def dry_run(
     else:
         check_settings(sweep, store)
         pending = pending_cells(sweep, store)  # all cells where the store is new
-    if device is not None:
-        gpu = device.startswith("cuda")
-    else:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    batches = plan(sweep, pending, n_workers, max_members, gpu)
+    gpu = _local_gpus(device)
+    # an embedded cluster's share of this machine per worker (Dask's memory_limit="auto")
+    memory = psutil.virtual_memory().total // n_workers
+    batches = plan(sweep, pending, n_workers, max_members, gpu, memory)
     return f"{sweep.name}: {sum(len(v) for v in pending.values())} cells pending\n" + format_plan(
         batches
     )

@@ -23,10 +23,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ensemble.cells import INPUT_SHAPE, Cell, Group, Member
+from ensemble.cells import INPUT_SHAPE, Cell, Group, Member, SpecError
 from ensemble.spec import Experiment
 
 __all__ = [
+    "CPU_MEMORY_FRACTION",
     "Batch",
     "activation_count",
     "estimate_steps",
@@ -215,14 +216,25 @@ EVAL_POINTS = 128
 """Points per member in an evaluation chunk (forward only: pre-activation, activation)."""
 
 
-def member_bytes(group: Group) -> int:
-    """Device memory one ensemble member needs, in bytes (a simple upper estimate).
+HOST_DRAWS = 2
+"""Host draws held per slot while an engine fills its slots (``engine._Feeder``: the chunk
+drawn ahead and the chunk being drawn, each of up to as many members as there are slots)."""
+CPU_MEMORY_FRACTION = 0.6
+"""Share of a CPU worker's memory a task's slots and host draws may use (Dask pauses a
+worker at 80 % of its memory limit; the dataset and the interpreter need the rest)."""
 
-    itemsize(dtype) * (WEIGHT_COPIES n_params + TRAIN_ACT_COPIES B n_act
+
+def member_bytes(group: Group, host: bool = False) -> int:
+    """Memory one ensemble member needs, in bytes (a simple upper estimate).
+
+    On the device: itemsize(dtype) * (WEIGHT_COPIES n_params + TRAIN_ACT_COPIES B n_act
     + 2 EVAL_POINTS n_act + P + pte) + member data, where n_act = ``activation_count``,
     P + pte are the cached outputs F(w0, x), and the member data are its training-set
     indices (8 P bytes) for images or its own training points (P d floats) for the
     perceptron. The shared dataset and the engine's own evaluation budget are not counted.
+    ``host``: the slots live in host memory (a CPU worker), which also holds HOST_DRAWS
+    host draws per slot: initial weights (itemsize n_params) and the training set (8 P
+    bytes of indices; the perceptron's float64 points and labels, 8 P (d + 1) bytes).
     """
     itemsize = {"float32": 4, "float64": 8}[group.dtype]
     n_act = activation_count(group)
@@ -233,10 +245,23 @@ def member_bytes(group: Group) -> int:
         + group.P
         + group.pte
     )
-    if group.arch == "perceptron":
-        floats += group.P * group.d
-        return itemsize * floats
-    return itemsize * floats + 8 * group.P
+    perceptron = group.arch == "perceptron"
+    device = (
+        itemsize * (floats + group.P * group.d) if perceptron else itemsize * floats + 8 * group.P
+    )
+    if not host:
+        return device
+    draw = itemsize * param_count(group) + 8 * group.P * ((group.d + 1) if perceptron else 1)
+    return device + HOST_DRAWS * draw
+
+
+def member_too_large(where: str, need: int, budget: int) -> SpecError:
+    """The error for a member that needs ``need`` bytes where a task may use ``budget``."""
+    return SpecError(
+        f"{where}: one member needs {need} bytes ({need / 2**30:.3g} GiB), more than the"
+        f" {budget} bytes ({budget / 2**30:.3g} GiB) a task may use: lower P, pte or d (the"
+        " perceptron's training points), or h or B (the networks' weights and activations)"
+    )
 
 
 # -- batches -----------------------------------------------------------------------------
@@ -308,14 +333,17 @@ def plan_batches(
     cells: Iterable[Cell] | None = None,
     max_members: int = 256,
     memory_bytes: int | None = None,
+    host: bool = False,
 ) -> list[Batch]:
     """Cut the cells of one experiment into ensemble batches; deterministic.
 
     cells        : cells of ``experiment`` to plan (default: its full grid), any order;
                    each at most once, all on the experiment's grid
     max_members  : most members per batch
-    memory_bytes : device memory for one batch; a batch then has at most
-                   memory_bytes // member_bytes(group) members (None: no limit)
+    memory_bytes : memory for one batch; a batch then has at most
+                   memory_bytes // member_bytes(group, host) members (None: no limit);
+                   SpecError, naming the settings to lower, where one member needs more
+    host         : the batch trains in host memory (CPU workers; see `member_bytes`)
 
     Inside a P, the cells sorted by (-estimate_steps, dt, alpha, seed) go one by one to
     the batch with the least planned work (ties: the lower index) among the
@@ -350,13 +378,10 @@ def plan_batches(
         group = experiment.group(P)
         size = max_members
         if memory_bytes is not None:
-            need = member_bytes(group)
+            need = member_bytes(group, host)
             size = min(size, memory_bytes // need)
             if size < 1:
-                raise ValueError(
-                    f"{experiment.name} (P={P}): one member needs {need} bytes, more than"
-                    f" memory_bytes={memory_bytes}"
-                )
+                raise member_too_large(f"{experiment.name} (P={P})", need, memory_bytes)
         ranked = sorted(
             ((-estimate_steps(group, m), group.dt(m.T), m.alpha, m.seed, m) for m in by_P[P]),
             key=lambda r: r[:4],

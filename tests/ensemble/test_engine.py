@@ -823,3 +823,25 @@ def test_member_whose_step_and_check_disagree_stops_as_stalled(data_root):
     epoch = math.ceil(g.P / g.B)
     assert stalled.stats.real_steps <= (1 + engine_module.STALL_EPOCHS) * epoch + e.sync_every
     assert all(np.array_equal(r.weights[n], crafted[n][0].numpy()) for n in crafted)
+
+
+def test_cpu_slots_fit_the_memory_a_task_may_use():
+    """On the CPU the default ensemble holds at most CPU_SLOTS members, fewer where their
+    slots and host draws (`plan.member_bytes`) would pass CPU_MEMORY_FRACTION of the
+    memory a task may use; a member that alone passes it is refused naming P."""
+    from ensemble.cluster import task_memory
+    from ensemble.plan import CPU_MEMORY_FRACTION, member_bytes
+
+    def perceptron(P: int, d: int) -> Group:
+        return Group(dataset="perceptron", arch="perceptron", P=P, B=2, d=d)
+
+    assert engine_module.default_slots(perceptron(64, 16), "cpu", 1000) == engine_module.CPU_SLOTS
+    assert engine_module.default_slots(perceptron(64, 16), "cpu", 5) == 5
+    # members of budget / 16 to budget / 8: 8 to 16 slots, give or take the memory in use
+    budget = CPU_MEMORY_FRACTION * task_memory()
+    P = 2
+    while member_bytes(perceptron(2 * P, 128), host=True) <= budget / 8:
+        P *= 2
+    assert 4 <= engine_module.default_slots(perceptron(P, 128), "cpu", 1000) <= 24
+    with pytest.raises(SpecError, match=r"P=67108864.*one member needs .* lower P, pte or d"):
+        engine_module.default_slots(perceptron(2**26, 4096), "cpu", 1)

@@ -461,6 +461,50 @@ def test_workers_with_a_scheduler_refused_before_connecting(tmp_path):
     assert not (tmp_path / "never.zarr").exists()
 
 
+HUGE = """
+name = "huge"
+description = "a perceptron whose largest members fit no worker"
+expected_cost = "never run"
+
+[[experiment]]
+name = "huge_perceptron"
+dataset = "perceptron"
+arch = "perceptron"
+d = 4096
+chi = 1
+B = 2
+pte = 1024
+max_steps = 10
+alpha = [1.0]
+T = [0.5]
+P = [1024, 67108864]
+seed = 1
+"""
+
+
+def test_members_larger_than_a_worker_refused_before_compute(client, tmp_path):
+    """A member that needs more memory than a worker may use (here 2^26 perceptron
+    points in d = 4096: TBs) is refused naming the experiment, P and the settings to
+    lower: by an embedded cluster's launch and by the dry run before a cluster starts or
+    the store is created; on a given cluster once its workers' memory is known, before
+    any task runs."""
+    spec = tmp_path / "huge.toml"
+    spec.write_text(HUGE)
+    message = r"huge_perceptron \(P=67108864\): one member needs .* lower P, pte or d"
+    with pytest.raises(SpecError, match=message):
+        launch(spec, tmp_path / "never.zarr", progress=False, n_workers=1)
+    assert not (tmp_path / "never.zarr").exists()
+    cli = subprocess.run(
+        [sys.executable, "-m", "ensemble", "run", str(spec), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "one member needs" in cli.stderr, cli.stderr
+    with pytest.raises(SpecError, match=message):
+        launch(spec, tmp_path / "given.zarr", client=client, progress=False)
+    assert not cube.open_experiment(tmp_path / "given.zarr", "huge_perceptron")["done"].any()
+
+
 def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
     """Cells whose tasks fail (here: a GPU the workers do not have, which only they can
     tell) make ``python -m ensemble run`` exit with status 1 and say so."""

@@ -108,6 +108,10 @@ def test_member_bytes_formula():
     assert member_bytes(fc) == 4 * floats + 8 * 1024
     assert member_bytes(group(P=4096)) > member_bytes(fc)
     assert member_bytes(group(arch="mnas", h=64)) > 10 * member_bytes(fc)
+    # host memory (CPU workers) also holds HOST_DRAWS draws per slot: the initial weights
+    # in the dtype and the training set (int64 indices; the perceptron's float64 x and y)
+    assert member_bytes(g, host=True) == member_bytes(g) + 2 * (4 * 4 + 8 * 8 * (4 + 1))
+    assert member_bytes(fc, host=True) == member_bytes(fc) + 2 * (4 * 166_016 + 8 * 1024)
 
 
 # -- cost model (science.md "Typical costs") ---------------------------------------------
@@ -329,7 +333,7 @@ def test_plan_rejects_bad_input():
         plan_batches(FC, [cells[0], cells[0]])
     with pytest.raises(ValueError, match="max_members must be an integer >= 1"):
         plan_batches(FC, max_members=0)
-    with pytest.raises(ValueError, match="one member needs .* bytes, more than memory_bytes=10"):
+    with pytest.raises(ValueError, match="one member needs .* bytes .*, more than the 10 bytes"):
         plan_batches(FC, memory_bytes=10)
     assert plan_batches(FC, []) == []
 
