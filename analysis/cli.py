@@ -7,8 +7,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from analysis.report import write_report
+from analysis.load import CubeError
+from analysis.report import check_formats, write_report
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,21 +60,30 @@ def _split(text: str | None) -> list[str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    formats = _split(args.formats)
-    if args.command == "report":
-        path = write_report(
-            args.store,
-            args.out,
-            experiments=_split(args.experiments),
-            n_boot=args.n_boot,
-            seed=args.seed,
-            formats=formats,
-        )
-    else:
-        from analysis.reproduction import ManifestError, reproduce
+    p = parser()
+    args = p.parse_args(argv)
+    formats = _split(args.formats) or []
+    try:
+        check_formats(formats)
+    except ValueError as exc:
+        p.error(f"--formats: {exc}")
+    if args.n_boot < 0:
+        p.error(f"--n-boot must be >= 0, got {args.n_boot}")
+    from analysis.reproduction import ManifestError, reproduce
 
-        try:
+    try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise NotADirectoryError(f"--out {args.out} exists and is not a folder")
+        if args.command == "report":
+            path = write_report(
+                args.store,
+                args.out,
+                experiments=_split(args.experiments),
+                n_boot=args.n_boot,
+                seed=args.seed,
+                formats=formats,
+            )
+        else:
             path = reproduce(
                 args.manifest,
                 args.out,
@@ -82,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 formats=formats,
                 command="python -m analysis " + shlex.join(argv),
             )
-        except ManifestError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except (ManifestError, CubeError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(path)
     return 0

@@ -14,23 +14,31 @@ import xarray as xr
 
 from ensemble.cube import experiment_names
 
-__all__ = ["Store", "experiment_names", "open_cube"]
+__all__ = ["CubeError", "Store", "experiment_names", "open_cube"]
 
 Store = str | os.PathLike | Any
 """A path to a Zarr store or any store object that zarr and xarray accept."""
 
 
+class CubeError(ValueError):
+    """A store that is not a results cube, or lacks the groups asked for."""
+
+
 def open_cube(store: Store) -> dict[str, xr.Dataset]:
     """Open every experiment of a cube lazily.
 
-    Returns ``{experiment name: Dataset}`` in the order of `experiment_names`. Each
+    Returns ``{experiment name: Dataset}`` in the order of `experiment_names` (CubeError
+    where there is no cube or it has no group). Each
     Dataset comes from ``xarray.open_zarr(store, group=name)`` with one dask chunk per
     variable, so its data variables are dask arrays (nothing is read until a result is
     computed) and its group attributes are ``ds.attrs``.
     """
-    names = experiment_names(store)
+    try:
+        names = experiment_names(store)
+    except FileNotFoundError as exc:
+        raise CubeError(f"{store!s} is not a results cube: {exc}") from None
     if not names:
-        raise ValueError(
+        raise CubeError(
             f"no experiment groups in the cube {store!r}: the store has no child groups"
             " (is it the root of a cube written by `python -m ensemble run`?)"
         )

@@ -41,7 +41,7 @@ from analysis.crossover import (
     fit_crossover,
 )
 from analysis.fits import InsufficientData, PowerLawFit, fit_rel_change, fit_t_star
-from analysis.load import Store, open_cube
+from analysis.load import CubeError, Store, open_cube
 from analysis.optimal import CLASSES, fit_optimal_temperature, optimal_temperature
 from analysis.perceptron import (
     exponent_table,
@@ -157,16 +157,29 @@ def write_report(
     ).path
 
 
+def check_formats(formats: Sequence[str]) -> None:
+    """Raise ValueError unless ``formats`` is a non-empty list of matplotlib file formats."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    bad = [f for f in formats if f not in supported]
+    if bad or not formats:
+        raise ValueError(
+            f"formats must be matplotlib file formats ({', '.join(sorted(supported))}),"
+            f" got {list(formats)}"
+        )
+
+
 def select_experiments(
     cube: dict[str, xr.Dataset], experiments: Sequence[str] | None, store: Store
 ) -> dict[str, xr.Dataset]:
     """The groups named in ``experiments`` (in that order; all when None); raises
-    ValueError naming the unknown ones and the groups the store has."""
+    CubeError naming the unknown ones and the groups the store has."""
     if experiments is None:
         return cube
     unknown = [name for name in experiments if name not in cube]
     if unknown or not experiments:
-        raise ValueError(
+        raise CubeError(
             f"experiments {unknown or list(experiments)} are not groups of the cube {store!s};"
             f" it has {list(cube)}"
         )
@@ -183,6 +196,7 @@ def build_report(
     formats: Sequence[str] = ("png", "svg"),
 ) -> Report:
     """`write_report`, returning the `Report` (the numbers and figures of each group)."""
+    check_formats(formats)
     cube = select_experiments(open_cube(store), experiments, store)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,7 @@ from analysis.report import (
     Report,
     analysis_commit,
     build_report,
+    check_formats,
 )
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
@@ -164,8 +165,8 @@ def absent_runs(manifest: Manifest) -> dict[str, str]:
         local = "://" not in run.store
         if local and not Path(run.store).exists():
             out[run.key] = (
-                f"store {run.store} does not exist (paths are relative to the current"
-                f" directory, {Path.cwd()})"
+                f"store {run.store} does not exist (paths are relative to the directory"
+                " the command runs in)"
             )
             continue
         try:
@@ -212,7 +213,9 @@ def reproduce(
             "; ".join(f"run {key!r}: {why}" for key, why in absent.items())
             + " -- run the sweep(s) first, fix the manifest, or pass --skip-missing"
         )
+    check_formats(formats)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     reports = {
         run.key: build_report(
             run.store,

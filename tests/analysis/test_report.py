@@ -176,3 +176,28 @@ def test_finite_d_falls_back_to_the_largest_pair_with_a_mean(tmp_path, rng):
         ("snr", 4096, 8192),
     }
     assert all(np.isfinite(r["fitted"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report", "{tmp}/absent.zarr"], "absent.zarr is not a results cube"),
+        (["report", "{tmp}/a_file"], "a_file is not a results cube"),
+        (["report", "{cube}", "--experiments", "nope"], "experiments ['nope'] are not groups"),
+        (["report", "{cube}", "--out", "{tmp}/a_file"], "a_file exists and is not a folder"),
+        (["report", "{cube}", "--formats", "xyz"], "--formats: formats must be matplotlib"),
+        (["reproduce", "{tmp}/m.toml", "--formats", "png,xyz"], "got ['png', 'xyz']"),
+    ],
+)
+def test_cli_refuses_bad_input_with_one_line(tmp_path, cube_path, args, message):
+    """Exit status 2 and one line naming the problem, not a traceback; nothing written."""
+    (tmp_path / "a_file").write_text("not a cube")
+    args = [a.format(tmp=tmp_path, cube=cube_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -387,6 +387,19 @@ def test_skip_missing_notes_the_absent_cube(cube_path, tmp_path):
     assert not (tmp_path / "out/reproduction/gone").exists()
 
 
+def test_skip_missing_with_every_cube_absent_writes_the_page(tmp_path, monkeypatch):
+    """With no cube at all the page is still written, into a folder created for it, and
+    it does not name the directory the command ran in."""
+    monkeypatch.chdir(tmp_path)
+    m = manifest(
+        tmp_path / "m.toml",
+        {"key": "gone", "title": "Gone", "store": "results/nowhere.zarr", "sweep": "x"},
+    )
+    text = reproduce(m.name, Path("new/out"), skip_missing=True, n_boot=5).read_text()
+    assert "Cube absent: store results/nowhere.zarr does not exist" in text
+    assert str(tmp_path) not in text  # with a relative manifest and output folder
+
+
 def test_skip_missing_keeps_the_last_section_of_an_absent_cube(cube_path, tmp_path):
     """A run whose cube is gone keeps the section an earlier call wrote from it, marked
     with that call's date and analysis code; its provenance row says so too."""
