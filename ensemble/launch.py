@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -454,6 +455,11 @@ def launch(
     its group attribute ``launches`` after its cells were written (see
     ``ensemble.schema.LAUNCHES_ATTR``); a launch that trains nothing records nothing.
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise EnsembleError(
+            "launch() ran while a new process imported the main script (Dask starts its"
+            " workers that way): put the script's launch under `if __name__ == '__main__':`"
+        )
     check_options(n_workers, device, slots, max_members, local=client is None and not scheduler)
     if n_workers is not None and (client is not None or scheduler):
         raise SpecError(

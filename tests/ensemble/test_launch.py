@@ -505,6 +505,24 @@ def test_members_larger_than_a_worker_refused_before_compute(client, tmp_path):
     assert not cube.open_experiment(tmp_path / "given.zarr", "huge_perceptron")["done"].any()
 
 
+def test_unguarded_script_is_told_to_guard_its_launch(tmp_path, data_root):
+    """A script that calls launch() at module level is imported again by each Dask worker
+    process as it starts; that second launch says what to do instead of reporting the
+    store busy (held by the script itself)."""
+    spec = write_sweep(tmp_path / "tiny.toml")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import ensemble.launch\n"
+        f"ensemble.launch.launch({str(spec)!r}, {str(tmp_path / 's.zarr')!r}, n_workers=1)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert out.returncode != 0
+    assert "under `if __name__ == '__main__':`" in out.stderr, out.stderr[-2000:]
+    assert "in use by another launch" not in out.stderr
+
+
 def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
     """Cells whose tasks fail (here: a GPU the workers do not have, which only they can
     tell) make ``python -m ensemble run`` exit with status 1 and say so."""
