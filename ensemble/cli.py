@@ -83,7 +83,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         from ensemble.cluster import default_workers
 
         workers = default_workers() if a.workers is None else a.workers
-        print(dry_run(a.sweep, a.store, workers, a.max_members, device=a.device))
+        print(dry_run(a.sweep, a.store, workers, a.max_members, a.device, a.slots, a.data_root))
         return 0
     monitor = None
     if not a.no_monitor:

@@ -72,6 +72,21 @@ def _local_path(store: str | os.PathLike) -> Path:
     return Path(str(store).removeprefix("file://"))
 
 
+def check_store(store: str | os.PathLike) -> None:
+    """Raise SpecError where a local ``store`` cannot be a cube: a file, or a folder that
+    holds something other than a Zarr store (no ``zarr.json``), which a launch would fill."""
+    if not _is_local(store):
+        return
+    path = _local_path(store)
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"store {store} is a file: give a new path or an existing cube")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise SpecError(
+            f"store {store} is a folder that holds no Zarr store (no zarr.json): give a new"
+            " path or an existing cube"
+        )
+
+
 @contextmanager
 def store_lock(store: str | os.PathLike) -> Iterator[None]:
     """Hold the store for one launch; a second launch on the same store is refused.

@@ -293,6 +293,35 @@ def check_options(
             )
 
 
+def preflight(
+    spec: Sweep | str | os.PathLike,
+    store: str | os.PathLike | None,
+    n_workers: int | None,
+    device: str | None,
+    slots: int | None,
+    max_members: int | None,
+    data_root: str | None,
+    local: bool,
+) -> Sweep:
+    """The sweep, once every check a launch makes before it touches the store or starts a
+    cluster has passed (SpecError or DataError naming the problem otherwise): the options
+    (`check_options`), the sweep file, its datasets (`check_data`), the store path
+    (`cube.check_store`) and, for an embedded cluster on this machine's CPUs (``local``),
+    each member's memory (`check_memory`). ``launch`` and ``dry_run`` both make them."""
+    check_options(n_workers, device, slots, max_members, local=local)
+    sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
+    check_data(sweep, data_root)
+    if store is not None:
+        cube.check_store(store)
+    if local and not _local_gpus(device):
+        from ensemble.cluster import default_workers
+
+        # the embedded cluster's CPU workers each get this share of the machine (Dask's
+        # memory_limit="auto"); other workers are checked once connected (plan, engine)
+        check_memory(sweep, psutil.virtual_memory().total // (n_workers or default_workers()))
+    return sweep
+
+
 def check_memory(sweep: Sweep, worker_memory: int) -> None:
     """Raise SpecError, before any compute, where one member of a group needs more than
     CPU_MEMORY_FRACTION of a CPU worker's ``worker_memory`` (bytes; `plan.member_bytes`)."""
@@ -460,20 +489,13 @@ def launch(
             "launch() ran while a new process imported the main script (Dask starts its"
             " workers that way): put the script's launch under `if __name__ == '__main__':`"
         )
-    check_options(n_workers, device, slots, max_members, local=client is None and not scheduler)
     if n_workers is not None and (client is not None or scheduler):
         raise SpecError(
             "n_workers (--workers) sizes the embedded cluster; a launch on a scheduler"
             " (--scheduler) or a client uses that cluster's workers: give one of the two"
         )
-    sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
-    check_data(sweep, data_root)
-    if client is None and not scheduler and not _local_gpus(device):
-        from ensemble.cluster import default_workers
-
-        # the embedded cluster's CPU workers each get this share of the machine (Dask's
-        # memory_limit="auto"); other workers are checked once connected (plan, engine)
-        check_memory(sweep, psutil.virtual_memory().total // (n_workers or default_workers()))
+    local = client is None and not scheduler
+    sweep = preflight(spec, store, n_workers, device, slots, max_members, data_root, local)
     report = LaunchReport()
     record = {
         "id": uuid.uuid4().hex[:12],
@@ -665,25 +687,31 @@ def dry_run(
     n_workers: int,
     max_members: int | None = None,
     device: str | None = None,
+    slots: int | None = None,
+    data_root: str | None = None,
 ) -> str:
     """The plan of the cells still missing in ``store`` (all cells without a store), as
-    ``launch`` with the same ``n_workers``, ``max_members`` and ``device`` would cut it:
-    for GPU workers if ``device`` is a CUDA one (without it, if this machine has CUDA),
-    CPU workers with this machine's memory shared among them.
-    Settings that differ from the store's are refused as the launch refuses them."""
-    check_options(n_workers=n_workers, device=device, max_members=max_members)
-    sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
+    ``launch`` with the same options would cut it: for GPU workers if ``device`` is a CUDA
+    one (without it, if this machine has CUDA), else for CPU workers sharing this
+    machine's memory; then the sweep file's ``expected_cost``. Refuses what the launch
+    refuses before any compute (`preflight`, changed stored settings); a CUDA ``device``
+    is planned for even where this machine has none (for a launch on a scheduler)."""
+    sweep = preflight(spec, store, n_workers, device, slots, max_members, data_root, False)
     if store is None:
         pending = {e.name: e.cells() for e in sweep.experiments}
     else:
         check_settings(sweep, store)
         pending = pending_cells(sweep, store)  # all cells where the store is new
+    n_pending = sum(len(v) for v in pending.values())
+    if n_pending == 0:
+        return f"{sweep.name}: all {len(sweep.cells())} cells are already done in {store}"
     gpu = _local_gpus(device)
     # an embedded cluster's share of this machine per worker (Dask's memory_limit="auto")
     memory = psutil.virtual_memory().total // n_workers
     batches = plan(sweep, pending, n_workers, max_members, gpu, memory)
-    return f"{sweep.name}: {sum(len(v) for v in pending.values())} cells pending\n" + format_plan(
-        batches
+    return (
+        f"{sweep.name}: {n_pending} cells pending\n{format_plan(batches)}\n"
+        f"Expected cost of the whole sweep (sweep file): {sweep.expected_cost}"
     )
 
 

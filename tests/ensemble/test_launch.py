@@ -539,7 +539,7 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
     spec = write_sweep(tmp_path / "tiny.toml")
     # a dry run on a store plans only its missing cells, given as a path or as a URL
     for store in (reference_store, f"file://{reference_store}"):
-        assert dry_run(spec, store, 2).startswith("tiny: 0 cells pending"), store
+        assert dry_run(spec, store, 2).startswith("tiny: all 8 cells are already done"), store
     out = subprocess.run(
         [sys.executable, "-m", "ensemble", "run", str(spec), "--dry-run", "--workers", "2"],
         capture_output=True,
@@ -560,7 +560,8 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
     pending = {e.name: e.cells() for e in sweep.experiments}
     plans = {d: dry_run(sweep, None, 2, device=d) for d in ("cuda", "cpu")}
     for device, gpu in (("cuda", True), ("cpu", False)):
-        assert plans[device].endswith(format_plan(plan(sweep, pending, 2, None, gpu)))
+        assert format_plan(plan(sweep, pending, 2, None, gpu)) in plans[device]
+        assert plans[device].endswith(sweep.expected_cost)
     assert plans["cuda"] != plans["cpu"]
 
 
@@ -573,16 +574,27 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
         (["train", "--device", "foo"], "device (--device) must be a torch device"),
         (["status", "no_such.zarr"], "store no_such.zarr is not a results cube"),
         (["run", "quick_fc_phase_mnist", "--dry-run", "--device", "tpu"], "device (--device)"),
+        (["run", "quick_fc_phase_mnist", "--dry-run", "--slots", "-3"], "slots (--slots) must"),
+        (["run", "quick_fc_phase_mnist", "--dry-run", "--data-root", "none"], "no mnist data"),
+        (["run", "quick_fc_phase_mnist", "--store", "a_file"], "store a_file is a file"),
+        (["run", "quick_fc_phase_mnist", "--dry-run", "--store", "a_file"], "a_file is a file"),
+        (["run", "quick_fc_phase_mnist", "--store", "notes"], "holds no Zarr store"),
     ],
 )
 def test_cli_refuses_bad_input_before_compute(tmp_path, args, message):
-    """Exit status 2 and one line naming the field, not a traceback or a wrong run."""
+    """Exit status 2 and one line naming the field, not a traceback or a wrong run; the
+    dry run refuses what the launch refuses. A store path must be new or a cube: not a
+    file, nor a folder of other things, which the launch would write into."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("x")
     out = subprocess.run(
         [sys.executable, "-m", "ensemble", *args], capture_output=True, text=True, cwd=tmp_path
     )
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
 
 
 def test_status_compares_steps_with_the_planner(tmp_path, reference):
