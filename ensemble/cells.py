@@ -135,9 +135,14 @@ class Group:
         return T * self.h * self.B
 
     def check_scales(self, alpha: Iterable[float], T: Iterable[float]) -> None:
-        """With dtype float32, every alpha and dt = T h B must be a normal float32 number:
+        """Every alpha and T must be finite and > 0; with dtype float32, every alpha and
+        dt = T h B must also be a normal float32 number:
         the engine holds them as float32 (alpha = 1e-50 became 0 and read as diverged at
         step 0). Raises SpecError naming the field."""
+        for key, values in (("alpha", alpha), ("T", T)):
+            bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise SpecError(f"field {key!r}: values must be finite numbers > 0, got {bad[0]!r}")
         if self.dtype != "float32":
             return
         tiny, huge = FLOAT32_RANGE

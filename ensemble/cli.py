@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import signal
 import sys
@@ -30,30 +31,21 @@ def _ints(text: str) -> list[int]:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from ensemble.cells import Group, Member
     from ensemble.engine import Engine, default_slots, resolve_device
     from ensemble.launch import check_options, check_shares
     from ensemble.schema import OUTCOME_FLAGS
+    from ensemble.spec import Experiment
 
     check_options(device=a.device, slots=a.slots, local=True)
-
-    group = Group(
-        dataset=a.dataset,
-        arch=a.arch,
-        P=a.P,
-        B=a.B,
-        pte=a.pte,
-        h=a.h,
-        L=a.L,
-        activation=a.activation,
-        d=a.d,
-        chi=a.chi,
-        max_steps=a.max_steps,
-        dtype=a.dtype,
-        data_root=a.data_root,
-    )
-    group.check_scales(a.alpha, a.T)
-    members = [Member(alpha=al, T=T, seed=s) for al in a.alpha for T in a.T for s in a.seeds]
+    # the checks and defaults of a sweep file's experiment (named "train" in errors)
+    given = {"L": a.L, "activation": a.activation, "d": a.d, "chi": a.chi}
+    settings = {k: v for k, v in given.items() if v is not None}
+    h = a.h if a.h is not None else (1 if a.arch == "perceptron" else 128)
+    settings |= dict(dataset=a.dataset, arch=a.arch, h=h, B=a.B, pte=a.pte)
+    settings |= dict(max_steps=a.max_steps, dtype=a.dtype)
+    exp = Experiment("train", settings, tuple(a.alpha), tuple(a.T), (a.P,), tuple(a.seeds))
+    group = dataclasses.replace(exp.group(a.P), data_root=a.data_root)
+    members = [c.member() for c in exp.cells()]
     device = resolve_device(a.device)
     k = a.slots if a.slots is not None else default_slots(group, device, len(members))
     engine = Engine(group, k, device, compile=a.compile)
@@ -69,7 +61,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         )
     s = engine.stats
     print(
-        f"# {len(results)} members on {device} with {engine.K} slots in {s.seconds:.1f} s,"
+        f"# {len(results)} members on {device} with {k} slots in {s.seconds:.1f} s,"
         f" {s.member_steps / s.seconds:.0f} network-steps/s, occupancy {s.occupancy:.0%},"
         f" {check_shares(s.check_seconds, s.checkpoint_seconds, s.seconds)}"
     )
@@ -155,14 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one ensemble and print each member's results")
     t.add_argument("--dataset", default="mnist", help="mnist | cifar10 | perceptron")
     t.add_argument("--arch", default="fc", help="fc | mnas | perceptron")
-    t.add_argument("--L", type=int, default=5, help="hidden layers of FC-L")
-    t.add_argument("--h", type=int, default=128, help="width (1 for the perceptron)")
-    t.add_argument("--activation", default="relu", help="relu | gelu")
+    t.add_argument("--L", type=int, default=None, help="hidden layers of FC-L (default 5)")
+    t.add_argument("--h", type=int, default=None, help="width (default 128; the perceptron's is 1)")
+    t.add_argument("--activation", default=None, help="relu | gelu (default relu)")
     t.add_argument("--P", type=int, default=1024, help="training set size")
     t.add_argument("--B", type=int, default=16, help="batch size")
     t.add_argument("--pte", type=int, default=2048, help="test set size")
-    t.add_argument("--d", type=int, default=0, help="perceptron dimension")
-    t.add_argument("--chi", type=float, default=0.0, help="perceptron depletion exponent")
+    t.add_argument("--d", type=int, default=None, help="perceptron dimension (required there)")
+    t.add_argument(
+        "--chi", type=float, default=None, help="perceptron depletion exponent (default 0)"
+    )
     t.add_argument("--alpha", type=_floats("alpha"), default=[2.0**15], help="e.g. 1,32768")
     t.add_argument("--T", type=_floats("T"), default=[2.0**-8], help="e.g. 0.001,0.01")
     t.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")

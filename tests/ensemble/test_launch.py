@@ -565,6 +565,22 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
     assert plans["cuda"] != plans["cpu"]
 
 
+def test_cli_train_prints_each_member():
+    """``train`` with a sweep file's defaults (the perceptron's width h = 1 among them):
+    one row per member, then the slots it started with."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ensemble", "train", "--dataset", "perceptron", "--arch"]
+        + ["perceptron", "--d", "16", "--B", "2", "--P", "64", "--pte", "64", "--alpha"]
+        + ["32768", "--T", "0.5", "--seeds", "0,1,2", "--max-steps", "2000", "--slots", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [line.split() for line in out.stdout.splitlines()[1:] if not line.startswith("#")]
+    assert [r[2] for r in rows] == ["0", "1", "2"] and all(r[3] == "converged" for r in rows)
+    assert "# 3 members on cpu with 2 slots" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -572,6 +588,10 @@ def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
         (["train", "--T", "1e-300"], "field 'T': dt = T h B must be a normal float32"),
         (["train", "--slots", "0"], "slots (--slots) must be an integer >= 1"),
         (["train", "--device", "foo"], "device (--device) must be a torch device"),
+        (["train", "--T=-0.01"], "field 'T': values must be finite numbers > 0, got -0.01"),
+        (["train", "--alpha", "0"], "field 'alpha': values must be finite numbers > 0"),
+        (["train", "--seeds", "0,0"], "field 'seed': duplicate values [0]"),
+        (["train", "--d", "16"], "field 'd': d = 16 is only used by arch perceptron"),
         (["status", "no_such.zarr"], "store no_such.zarr is not a results cube"),
         (["run", "quick_fc_phase_mnist", "--dry-run", "--device", "tpu"], "device (--device)"),
         (["run", "quick_fc_phase_mnist", "--dry-run", "--slots", "-3"], "slots (--slots) must"),
