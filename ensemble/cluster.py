@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
+from ensemble.cells import EnsembleError
+
 
 def default_workers() -> int:
     """One worker per GPU if there are GPUs, else one per CPU core."""
@@ -54,7 +56,11 @@ def connect(
         yield client
         return
     if scheduler is not None:
-        with Client(scheduler) as c:
+        try:
+            client = Client(scheduler)
+        except OSError as exc:
+            raise EnsembleError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client as c:
             if not worker_count(c):  # the plan is cut for the workers there are
                 print(f"waiting for a worker to join {scheduler}", file=sys.stderr, flush=True)
                 c.wait_for_workers(1)

@@ -418,7 +418,7 @@ def run_batch(
     dev = worker_device(device)
     stream = MemberStream.open(topic, batch.key)
     if stream is not None:
-        stream.started()
+        stream.started(_device_name(dev))
     skip = stream.published() if stream is not None else set()
     todo = [i for i in range(len(batch.members)) if i not in skip]
     records: list[dict | None] = [None] * len(batch.members)
@@ -552,7 +552,7 @@ def launch(
 def _record_launch(store: str | os.PathLike, report: LaunchReport, record: dict) -> None:
     """Append ``record`` completed with this launch's numbers to every experiment group
     that got cells from it (called after the cells are written, store lock held)."""
-    devices = ", ".join(report.devices) or "unknown"  # known once a batch was written
+    devices = ", ".join(report.devices) or "unknown"  # known once a task started
     for name, n in report.trained.items():
         if n > 0:
             cube.append_launch(

@@ -46,7 +46,8 @@ def member_record(result: MemberResult) -> dict:
 class MemberStream:
     """A task's end of its launch's event stream (``launch.run_batch`` on a Dask worker).
 
-    ``started()`` sends ``{"key": key, "started": True}`` on ``topic`` as the task begins.
+    ``started(device)`` sends ``{"key": key, "started": True, "device": device}`` on
+    ``topic`` as the task begins.
     ``publish(index, result)`` (``Engine.run``'s ``on_result``) sends the member's record
     as ``{"key": key, "index": index, "result": member_record}`` on ``topic``, which the
     launching process writes, then the bare index on ``topic/key``. ``published()`` reads
@@ -83,10 +84,12 @@ class MemberStream:
             logger.warning("task %s: could not read its earlier members (%r)", self.key, exc)
             return set()
 
-    def started(self) -> None:
-        """Announce that this task began (before its data and engine are set up)."""
+    def started(self, device: str) -> None:
+        """Announce that this task began on ``device`` (a readable name), before its data
+        and engine are set up."""
         try:
-            self.worker.log_event(self.topic, {"key": self.key, "started": True})
+            msg = {"key": self.key, "started": True, "device": device}
+            self.worker.log_event(self.topic, msg)
         except Exception as exc:  # noqa: BLE001  its first member will say so instead
             logger.warning("task %s: start not streamed (%r)", self.key, exc)
 
@@ -117,6 +120,11 @@ class Sink:
         self.pending: list[tuple[str, int, dict]] = []  # received, not yet written
         self.report, self.bar, self.mon = report, bar, mon
 
+    def _device(self, device: str | None) -> None:
+        r = self.report
+        if device and device not in r.devices:
+            r.devices = sorted([*r.devices, device])
+
     def _count_failed(self, b: Batch, n: int) -> None:
         """Count ``n`` cells of ``b`` as failed (negative: a late one arrived after all)."""
         self.failed.add(b.key)
@@ -131,7 +139,7 @@ class Sink:
             if not isinstance(msg, dict) or msg.get("key") not in self.batches:
                 continue
             if msg.get("started"):
-                self.start(msg["key"])
+                self.start(msg["key"], msg.get("device"))
             else:
                 self.pending.append((msg["key"], int(msg["index"]), msg["result"]))
 
@@ -141,8 +149,11 @@ class Sink:
         self.pending = []
         return n
 
-    def start(self, key: str) -> None:
-        """Task ``key`` began training (once per task, a retried one included)."""
+    def start(self, key: str, device: str | None = None) -> None:
+        """Task ``key`` began training on ``device`` (once per task, a retried one
+        included); the device is the launch record's at once, should the launch stop
+        before the task returns."""
+        self._device(device)
         if key not in self.started:
             self.started.add(key)
             if self.mon is not None:
@@ -192,8 +203,7 @@ class Sink:
             self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")
         r.skipped += int(stats.get("skipped", 0))
         r.stalled += int(stats.get("stalled", 0))
-        if stats.get("device") and stats["device"] not in r.devices:
-            r.devices = sorted([*r.devices, stats["device"]])
+        self._device(stats.get("device"))
         r.member_steps += stats["member_steps"]
         r.slot_steps += stats["slot_steps"]
         r.busy_steps += stats["busy_steps"]

@@ -23,7 +23,7 @@ from tiny_sweep import write_sweep
 
 from ensemble import cube
 from ensemble import launch as launch_module
-from ensemble.cells import SpecError
+from ensemble.cells import EnsembleError, SpecError
 from ensemble.cluster import QuickExit, connect, gpu_workers, worker_count
 from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import (
@@ -210,6 +210,7 @@ def test_sigterm_stops_the_launch_like_ctrl_c(client, tmp_path, slow, data_root)
     assert "interrupted (SIGTERM)" in stderr and "rerun the same command" in stderr
     (record,) = launches(store, "tiny_fc")
     assert record["completed"] is False and record["cells_trained"] >= done
+    assert record["device"].startswith("cpu (")  # from the task start, before it returned
     missing = len(pending_cells(sweep, store)["tiny_fc"])
     report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
     assert report["cells_done"] == missing
@@ -521,6 +522,19 @@ def test_unguarded_script_is_told_to_guard_its_launch(tmp_path, data_root):
     assert out.returncode != 0
     assert "under `if __name__ == '__main__':`" in out.stderr, out.stderr[-2000:]
     assert "in use by another launch" not in out.stderr
+
+
+def test_unreachable_scheduler_is_an_error_line(tmp_path):
+    """A scheduler address nothing answers at: an EnsembleError naming it (one line and
+    exit status 2 from the command), not a traceback."""
+    import dask
+
+    spec = write_sweep(tmp_path / "ok.toml")
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "2s"}),
+        pytest.raises(EnsembleError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"),
+    ):
+        launch(spec, tmp_path / "s.zarr", scheduler="tcp://127.0.0.1:9", progress=False)
 
 
 def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
