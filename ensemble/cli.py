@@ -30,6 +30,25 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+def _counts(text: str) -> list[int]:
+    """Comma-separated integers >= 1 (ensemble sizes, training set sizes)."""
+    values = _ints(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _count(text: str) -> int:
+    """One integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from ensemble.engine import Engine, default_slots, resolve_device
     from ensemble.launch import check_options, check_shares
@@ -211,16 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_cmd_sweeps)
 
     b = sub.add_parser("bench", help="network-steps/s of ensembles vs one network at a time")
-    b.add_argument("--arch", default="all", help="fc | mnas | perceptron | all")
+    b.add_argument("--arch", default="all", choices=["fc", "mnas", "perceptron", "all"])
     b.add_argument(
         "--K",
-        type=_ints,
+        type=_counts,
         default=None,
         help="ensemble sizes, e.g. 1,8,64,256 (MNAS: those up to 16 on the CPU, 256 on CUDA)",
     )
-    b.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    b.add_argument("--steps", type=_count, default=None, help="timed steps per measurement")
     b.add_argument("--device", default=None)
-    b.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
+    b.add_argument("--repeats", type=_count, default=3, help="repeats; the median is reported")
     b.add_argument("--data-root", default=None)
     b.add_argument("--synthetic", action="store_true", help="random inputs of the data's shape")
     b.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")
@@ -230,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU: time the first compiled step and the break-even work of --compile",
     )
     b.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (Dask workers use 1)"
+        "--threads", type=_count, default=None, help="torch CPU threads (Dask workers use 1)"
     )
     b.add_argument("--check", action="store_true", help="first check graph/eager/alone equality")
     b.add_argument(
@@ -259,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--skip",
-        type=_ints,
+        type=_counts,
         default=None,
         metavar="P,P,...",
         help="perceptron to zero loss at these P, quiet-step skipping against plain steps",

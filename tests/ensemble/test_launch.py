@@ -606,6 +606,9 @@ def test_cli_train_prints_each_member():
         (["train", "--alpha", "0"], "field 'alpha': values must be finite numbers > 0"),
         (["train", "--seeds", "0,0"], "field 'seed': duplicate values [0]"),
         (["train", "--d", "16"], "field 'd': d = 16 is only used by arch perceptron"),
+        (["bench", "--K", "0"], "argument --K: expected integers >= 1, got '0'"),
+        (["bench", "--arch", "percepton"], "argument --arch: invalid choice: 'percepton'"),
+        (["bench", "--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
         (["status", "no_such.zarr"], "store no_such.zarr is not a results cube"),
         (["run", "quick_fc_phase_mnist", "--dry-run", "--device", "tpu"], "device (--device)"),
         (["run", "quick_fc_phase_mnist", "--dry-run", "--slots", "-3"], "slots (--slots) must"),
@@ -626,7 +629,8 @@ def test_cli_refuses_bad_input_before_compute(tmp_path, args, message):
         [sys.executable, "-m", "ensemble", *args], capture_output=True, text=True, cwd=tmp_path
     )
     assert out.returncode == 2, out.stderr
-    assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    last = out.stderr.splitlines()[-1]  # argparse's own errors follow its usage line
+    assert "error: " in last and message in last, out.stderr
     assert "Traceback" not in out.stderr
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
 
