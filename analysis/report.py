@@ -53,6 +53,7 @@ from analysis.perceptron import (
 )
 from ensemble.provenance import git_commit
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
+from ensemble.spec import setting_applies
 
 
 @functools.cache
@@ -361,8 +362,14 @@ def _experiment(
     section: _Section, ds: xr.Dataset, n_boot: int, seed: int, perceptron_rows: list
 ) -> None:
     section.add("### Settings", "")
+    arch = str(ds.attrs.get("arch"))
     section.table(
-        ["setting", "value"], [[k, _md(v)] for k, v in ds.attrs.items() if k != LAUNCHES_ATTR]
+        ["setting", "value"],
+        [
+            [k, _md(v)]
+            for k, v in ds.attrs.items()
+            if k != LAUNCHES_ATTR and setting_applies(k, arch)  # no FC d, no perceptron L
+        ],
     )
     _launches(section, ds.attrs.get(LAUNCHES_ATTR))
     grid = {d: ds[d].values for d in ("alpha", "T", "P", "seed") if d in ds.dims}

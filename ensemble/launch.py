@@ -595,7 +595,11 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
         report.batches = len(batches)
         mon = monitor(c, sweep, store, batches) if monitor else None
         if progress:
-            print(f"{sweep.name}: {report.cells_pending} cells to train in {len(batches)} tasks")
+            n, tasks = report.cells_pending, len(batches)
+            print(
+                f"{sweep.name}: {n} cell{'s' * (n != 1)} to train in {tasks}"
+                f" task{'s' * (tasks != 1)}"
+            )
             print(f"Dask dashboard: {c.dashboard_link}")
             if mon is not None and getattr(mon, "url", None):
                 print(f"Sweep page:     {mon.url}")

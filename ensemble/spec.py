@@ -111,6 +111,12 @@ _ONLY_FOR: dict[str, tuple[str, ...]] = {
 }
 """Settings that only some architectures use; setting them elsewhere is an error."""
 
+
+def setting_applies(key: str, arch: str) -> bool:
+    """Whether setting ``key`` means anything for ``arch`` (e.g. ``d`` for FC does not)."""
+    return arch in _ONLY_FOR.get(key, (arch,))
+
+
 _EXPERIMENT_KEYS = ("name", "matrix", "dt", *GRIDS, *SETTING_TYPES)
 _SWEEP_KEYS = ("name", "description", "expected_cost", "experiment")
 NOT_MEASURED = "not yet measured"

@@ -201,3 +201,12 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path, cube_path, args, message)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_table_lists_what_the_architecture_uses(report_dir):
+    """The group attributes hold every Group field; the report's settings table leaves
+    out those the architecture ignores (an FC network has no d or chi)."""
+    part = (report_dir / "report.md").read_text().split("### Settings")[1]
+    table = part.split("\n\n")[1]
+    assert "| L | 5 |" in table and "| activation | relu |" in table
+    assert "| d |" not in table and "| chi |" not in table
