@@ -12,8 +12,10 @@ import atexit
 import fcntl
 import gc
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -66,17 +68,33 @@ def connect(
                 c.wait_for_workers(1)
             yield c
         return
-    with (
-        LocalCluster(
+    with _workers_ignore_sigint():
+        cluster = LocalCluster(
             n_workers=n_workers or default_workers(),
             threads_per_worker=1,
             processes=True,
             dashboard_address=dashboard_address,
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+        )
+    with cluster, Client(cluster) as c:
         c.register_plugin(QuickExit())
         yield c
+
+
+@contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (they inherit it; Python then installs
+    no KeyboardInterrupt handler): a terminal's Ctrl-C reaches the whole process group,
+    and the launching process alone should stop, write what arrived and close the
+    cluster, without every worker printing its own traceback. Only in the main thread
+    (where signal handlers live); the handler is restored once the workers started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def worker_count(client: Client) -> int:

@@ -194,20 +194,29 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, dat
     assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
 
 
-def test_sigterm_stops_the_launch_like_ctrl_c(client, tmp_path, slow, data_root):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_launch_writes_what_arrived(client, tmp_path, slow, data_root, signum):
     """A batch system's stop (SIGTERM to the launching process, as SLURM or `timeout`
-    send) interrupts the launch as Ctrl-C does: it writes what arrived, records itself
-    as not completed, exits 128 + 15 with a line saying how to resume, and the rerun
-    trains only the rest."""
+    send) and a terminal's Ctrl-C (SIGINT to the whole process group, the embedded
+    cluster's workers included) interrupt the launch alike: it writes what arrived,
+    records itself as not completed, exits 128 + the signal with a line saying how to
+    resume, with no worker's traceback, and the rerun trains only the rest."""
     spec, reference = slow
     store = tmp_path / "t.zarr"
     sweep = load_sweep(spec)
-    proc, done = _run_until_partway(spec, store, data_root, stderr=subprocess.PIPE, text=True)
-    proc.send_signal(signal.SIGTERM)
+    proc, done = _run_until_partway(
+        spec, store, data_root, stderr=subprocess.PIPE, text=True, process_group=0
+    )
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert 1 <= done < 4, f"the launch was not caught partway ({done} cells done)"
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "interrupted (SIGTERM)" in stderr and "rerun the same command" in stderr
+    assert proc.returncode == 128 + signum, stderr
+    name = signal.Signals(signum).name
+    assert f"interrupted ({name})" in stderr and "rerun the same command" in stderr
+    assert "Traceback" not in stderr, stderr
     (record,) = launches(store, "tiny_fc")
     assert record["completed"] is False and record["cells_trained"] >= done
     assert record["device"].startswith("cpu (")  # from the task start, before it returned
