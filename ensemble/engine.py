@@ -137,19 +137,17 @@ def default_slots(group: Group, device: str | torch.device, n_members: int) -> i
     memory a task may use (``cluster.task_memory``). SpecError where one member does not
     fit (`plan.member_bytes`)."""
     from ensemble.cluster import task_memory
-    from ensemble.plan import CPU_MEMORY_FRACTION, member_bytes, member_too_large
+    from ensemble.plan import CPU_MEMORY_FRACTION, members_that_fit
 
     dev = torch.device(device)
-    if dev.type == "cuda":
-        budget, need = (
-            int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(dev)[0]),
-            member_bytes(group),
-        )
+    cuda = dev.type == "cuda"
+    if cuda:
+        budget = int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(dev)[0])
     else:
-        budget, need = int(CPU_MEMORY_FRACTION * task_memory()), member_bytes(group, host=True)
-    if need > budget:
-        raise member_too_large(f"{group.arch}, P={group.P}, on {dev}", need, budget)
-    k = budget // need if dev.type == "cuda" else min(CPU_SLOTS, budget // need)
+        budget = int(CPU_MEMORY_FRACTION * task_memory())
+    k = members_that_fit(group, budget, not cuda, f"{group.arch}, P={group.P}, on {dev}")
+    if not cuda:
+        k = min(CPU_SLOTS, k)
     return max(1, min(k, n_members))
 
 

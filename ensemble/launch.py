@@ -38,8 +38,7 @@ from ensemble.plan import (
     Batch,
     compile_break_even,
     format_plan,
-    member_bytes,
-    member_too_large,
+    members_that_fit,
     plan_batches,
 )
 from ensemble.provenance import git_commit
@@ -316,9 +315,8 @@ def preflight(
     if local and not _local_gpus(device):
         from ensemble.cluster import default_workers
 
-        # the embedded cluster's CPU workers each get this share of the machine (Dask's
-        # memory_limit="auto"); other workers are checked once connected (plan, engine)
-        check_memory(sweep, psutil.virtual_memory().total // (n_workers or default_workers()))
+        # other workers are checked once connected (plan, engine)
+        check_memory(sweep, _local_worker_memory(n_workers or default_workers()))
     return sweep
 
 
@@ -328,9 +326,7 @@ def check_memory(sweep: Sweep, worker_memory: int) -> None:
     budget = int(CPU_MEMORY_FRACTION * worker_memory)
     for exp in sweep.experiments:
         for P in exp.P:
-            need = member_bytes(exp.group(P), host=True)
-            if need > budget:
-                raise member_too_large(f"{exp.name} (P={P})", need, budget)
+            members_that_fit(exp.group(P), budget, True, f"{exp.name} (P={P})")
 
 
 def check_data(sweep: Sweep, data_root: str | None = None) -> None:
@@ -675,6 +671,12 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     c.unsubscribe_topic(topic)
 
 
+def _local_worker_memory(n_workers: int) -> int:
+    """Bytes each of ``n_workers`` workers of an embedded cluster gets: its share of this
+    machine's memory, as Dask's ``memory_limit="auto"`` divides it."""
+    return psutil.virtual_memory().total // n_workers
+
+
 def _local_gpus(device: str | None) -> bool:
     """Whether workers on this machine train on GPUs: ``device`` if given, else whether
     this machine has CUDA (as ``cluster.gpu_workers`` decides for a running cluster)."""
@@ -709,10 +711,9 @@ def dry_run(
     n_pending = sum(len(v) for v in pending.values())
     if n_pending == 0:
         return f"{sweep.name}: all {len(sweep.cells())} cells are already done in {store}"
-    gpu = _local_gpus(device)
-    # an embedded cluster's share of this machine per worker (Dask's memory_limit="auto")
-    memory = psutil.virtual_memory().total // n_workers
-    batches = plan(sweep, pending, n_workers, max_members, gpu, memory)
+    batches = plan(
+        sweep, pending, n_workers, max_members, _local_gpus(device), _local_worker_memory(n_workers)
+    )
     return (
         f"{sweep.name}: {n_pending} cells pending\n{format_plan(batches)}\n"
         f"Expected cost of the whole sweep (sweep file): {sweep.expected_cost}"

@@ -255,13 +255,18 @@ def member_bytes(group: Group, host: bool = False) -> int:
     return device + HOST_DRAWS * draw
 
 
-def member_too_large(where: str, need: int, budget: int) -> SpecError:
-    """The error for a member that needs ``need`` bytes where a task may use ``budget``."""
-    return SpecError(
-        f"{where}: one member needs {need} bytes ({need / 2**30:.3g} GiB), more than the"
-        f" {budget} bytes ({budget / 2**30:.3g} GiB) a task may use: lower P, pte or d (the"
-        " perceptron's training points), or h or B (the networks' weights and activations)"
-    )
+def members_that_fit(group: Group, budget: int, host: bool, where: str) -> int:
+    """How many members of ``group`` fit in ``budget`` bytes (`member_bytes`, ``host`` as
+    there); SpecError naming ``where`` and the settings to lower where not even one does."""
+    need = member_bytes(group, host)
+    if need > budget:
+        raise SpecError(
+            f"{where}: one member needs {need} bytes ({need / 2**30:.3g} GiB), more than the"
+            f" {budget} bytes ({budget / 2**30:.3g} GiB) a task may use: lower P, pte or d"
+            " (the perceptron's training points), or h or B (the networks' weights and"
+            " activations)"
+        )
+    return budget // need
 
 
 # -- batches -----------------------------------------------------------------------------
@@ -378,10 +383,8 @@ def plan_batches(
         group = experiment.group(P)
         size = max_members
         if memory_bytes is not None:
-            need = member_bytes(group, host)
-            size = min(size, memory_bytes // need)
-            if size < 1:
-                raise member_too_large(f"{experiment.name} (P={P})", need, memory_bytes)
+            where = f"{experiment.name} (P={P})"
+            size = min(size, members_that_fit(group, memory_bytes, host, where))
         ranked = sorted(
             ((-estimate_steps(group, m), group.dt(m.T), m.alpha, m.seed, m) for m in by_P[P]),
             key=lambda r: r[:4],
