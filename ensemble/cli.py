@@ -66,7 +66,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     group = dataclasses.replace(exp.group(a.P), data_root=a.data_root)
     members = [c.member() for c in exp.cells()]
     device = resolve_device(a.device)
-    k = a.slots if a.slots is not None else default_slots(group, device, len(members))
+    n = len(members)
+    k = min(a.slots, n) if a.slots is not None else default_slots(group, device, n)
     engine = Engine(group, k, device, compile=a.compile)
     results = engine.run(members)
     head = f"{'alpha':>10} {'T':>10} {'seed':>4} {'outcome':>10} {'steps':>8} {'t*':>10}"

@@ -70,7 +70,7 @@ from torch.func import grad_and_value, vmap
 
 from ensemble import data as datasets
 from ensemble import fused as fused_torch
-from ensemble.cells import Group, Member
+from ensemble.cells import Group, Member, SpecError
 from ensemble.models import Model, Params, build_model, init_params
 from ensemble.schema import CONVERGED, DIVERGED, N_CHECKPOINTS, UNFINISHED, checkpoint_steps
 
@@ -131,22 +131,33 @@ GPU_MEMORY_FRACTION = 0.7
 """Share of the free device memory an engine's member slots may use."""
 
 
-def default_slots(group: Group, device: str | torch.device, n_members: int) -> int:
-    """Ensemble size for ``n_members`` members: as many as GPU_MEMORY_FRACTION of the free
-    memory holds on CUDA; on the CPU at most CPU_SLOTS, within CPU_MEMORY_FRACTION of the
-    memory a task may use (``cluster.task_memory``). SpecError where one member does not
-    fit (`plan.member_bytes`)."""
+def slot_budget(device: torch.device) -> int:
+    """Bytes an engine's member slots may use on ``device``: GPU_MEMORY_FRACTION of the
+    free CUDA memory, or CPU_MEMORY_FRACTION of the memory a task may use on the CPU
+    (``cluster.task_memory``)."""
     from ensemble.cluster import task_memory
-    from ensemble.plan import CPU_MEMORY_FRACTION, members_that_fit
+    from ensemble.plan import CPU_MEMORY_FRACTION
+
+    if device.type == "cuda":
+        return int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0])
+    return int(CPU_MEMORY_FRACTION * task_memory())
+
+
+def slots_that_fit(group: Group, device: str | torch.device) -> int:
+    """How many member slots of ``group`` fit in `slot_budget` (`plan.member_bytes`, host
+    memory on the CPU); SpecError naming the settings to lower where not even one does."""
+    from ensemble.plan import members_that_fit
 
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    if cuda:
-        budget = int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(dev)[0])
-    else:
-        budget = int(CPU_MEMORY_FRACTION * task_memory())
-    k = members_that_fit(group, budget, not cuda, f"{group.arch}, P={group.P}, on {dev}")
-    if not cuda:
+    where = f"{group.arch}, P={group.P}, on {dev}"
+    return members_that_fit(group, slot_budget(dev), dev.type != "cuda", where)
+
+
+def default_slots(group: Group, device: str | torch.device, n_members: int) -> int:
+    """Ensemble size for ``n_members`` members: as many as `slots_that_fit`, and on the CPU
+    at most CPU_SLOTS. SpecError where one member does not fit."""
+    k = slots_that_fit(group, device)
+    if torch.device(device).type != "cuda":
         k = min(CPU_SLOTS, k)
     return max(1, min(k, n_members))
 
@@ -565,6 +576,16 @@ class Engine:
         self.K = slots
         self.keep_weights = keep_weights
         self.device = resolve_device(device)
+        fit = slots_that_fit(group, self.device)
+        if slots > fit:
+            from ensemble.plan import member_bytes
+
+            need = slots * member_bytes(group, self.device.type != "cuda")
+            raise SpecError(
+                f"slots (--slots) = {slots}: {group.arch}, P={group.P}, on {self.device}, they"
+                f" need {need / 2**30:.3g} GiB, more than the"
+                f" {slot_budget(self.device) / 2**30:.3g} GiB they may use: at most {fit} fit"
+            )
         self.dtype = torch.float64 if group.dtype == "float64" else torch.float32
         chunk = MEMBER_CHUNK.get(group.arch) if self.device.type == "cpu" else None
         self.model: Model = build_model(group, channels_last=chunk == 1)

@@ -845,3 +845,20 @@ def test_cpu_slots_fit_the_memory_a_task_may_use():
     assert 4 <= engine_module.default_slots(perceptron(P, 128), "cpu", 1000) <= 24
     with pytest.raises(SpecError, match=r"P=67108864.*one member needs .* lower P, pte or d"):
         engine_module.default_slots(perceptron(2**26, 4096), "cpu", 1)
+
+
+def test_explicit_slots_beyond_the_memory_are_refused_before_any_allocation():
+    """An Engine (or ``--slots``) asking for more slots than `engine.slots_that_fit` says
+    how many fit, before it allocates them, instead of running out of memory."""
+    from ensemble.plan import member_bytes
+
+    need = member_bytes(Group(dataset="perceptron", arch="perceptron", P=2**16, B=2, d=128), True)
+    P = 2**16
+    while need * 4 <= engine_module.slot_budget(torch.device("cpu")):  # 1 to 3 members fit
+        P *= 2
+        need = member_bytes(Group(dataset="perceptron", arch="perceptron", P=P, B=2, d=128), True)
+    g = Group(dataset="perceptron", arch="perceptron", P=P, B=2, d=128)
+    fit = engine_module.slots_that_fit(g, "cpu")
+    assert 1 <= fit <= 4
+    with pytest.raises(SpecError, match=rf"slots \(--slots\) = 64: perceptron, P={P}.*at most"):
+        Engine(g, 64, "cpu")
