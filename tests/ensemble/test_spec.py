@@ -445,3 +445,20 @@ def test_missing_sweep_keys_and_duplicate_experiments():
 
 def test_expected_cost_defaults_to_not_measured():
     assert Sweep.from_dict(base()).expected_cost == "not yet measured"
+
+
+def test_sweeps_listing_piped_into_a_reader_that_leaves_early_prints_no_traceback():
+    """``python -m ensemble sweeps | head -0``: the listing stops quietly when its reader
+    has closed the pipe (exit status 1, as Unix tools do), with no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ensemble", "sweeps"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader leaves before the listing (the child imports first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
