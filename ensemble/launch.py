@@ -315,7 +315,7 @@ def preflight(
     if local and not _local_gpus(device):
         from ensemble.cluster import default_workers
 
-        # other workers are checked once connected (plan, engine)
+        # a given cluster's workers are checked once connected (check_workers)
         check_memory(sweep, _local_worker_memory(n_workers or default_workers()))
     return sweep
 
@@ -327,6 +327,15 @@ def check_memory(sweep: Sweep, worker_memory: int) -> None:
     for exp in sweep.experiments:
         for P in exp.P:
             members_that_fit(exp.group(P), budget, True, f"{exp.name} (P={P})")
+
+
+def check_workers(sweep: Sweep, client, device: str | None) -> None:
+    """`check_memory` against the least memory of ``client``'s workers where they train on
+    CPUs (`cluster.worker_memory`); GPU workers size their slots from the device memory."""
+    from ensemble.cluster import gpu_workers, worker_memory
+
+    if not gpu_workers(client, device):
+        check_memory(sweep, worker_memory(client))
 
 
 def check_data(sweep: Sweep, data_root: str | None = None) -> None:
@@ -502,41 +511,49 @@ def launch(
         "git_commit": git_commit(Path(ensemble.__file__).parent),
     }
     t0 = time.perf_counter()
-    with cube.store_lock(store):
-        cube.recover(store)
-        check_settings(sweep, store)  # every experiment's, before any group changes
-        for exp in sweep.experiments:
-            g = exp.group(exp.P[0])
-            grid = {d: getattr(exp, d) for d in DIMS}
-            cube.ensure_experiment(
-                store,
-                exp.name,
-                grid,
-                _layers(exp),
-                g.h * g.B,
-                _attrs(sweep, exp, record["git_commit"]),
-            )
-        pending = pending_cells(sweep, store)
-        report.cells_total = len(sweep.cells())
-        report.cells_pending = sum(len(v) for v in pending.values())
-        if report.cells_pending == 0:
-            if progress:
-                print(f"{sweep.name}: all {report.cells_total} cells are already done in {store}")
-        else:
-            task = TaskOptions(device, slots, max_members, data_root, compile)
-            cluster = dict(
-                client=client,
-                scheduler=scheduler,
-                n_workers=n_workers,
-                dashboard_address=dashboard_address,
-            )
-            completed = False
-            try:
-                _execute(sweep, store, pending, cluster, task, progress, monitor, report)
-                completed = True
-            finally:
-                report.seconds = time.perf_counter() - t0
-                _record_launch(store, report, {**record, "completed": completed})
+    with contextlib.ExitStack() as stack:
+        if not local:  # reach the cluster and check its workers before the store changes
+            from ensemble.cluster import connect
+
+            client = stack.enter_context(connect(client=client, scheduler=scheduler))
+            check_workers(sweep, client, device)
+        with cube.store_lock(store):
+            cube.recover(store)
+            check_settings(sweep, store)  # every experiment's, before any group changes
+            for exp in sweep.experiments:
+                g = exp.group(exp.P[0])
+                grid = {d: getattr(exp, d) for d in DIMS}
+                cube.ensure_experiment(
+                    store,
+                    exp.name,
+                    grid,
+                    _layers(exp),
+                    g.h * g.B,
+                    _attrs(sweep, exp, record["git_commit"]),
+                )
+            pending = pending_cells(sweep, store)
+            report.cells_total = len(sweep.cells())
+            report.cells_pending = sum(len(v) for v in pending.values())
+            if report.cells_pending == 0:
+                if progress:
+                    print(
+                        f"{sweep.name}: all {report.cells_total} cells are already done in {store}"
+                    )
+            else:
+                task = TaskOptions(device, slots, max_members, data_root, compile)
+                cluster = dict(
+                    client=client,
+                    scheduler=None,
+                    n_workers=n_workers,
+                    dashboard_address=dashboard_address,
+                )
+                completed = False
+                try:
+                    _execute(sweep, store, pending, cluster, task, progress, monitor, report)
+                    completed = True
+                finally:
+                    report.seconds = time.perf_counter() - t0
+                    _record_launch(store, report, {**record, "completed": completed})
     report.seconds = time.perf_counter() - t0
     if progress and report.cells_pending:
         print(report.summary())

@@ -496,8 +496,8 @@ def test_members_larger_than_a_worker_refused_before_compute(client, tmp_path):
     """A member that needs more memory than a worker may use (here 2^26 perceptron
     points in d = 4096: TBs) is refused naming the experiment, P and the settings to
     lower: by an embedded cluster's launch and by the dry run before a cluster starts or
-    the store is created; on a given cluster once its workers' memory is known, before
-    any task runs."""
+    the store is created; on a given cluster once connected (its workers' memory known),
+    also before the store is created."""
     spec = tmp_path / "huge.toml"
     spec.write_text(HUGE)
     message = r"huge_perceptron \(P=67108864\): one member needs .* lower P, pte or d"
@@ -512,7 +512,7 @@ def test_members_larger_than_a_worker_refused_before_compute(client, tmp_path):
     assert cli.returncode == 2 and "one member needs" in cli.stderr, cli.stderr
     with pytest.raises(SpecError, match=message):
         launch(spec, tmp_path / "given.zarr", client=client, progress=False)
-    assert not cube.open_experiment(tmp_path / "given.zarr", "huge_perceptron")["done"].any()
+    assert not (tmp_path / "given.zarr").exists()
 
 
 def test_unguarded_script_is_told_to_guard_its_launch(tmp_path, data_root):
@@ -544,6 +544,7 @@ def test_unreachable_scheduler_is_an_error_line(tmp_path):
         pytest.raises(EnsembleError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"),
     ):
         launch(spec, tmp_path / "s.zarr", scheduler="tcp://127.0.0.1:9", progress=False)
+    assert not (tmp_path / "s.zarr").exists()  # refused before the store is created
 
 
 def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
