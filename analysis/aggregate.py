@@ -10,6 +10,11 @@ Conventions
 - The bootstrap resamples seeds with replacement, jointly for every (alpha, T, P): one
   seed index is one member (its init, training set and batch draws), so resampling the
   same draw everywhere keeps the correlations between cells of the same seed.
+- Bootstrap errors from n seeds (`bootstrap_std`): the replicates' standard deviation
+  times sqrt(n / (n - 1)), since the bootstrap variance of a mean of n seeds is
+  (n - 1) / n times s^2 / n. Intervals (`seed_interval`): estimate +- Student's t quantile
+  with n - 1 degrees of freedom times that error (a percentile interval of a 3-5 seed
+  bootstrap covered 68-84 % where it claimed 95 %: README, "Conventions").
 
 Every function returns lazy (dask-backed) xarray objects when given datasets from
 ``xarray.open_zarr``; nothing is computed here.
@@ -17,10 +22,13 @@ Every function returns lazy (dask-backed) xarray objects when given datasets fro
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
+from scipy import stats
 
 from ensemble.schema import DIMS, MISSING, OUTCOME_FLAGS
 
@@ -31,6 +39,11 @@ INCLUDABLE: tuple[str, ...] = tuple(name for code, name in OUTCOME_FLAGS.items()
 """Outcomes that may be averaged (``missing`` cells have no values)."""
 
 Include = Sequence[str]
+
+MIN_VALID_SHARE = 0.9
+"""A bootstrap error or interval is given only where at least this share of the replicates
+has a finite estimate (e.g. a crossing inside the grid); elsewhere it would describe a
+minority of resamples."""
 
 
 def outcome_codes(include: Include) -> list[int]:
@@ -156,3 +169,31 @@ def bootstrap_mean(
     out = total / n.where(n > 0)
     out.attrs = dict(values.attrs)
     return out
+
+
+def bootstrap_std(reps: np.ndarray, n_seeds: int, axis: int = 0) -> np.ndarray:
+    """Standard error from bootstrap replicates of an estimate over ``n_seeds`` seeds:
+    their standard deviation along ``axis`` (non-finite replicates skipped) times
+    sqrt(n / (n - 1)). NaN where fewer than 2 replicates are finite or ``n_seeds`` < 2."""
+    reps = np.asarray(reps, dtype=float)
+    finite = np.isfinite(reps)
+    ok = finite.sum(axis=axis) >= 2
+    if n_seeds < 2:
+        return np.full(ok.shape, np.nan)[()]
+    with warnings.catch_warnings():  # slices of < 2 finite replicates: NaN, set below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = np.nanstd(np.where(finite, reps, np.nan), axis=axis, ddof=1)
+    return np.where(ok, sd * math.sqrt(n_seeds / (n_seeds - 1)), np.nan)[()]
+
+
+def t_quantile(n_seeds: int, q: float) -> float:
+    """Student's t quantile ``q`` with ``n_seeds`` - 1 degrees of freedom (NaN below 2)."""
+    return float(stats.t.ppf(q, n_seeds - 1)) if n_seeds >= 2 else math.nan
+
+
+def seed_interval(
+    estimate: np.ndarray, error: np.ndarray, n_seeds: int, level: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided ``level`` interval estimate +- t_(n-1) error (see the conventions)."""
+    half = t_quantile(n_seeds, (1 + level) / 2) * np.asarray(error, dtype=float)
+    return estimate - half, estimate + half

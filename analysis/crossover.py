@@ -16,8 +16,10 @@ and both interpolated in log T between grid points (`analysis.interpolate`):
     `analysis.interpolate.plateau_departure`).
 
 Uncertainty: the definition is re-applied to ``n_boot`` bootstrap resamples of the seeds
-(`analysis.aggregate.bootstrap_mean`); the table gives the percentile interval and the
-standard deviation of log T_c. `fit_crossover` fits :math:`T_c \sim P^{-a}` weighted by
+(`analysis.aggregate.bootstrap_mean`); the table gives the bootstrap standard error of
+log T_c (`analysis.aggregate.bootstrap_std`) and the t interval built on it
+(`analysis.aggregate.seed_interval`), both only where T_c is found and at least
+MIN_VALID_SHARE of the replicates find one. `fit_crossover` fits :math:`T_c \sim P^{-a}` weighted by
 that standard deviation and refits every bootstrap replicate; `check_ratio` compares a
 with :math:`\gamma/\delta` of the weight-change fit (the paper's a = gamma / delta).
 Definition (a) agrees with gamma / delta by construction wherever the weight change is
@@ -34,7 +36,16 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, at_alpha, bootstrap_mean, masked, mean_stderr
+from analysis.aggregate import (
+    MIN_VALID_SHARE,
+    Include,
+    at_alpha,
+    bootstrap_mean,
+    bootstrap_std,
+    masked,
+    mean_stderr,
+    seed_interval,
+)
 from analysis.fits import Estimate, InsufficientData, PowerLawFit, Range, fit_power_law, ratio
 from analysis.interpolate import first_crossing, plateau_departure
 
@@ -148,10 +159,12 @@ def crossover_table(
     """Apply ``curve(T, seed_mean(T))`` -> T_c to every P, and to bootstrap resamples.
 
     values : masked per-seed values over (T, P, seed) (NaN = excluded)
-    Returns a Dataset over P with ``T_c``, ``T_c_low`` / ``T_c_high`` (percentile
-    interval of the bootstrap, level ``ci``), ``log_T_c_stderr`` (standard deviation of
-    ln T_c over the bootstrap), ``n_boot_valid`` (replicates with a crossing) and
-    ``T_c_boot`` (bootstrap, P). Computes the seed means.
+    Returns a Dataset over P with ``T_c``, ``T_c_low`` / ``T_c_high`` (the level ``ci``
+    t interval of ln T_c, `analysis.aggregate.seed_interval`, over the seeds with a value
+    at that P), ``log_T_c_stderr`` (bootstrap standard error of ln T_c), ``n_boot_valid``
+    (replicates with a crossing) and ``T_c_boot`` (bootstrap, P); the interval and the
+    error are NaN where T_c is not found or fewer than MIN_VALID_SHARE of the replicates
+    find one. Computes the seed means.
     """
     if means is None:
         means = mean_stderr(values)["mean"].transpose("T", "P").compute()
@@ -164,13 +177,14 @@ def crossover_table(
         reps = reps.transpose("bootstrap", "T", "P").compute().values
         for b in range(n_boot):
             boot[b] = [curve(T, reps[b, :, j]) for j in range(n_P)]
-    low, high, log_std, n_valid = (np.full(n_P, np.nan) for _ in range(4))
+    low, high, log_std = (np.full(n_P, np.nan) for _ in range(3))
+    n_valid = np.isfinite(boot).sum(axis=0)
+    n_seeds = values.notnull().any("T").sum("seed").transpose("P").values  # per P
+    n_all = int(values.notnull().any(["T", "P"]).sum())  # the seeds the bootstrap draws
     for j in range(n_P):
-        good = boot[:, j][np.isfinite(boot[:, j])]
-        n_valid[j] = good.size
-        if good.size >= 2:
-            low[j], high[j] = np.quantile(good, [(1 - ci) / 2, (1 + ci) / 2])
-            log_std[j] = np.std(np.log(good), ddof=1)
+        if np.isfinite(T_c[j]) and n_boot and n_valid[j] >= MIN_VALID_SHARE * n_boot:
+            log_std[j] = bootstrap_std(np.log(boot[:, j]), int(n_seeds[j]))
+            low[j], high[j] = np.exp(seed_interval(np.log(T_c[j]), log_std[j], n_seeds[j], ci))
     units = {"units": "1"}
     return xr.Dataset(
         {
@@ -178,14 +192,18 @@ def crossover_table(
             "T_c_low": (
                 "P",
                 low,
-                {"long_name": f"lower bound of the {ci:.0%} bootstrap interval", **units},
+                {"long_name": f"lower bound of the {ci:.0%} interval", **units},
             ),
             "T_c_high": (
                 "P",
                 high,
-                {"long_name": f"upper bound of the {ci:.0%} bootstrap interval", **units},
+                {"long_name": f"upper bound of the {ci:.0%} interval", **units},
             ),
-            "log_T_c_stderr": ("P", log_std, {"long_name": "bootstrap std of ln T_c", **units}),
+            "log_T_c_stderr": (
+                "P",
+                log_std,
+                {"long_name": "bootstrap standard error of ln T_c", **units},
+            ),
             "n_boot_valid": (
                 "P",
                 n_valid.astype(int),
@@ -198,7 +216,7 @@ def crossover_table(
             ),
         },
         coords={"P": means["P"].values},
-        attrs={"n_boot": n_boot, "ci": ci, "seed": seed},
+        attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "n_seeds": n_all},
     )
 
 
@@ -240,6 +258,7 @@ def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
         symbols={"P": "-a"},
         quantity="T_c",
         boot_means=boot,
+        n_seeds=table.attrs.get("n_seeds"),
         range_note=table.attrs.get("definition", ""),
     )
     slope = fit.exponents["P"]

@@ -16,7 +16,8 @@ Conventions
   fits scale by the residual variance.
 - Optional bootstrap over seeds (`analysis.aggregate.bootstrap_mean`): refits with the
   same points and weights; ``stderr_boot`` is the standard deviation of the refitted
-  parameters. `Estimate.error` is the larger of the two.
+  parameters times sqrt(n / (n - 1)) for n seeds (`analysis.aggregate.bootstrap_std`).
+  `Estimate.error` is the larger of the two.
 - Default range ("lazy"): at the largest alpha of the grid, for each P the temperatures
   up to the test-error crossover :math:`T_c^{(b)}(P)` (see `lazy_mask`, the definition (b)
   of `analysis.crossover`): the lazy, small-T part where the paper's
@@ -34,7 +35,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, at_alpha, bootstrap_mean, masked, mean_stderr, seed_mean
+from analysis.aggregate import (
+    Include,
+    at_alpha,
+    bootstrap_mean,
+    bootstrap_std,
+    masked,
+    mean_stderr,
+    seed_mean,
+)
 from analysis.interpolate import plateau_departure
 
 Range = tuple[float | None, float | None] | None
@@ -75,6 +84,7 @@ class PowerLawFit:
     covariance    : lstsq covariance of (ln A, e_1, ..., e_k)
     boot          : (n_valid_boot, 1 + k) bootstrap refits of (ln A, e_k), or None
     used          : bool DataArray over the variables, True where a point entered
+    n_seeds       : seeds the bootstrap resampled (None without a bootstrap)
     """
 
     quantity: str
@@ -89,6 +99,7 @@ class PowerLawFit:
     used: xr.DataArray
     range_note: str = ""
     boot: np.ndarray | None = field(default=None, repr=False)
+    n_seeds: int | None = None
 
     def variable(self, key: str) -> str:
         """The variable named by ``key``, a variable (``"T"``) or a symbol (``"delta"``)."""
@@ -121,6 +132,7 @@ def fit_power_law(
     symbols: Mapping[str, str] | None = None,
     quantity: str | None = None,
     boot_means: xr.DataArray | None = None,
+    n_seeds: int | None = None,
     range_note: str = "",
 ) -> PowerLawFit:
     """Fit ``mean ~ A prod_k x_k^e_k`` over the dimensions of ``mean`` (the variables).
@@ -130,9 +142,12 @@ def fit_power_law(
     stderr     : standard errors of ``mean`` (same dims), or None for an unweighted fit
     boot_means : bootstrap replicates of ``mean`` with an extra ``bootstrap`` dim; each
                  replicate is refitted with the same points and weights
+    n_seeds    : the seeds ``boot_means`` resampled (required with it)
     Raises InsufficientData when fewer than (number of variables + 2) points remain or a
     variable takes fewer than 2 distinct values among them.
     """
+    if boot_means is not None and n_seeds is None:
+        raise ValueError("boot_means needs n_seeds, the seeds its replicates resampled")
     variables = tuple(str(d) for d in mean.dims)
     symbols = dict(symbols or {v: f"e_{v}" for v in variables})
     quantity = quantity or str(mean.name)
@@ -162,7 +177,7 @@ def fit_power_law(
             rows.append(_lstsq(design[ok], np.log(yb[ok]), sigma[ok], weighted)[0])
         boot = np.array(rows) if rows else np.empty((0, design.shape[1]))
     boot_std = (
-        np.std(boot, axis=0, ddof=1)
+        bootstrap_std(boot, n_seeds)
         if boot is not None and len(boot) >= 2
         else np.full(design.shape[1], np.nan)
     )
@@ -185,6 +200,7 @@ def fit_power_law(
         used=used,
         range_note=range_note,
         boot=boot,
+        n_seeds=n_seeds,
     )
 
 
@@ -309,6 +325,7 @@ def fit_scaling(
     boot = None
     if n_boot:
         boot = bootstrap_mean(values, n_boot, np.random.default_rng(seed))
+    n_seeds = int(values.notnull().any([d for d in values.dims if d != "seed"]).sum())
     return fit_power_law(
         stats["mean"],
         pooled_stderr(stats, where),
@@ -316,6 +333,7 @@ def fit_scaling(
         symbols=symbols,
         quantity=name,
         boot_means=boot,
+        n_seeds=n_seeds if n_boot else None,
         range_note=note,
     )
 
@@ -396,7 +414,7 @@ def ratio(fit: PowerLawFit, numerator: str, denominator: str) -> Estimate:
     """Exponent ratio e_num / e_den (e.g. ``ratio(fit, "gamma", "delta")``) with errors.
 
     The lstsq error propagates the full covariance of the two exponents; the bootstrap
-    error is the standard deviation of the ratio over the bootstrap refits.
+    error is the spread of the ratio over the bootstrap refits (`bootstrap_std`).
     """
     i = fit.variables.index(fit.variable(numerator)) + 1
     j = fit.variables.index(fit.variable(denominator)) + 1
@@ -405,5 +423,5 @@ def ratio(fit: PowerLawFit, numerator: str, denominator: str) -> Estimate:
     var = c[i, i] / den**2 + num**2 * c[j, j] / den**4 - 2 * num * c[i, j] / den**3
     boot_std = float("nan")
     if fit.boot is not None and len(fit.boot) >= 2:
-        boot_std = float(np.std(fit.boot[:, i] / fit.boot[:, j], ddof=1))
+        boot_std = float(bootstrap_std(fit.boot[:, i] / fit.boot[:, j], fit.n_seeds))
     return Estimate(float(num / den), float(np.sqrt(max(var, 0.0))), boot_std)

@@ -14,10 +14,12 @@ them). The minimum is classed by where it lies among the T with a finite mean:
   or unfinished cells: T_opt is a lower bound.
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
-fixes init and data at every T): the 16th and 84th percentiles of the bootstrap T_opt
-(a 68 % interval), and the standard deviation of ln T_opt. At a stability edge the true
-edge lies anywhere between the last T that trains and the next grid T, so ln T_opt gets at
-least the standard deviation of a uniform spread over that step, ln(step) / sqrt(12).
+fixes init and data at every T): the standard error of ln T_opt
+(`analysis.aggregate.bootstrap_std`), and the 68 % t interval of ln T_opt built on it
+(`analysis.aggregate.seed_interval`), both only where at least MIN_VALID_SHARE of the
+replicates have an optimum. At a stability edge the true edge lies anywhere between the
+last T that trains and the next grid T, so ln T_opt gets at least the standard deviation
+of a uniform spread over that step, ln(step) / sqrt(12).
 
 The fit T_opt ~ alpha^k uses the interior optima of the alphas in ``alpha_range``; with
 ``classes=("interior", "stability edge")`` it also takes the stability edges, i.e. it fits
@@ -31,7 +33,16 @@ import math
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, bootstrap_mean, effective_outcome, masked, mean_stderr
+from analysis.aggregate import (
+    MIN_VALID_SHARE,
+    Include,
+    bootstrap_mean,
+    bootstrap_std,
+    effective_outcome,
+    masked,
+    mean_stderr,
+    seed_interval,
+)
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_power_law
 from ensemble.schema import CONVERGED, DIVERGED
 
@@ -72,7 +83,7 @@ def optimal_temperature(
     """T_opt over (alpha, P) of a group with several T (see the module docstring).
 
     Returns a computed Dataset with dims (alpha, P): ``T_opt``, ``T_lo`` / ``T_hi`` (68 %
-    bootstrap interval), ``log_T_err`` (bootstrap std of ln T_opt), ``error_min`` and
+    interval), ``log_T_err`` (standard error of ln T_opt), ``error_min`` and
     ``error_min_stderr`` (seed-mean test error at the grid minimum), ``where`` (class code,
     `CLASSES`; -1 where no T trained), and attrs ``classes``.
     """
@@ -90,30 +101,33 @@ def optimal_temperature(
     out["error_min_stderr"] = np.full((n_a, n_P), np.nan)
     where = np.full((n_a, n_P), -1, dtype=np.int8)
     mean, se = stats["mean"].values, stats["stderr"].values
+    n_seeds = values.notnull().any("T").sum("seed").transpose("alpha", "P").values
     for a in range(n_a):
         for p in range(n_P):
             t_opt, i, code = _argmin_refined(T, mean[a, p], diverged[a, p])
             if i < 0:
                 continue
             reps = np.array([_argmin_refined(T, b, diverged[a, p])[0] for b in boot[:, a, p]])
-            reps = reps[np.isfinite(reps)]
             out["T_opt"][a, p], where[a, p] = t_opt, code
             out["error_min"][a, p], out["error_min_stderr"][a, p] = mean[a, p, i], se[a, p, i]
-            if reps.size >= 2:
-                out["T_lo"][a, p], out["T_hi"][a, p] = np.percentile(reps, [16, 84])
-                out["log_T_err"][a, p] = np.std(np.log(reps), ddof=1)
+            if n_boot and np.isfinite(reps).sum() >= MIN_VALID_SHARE * n_boot:
+                out["log_T_err"][a, p] = bootstrap_std(np.log(reps), int(n_seeds[a, p]))
             if code == 1 and i + 1 < len(T):
                 spread = math.log(T[i + 1] / T[i]) / math.sqrt(12)
                 out["log_T_err"][a, p] = max(np.nan_to_num(out["log_T_err"][a, p]), spread)
+            err, n = out["log_T_err"][a, p], max(int(n_seeds[a, p]), 2)
+            if np.isfinite(err):
+                lo, hi = seed_interval(math.log(t_opt), err, n, 0.68)
+                out["T_lo"][a, p], out["T_hi"][a, p] = math.exp(lo), math.exp(hi)
     dims = ("alpha", "P")
     coords = {"alpha": stats["alpha"].values, "P": stats["P"].values}
     units = {"long_name": "", "units": "1"}
     return xr.Dataset(
         {
             "T_opt": (dims, out["T_opt"], units | {"long_name": "optimal temperature"}),
-            "T_lo": (dims, out["T_lo"], units | {"long_name": "16th percentile (bootstrap)"}),
-            "T_hi": (dims, out["T_hi"], units | {"long_name": "84th percentile (bootstrap)"}),
-            "log_T_err": (dims, out["log_T_err"], units | {"long_name": "std of ln T_opt"}),
+            "T_lo": (dims, out["T_lo"], units | {"long_name": "lower end, 68 % interval"}),
+            "T_hi": (dims, out["T_hi"], units | {"long_name": "upper end, 68 % interval"}),
+            "log_T_err": (dims, out["log_T_err"], units | {"long_name": "std error of ln T_opt"}),
             "error_min": (dims, out["error_min"], units | {"long_name": "lowest test error"}),
             "error_min_stderr": (dims, out["error_min_stderr"], units),
             "where": (dims, where, {"long_name": "class of the minimum, see attrs classes"}),

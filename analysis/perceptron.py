@@ -32,7 +32,15 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, at_alpha, bootstrap_mean, masked, mean_stderr
+from analysis.aggregate import (
+    MIN_VALID_SHARE,
+    Include,
+    at_alpha,
+    bootstrap_mean,
+    bootstrap_std,
+    masked,
+    mean_stderr,
+)
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_scaling, pooled_stderr
 
 QUANTITIES: dict[str, tuple[str, str]] = {
@@ -193,7 +201,7 @@ def local_P_exponents(
     cells' standard errors pooled over the cells in range (`analysis.fits.pooled_stderr`:
     equal weights where the cells have equal seed counts). Errors (``stderr``,
     ``slope_mean_stderr``; NaN with ``n_boot`` < 2) come from a bootstrap over seeds
-    (``n_boot`` resamples, generator ``seed``, variance scaled by n/(n-1) for n seeds; a
+    (``n_boot`` resamples, generator ``seed``, `analysis.aggregate.bootstrap_std`; a
     resample's mean over T weighs only the slopes it has) that draws the same seeds in
     every cell: a seed fixes the initialisation, the batch draws and (for the perceptron)
     the nested training sets at every T and P, so cells of one seed are correlated and
@@ -216,19 +224,13 @@ def local_P_exponents(
         return np.log(q[..., 1:] / q[..., :-1]) / log_ratio
 
     slope, boot_slope = slopes(stats["mean"].values), slopes(boot)
-    n = max(values.sizes["seed"], 2)
-    inflate = math.sqrt(n / (n - 1))  # the bootstrap variance of a mean has ddof = 0
-
-    def spread(x: np.ndarray) -> np.ndarray:
-        """Bootstrap standard deviation along the first axis (NaN with < 2 replicates)."""
-        if len(x) < 2:
-            return np.full(x.shape[1:], np.nan)
-        with np.errstate(invalid="ignore"):
-            return inflate * np.nanstd(x, axis=0)
-
+    n = values.sizes["seed"]
     # (T, pair); without a bootstrap (n_boot < 2) the point estimates alone
-    usable = np.isfinite(boot_slope).mean(axis=0) > 0.9 if n_boot >= 2 else np.isfinite(slope)
-    stderr = np.where(usable, spread(boot_slope), np.nan)
+    if n_boot >= 2:
+        usable = np.isfinite(boot_slope).mean(axis=0) >= MIN_VALID_SHARE
+    else:
+        usable = np.isfinite(slope)
+    stderr = np.where(usable, bootstrap_std(boot_slope, n), np.nan)
     T = stats["T"].values
     lo, hi = T_range if T_range is not None else (None, None)
     in_range = np.ones(len(T), bool)
@@ -267,7 +269,7 @@ def local_P_exponents(
             / boot_total,
             np.nan,
         )
-    mean_err = np.where(total > 0, spread(boot_mean), np.nan)
+    mean_err = np.where(total > 0, bootstrap_std(boot_mean, n), np.nan)
     coords = {
         "T": T,
         "P_lo": ("pair", P[:-1]),

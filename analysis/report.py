@@ -217,7 +217,8 @@ def build_report(
         " up to the test-error crossover T_c^(b)(P)); the perceptron's use every T and P."
         " T_c: (a) T where ||w - w0||/||w0|| reaches a"
         " level (geometric mean of the data), (b) T where the test error departs by 10 % from"
-        " its small-T plateau; both interpolated in log T, with 95 % bootstrap intervals.",
+        " its small-T plateau; both interpolated in log T, with 95 % t intervals (bootstrap"
+        " errors over seeds).",
         "",
     ]
     perceptron_rows: list[dict[str, object]] = []
@@ -280,8 +281,9 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
     section.results["optimal_T"] = table
     section.add(
         "T_opt: lowest seed-mean test error along T, refined by a parabola in log T through"
-        " the grid minimum and its neighbours; interval: 16th-84th percentile of a bootstrap"
-        " over seeds. Class: interior (a true optimum), stability edge (the largest T that"
+        " the grid minimum and its neighbours; interval: 68 % t interval of ln T_opt from a"
+        " bootstrap over seeds (at a stability edge at least the grid step's spread). Class:"
+        " interior (a true optimum), stability edge (the largest T that"
         " trains, the next one diverged), small-T edge (the smallest T: an upper bound),"
         " large-T edge (the largest T of the grid, or next to missing or unfinished cells:"
         " a lower bound).",
@@ -514,7 +516,7 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
                     list(tables.values()), [crossover_fits.get(k) for k in tables]
                 ),
                 "crossover",
-                "T_c against P with 95 % bootstrap intervals and the fits T_c ~ P^-a",
+                "T_c against P with 95 % t intervals and the fits T_c ~ P^-a",
             ),
         )
 
@@ -567,10 +569,14 @@ def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
         for table in tables.values():
             T_c, low, high = (float(table[v].sel(P=P)) for v in ("T_c", "T_c_low", "T_c_high"))
             below = "below_grid" in table and bool(table["below_grid"].sel(P=P))
-            row += [
-                "below the grid" if below else _num(T_c, "{:.4g}"),
-                f"[{_num(low, '{:.4g}')}, {_num(high, '{:.4g}')}]",
-            ]
+            if math.isfinite(low) and math.isfinite(high):
+                interval = f"[{low:.4g}, {high:.4g}]"
+            elif math.isfinite(T_c) and table.attrs.get("n_boot"):
+                found = int(table["n_boot_valid"].sel(P=P))
+                interval = f"n/a (crossing in {found} of {table.attrs['n_boot']} resamples)"
+            else:
+                interval = "n/a"
+            row += ["below the grid" if below else _num(T_c, "{:.4g}"), interval]
         rows.append(row)
     section.table(header, rows)
     for key, table in tables.items():

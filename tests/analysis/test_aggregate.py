@@ -143,3 +143,17 @@ def test_mean_equals_the_mean_of_converged_cells(outcome, values, junk):
     assert np.isnan(stats["stderr"].values[n < 2]).all()
     counts = outcome_counts(ds, dims=("alpha", "T", "seed"))
     assert counts.sel(outcome="converged") == keep.sum()
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_bootstrap_std_of_a_mean_is_the_usual_standard_error(n):
+    """The bootstrap spread of a mean of n seeds, scaled by `bootstrap_std`, matches
+    s / sqrt(n) (s with ddof = 1); unscaled it falls short by sqrt((n - 1) / n)."""
+    from analysis.aggregate import bootstrap_std, resample_counts
+
+    x = np.random.default_rng(n).normal(size=n)
+    reps = resample_counts(n, 40_000, 1) @ x / n
+    usual = x.std(ddof=1) / np.sqrt(n)
+    assert bootstrap_std(reps, n) == pytest.approx(usual, rel=0.02)
+    assert reps.std() == pytest.approx(usual * np.sqrt((n - 1) / n), rel=0.02)
+    assert np.isnan(bootstrap_std(reps, 1)) and np.isnan(bootstrap_std(reps[:1], n))
