@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
         help="for a run whose cube is absent, keep its section from an earlier call"
         " (marked with its date and analysis code) or note the absence, instead of failing",
     )
+    repro.add_argument(
+        "--only",
+        default=None,
+        help="run keys to regenerate, comma separated (default: all); the others keep their"
+        " section from an earlier call, marked with its date and analysis code",
+    )
     _fit_options(repro, formats="png")
     return p
 
@@ -88,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.manifest,
                 args.out,
                 skip_missing=args.skip_missing,
+                only=_split(args.only),
                 n_boot=args.n_boot,
                 seed=args.seed,
                 formats=formats,

@@ -157,11 +157,13 @@ def _run(table: Mapping, index: int, path: Path) -> Run:
     )
 
 
-def absent_runs(manifest: Manifest) -> dict[str, str]:
-    """{run key: why its cube cannot be read} for the runs whose store is missing,
-    unreadable or lacks a listed group."""
+def absent_runs(manifest: Manifest, only: Sequence[str] | None = None) -> dict[str, str]:
+    """{run key: why its cube cannot be read} for the runs (those of ``only``, if given)
+    whose store is missing, unreadable or lacks a listed group."""
     out = {}
     for run in manifest.runs:
+        if only is not None and run.key not in only:
+            continue
         local = "://" not in run.store
         if local and not Path(run.store).exists():
             out[run.key] = (
@@ -188,6 +190,7 @@ def reproduce(
     out_dir: str | os.PathLike = "docs",
     *,
     skip_missing: bool = False,
+    only: Sequence[str] | None = None,
     n_boot: int = 200,
     seed: int = 0,
     formats: Sequence[str] = ("png",),
@@ -199,15 +202,22 @@ def reproduce(
                    that an earlier call wrote from it, marked with its date and analysis
                    code (`KEPT_FILE`), or write a line saying the cube is absent;
                    without it an absent cube fails
+    only         : keys of the runs to regenerate (default: all); the others keep the
+                   section an earlier call wrote, marked likewise, and need no cube now
     n_boot, seed : bootstrap of the fits (see `analysis.report.write_report`)
     formats      : figure formats; the page embeds the first
     command      : the command line named in the page's header
     Raises ManifestError before writing anything when a cube is absent (unless
-    ``skip_missing``). Returns the path of reproduction.md.
+    ``skip_missing``) or ``only`` names no run of the manifest. Returns the path of
+    reproduction.md.
     """
     m = load_manifest(manifest)
     formats = tuple(formats) or ("png",)
-    absent = absent_runs(m)
+    keys = [run.key for run in m.runs]
+    if only is not None and (not only or set(only) - set(keys)):
+        bad = sorted(set(only) - set(keys)) or "nothing"
+        raise ManifestError(f"--only names {bad}; the runs of {m.path} are {keys}")
+    absent = absent_runs(m, only)
     if absent and not skip_missing:
         raise ManifestError(
             "; ".join(f"run {key!r}: {why}" for key, why in absent.items())
@@ -226,15 +236,17 @@ def reproduce(
             formats=formats,
         )
         for run in m.runs
-        if run.key not in absent
+        if run.key not in absent and (only is None or run.key in only)
     }
     command = command or f"python -m analysis reproduce {m.path} --out {out_dir}"
-    kept = {key: _kept(out_dir, key) for key in absent}
+    held = {k: f"not among --only {','.join(only)}" for k in keys if only and k not in only}
+    held |= absent
+    kept = {key: _kept(out_dir, key) for key in held}
     rows, sections = {}, {}
     for run in m.runs:
-        if run.key in absent:
+        if run.key in held:
             rows[run.key], sections[run.key] = _absent_run(
-                run, absent[run.key], kept[run.key], out_dir
+                run, held[run.key], kept[run.key], out_dir
             )
             continue
         rows[run.key] = _provenance_row(run, reports[run.key], out_dir)
@@ -245,7 +257,7 @@ def reproduce(
         lines += [
             f"**Not every run was regenerated**: {len([k for k in kept.values() if k])} run(s)"
             " show the section written from their cube by an earlier call (marked under its"
-            " title with its date and analysis code) because the cube was absent now.",
+            " title with its date, analysis code and why).",
             "",
         ]
     lines += ["## Provenance", "", *_table(PROVENANCE_HEADER, [rows[r.key] for r in m.runs])]
@@ -286,11 +298,11 @@ def _absent_run(
 ) -> tuple[list[str], list[str]]:
     """Provenance row and section of a run whose cube is absent: the kept ones, marked."""
     if kept is None:
-        row = [f"`{run.key}`", _sweep_cell(run, None, out_dir), "cube absent"] + ["—"] * 5
-        return row, [f"## {run.title}", "", f"Cube absent: {why}.", ""]
+        row = [f"`{run.key}`", _sweep_cell(run, None, out_dir), "not regenerated"] + ["—"] * 5
+        return row, [f"## {run.title}", "", f"Not regenerated: {why}.", ""]
     when, code = kept["generated"], _short(str(kept["analysis_code"]))
     row = list(kept["row"])
-    row[-1] += f"; section of {when[:10]}, cube absent now"
+    row[-1] += f"; section of {when[:10]}, not regenerated"
     title, *rest = kept["section"]
     mark = (
         f"**Not regenerated**: {why}. This section and its report were written on {when}"

@@ -381,8 +381,8 @@ def test_skip_missing_notes_the_absent_cube(cube_path, tmp_path):
         {"key": "gone", "title": "Gone", "store": "results/nowhere.zarr", "sweep": "x"},
     )
     text = reproduce(m, tmp_path / "out", skip_missing=True, n_boot=5).read_text()
-    assert "Cube absent: store results/nowhere.zarr does not exist" in text
-    assert table_row(text, "`gone`")[2] == "cube absent"
+    assert "Not regenerated: store results/nowhere.zarr does not exist" in text
+    assert table_row(text, "`gone`")[2] == "not regenerated"
     assert (tmp_path / "out/reproduction/here/figures/fc_mnist_phase_phase_P1024.png").is_file()
     assert not (tmp_path / "out/reproduction/gone").exists()
 
@@ -396,7 +396,7 @@ def test_skip_missing_with_every_cube_absent_writes_the_page(tmp_path, monkeypat
         {"key": "gone", "title": "Gone", "store": "results/nowhere.zarr", "sweep": "x"},
     )
     text = reproduce(m.name, Path("new/out"), skip_missing=True, n_boot=5).read_text()
-    assert "Cube absent: store results/nowhere.zarr does not exist" in text
+    assert "Not regenerated: store results/nowhere.zarr does not exist" in text
     assert str(tmp_path) not in text  # with a relative manifest and output folder
 
 
@@ -425,9 +425,17 @@ def test_skip_missing_keeps_the_last_section_of_an_absent_cube(cube_path, tmp_pa
     assert f"written on {kept['generated']} by analysis code `{analysis_commit()[:10]}" in goes
     assert "\n".join(kept["section"][1:]) in goes  # the old reading, figures and links
     row = next(ln for ln in second.splitlines() if ln.startswith("| [`goes`]"))
-    assert row.endswith(f"; section of {kept['generated'][:10]}, cube absent now |")
+    assert row.endswith(f"; section of {kept['generated'][:10]}, not regenerated |")
     assert "**Not every run was regenerated**: 1 run(s)" in second  # under the header
     assert (out / "reproduction/goes/report.md").is_file()  # the old report stays
+    # --only: the runs left out keep their section and need no cube (no --skip-missing)
+    third = reproduce(m, out, only=["stays"], n_boot=5).read_text()
+    goes = third[third.index("## Goes") :]
+    assert goes.startswith("## Goes\n\n**Not regenerated**: not among --only stays.")
+    assert "\n".join(kept["section"][1:]) in goes
+    assert "Not regenerated" not in third[third.index("## Stays") : third.index("## Goes")]
+    with pytest.raises(ManifestError, match=r"--only names \['gone'\]; the runs .* \['stays'"):
+        reproduce(m, out, only=["gone"], n_boot=5)
 
 
 def test_store_lacking_a_listed_group_is_absent(cube_path, tmp_path):
