@@ -29,7 +29,7 @@ from analysis.perceptron import (
     observables,
     predicted_exponents,
 )
-from ensemble.schema import CELL_VARS, CHECKPOINT_VARS, COORDS
+from ensemble.schema import CELL_VARS, CHECKPOINT_VARS, COORDS, N_CKPT_TEST
 
 CMAP = "viridis"
 """Perceptually uniform colormap of the phase diagrams and of the curve families."""
@@ -49,7 +49,8 @@ SYMBOLS: dict[str, str] = {
     "T_c": r"crossover temperature $T_c$",
     "ckpt_t": r"time $t = dt \times \mathrm{steps}$",
     "ckpt_train_loss": r"training loss $\mathcal{L}(t)$",
-    "ckpt_test_error": r"test error $\epsilon_{\mathrm{test}}(t)$",
+    "ckpt_test_error": r"test error $\epsilon_{\mathrm{test}}(t)$"
+    + f" (first {N_CKPT_TEST} test points)",
     "local_P_exponent": r"local exponent $d\ln s/d\ln P$",
 }
 UNITS: dict[str, str] = (

@@ -496,9 +496,10 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
         _a_table(section, crossover_fits, fits.get("rel_change"))
     a = _rescaling_exponent(crossover_fits, fits)
     crossover = tables.get("b", tables.get("a"))
+    marks = {"b": "; triangles: T_c (b) of the test error", "a": "; triangles: T_c (a)"}
     caption = (
         "test error, rel_change and t* against T, one curve per P"
-        " (dashed: fits; triangles: T_c of the test error)"
+        f" (dashed: fits{marks['b' if 'b' in tables else 'a'] if tables else ''})"
     )
     if a is not None:
         caption += f"; second row: against T P^a with a = {a:.3f}"

@@ -72,7 +72,14 @@ from ensemble import data as datasets
 from ensemble import fused as fused_torch
 from ensemble.cells import Group, Member, SpecError
 from ensemble.models import Model, Params, build_model, init_params
-from ensemble.schema import CONVERGED, DIVERGED, N_CHECKPOINTS, UNFINISHED, checkpoint_steps
+from ensemble.schema import (
+    CONVERGED,
+    DIVERGED,
+    N_CHECKPOINTS,
+    N_CKPT_TEST,
+    UNFINISHED,
+    checkpoint_steps,
+)
 
 # Streams of numpy.random.SeedSequence([stream, seed]) that derive a member's random
 # numbers from its seed; the training set's stream lives in ensemble.data.
@@ -88,8 +95,6 @@ EVAL_BUDGET_CPU = 2**22
 2.6x faster per image for MNAS and 1.8x for FC than 2**26 (2-core CPU, K = 4 and 64)."""
 GRAPH_STEPS = 16
 """SGD steps per CUDA graph replay."""
-N_CKPT_TEST = 1024
-"""Checkpoints evaluate the test error on the first min(pte, N_CKPT_TEST) test points."""
 SKIP_ULPS = 256
 """Quiet-step skipping treats a drawn point as possibly active when its margin
 1 - alpha f y exceeds -SKIP_ULPS * eps * alpha * (|F(w, x)| + |F(w0, x)|): a bound on the

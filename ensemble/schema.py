@@ -71,10 +71,15 @@ LAYER_VARS: dict[str, tuple[str, str]] = {
     "dw2_layer": ("||w - w0||^2 of one parameter tensor", "1"),
     "w0_2_layer": ("||w0||^2 of one parameter tensor", "1"),
 }
+N_CKPT_TEST = 1024
+"""Checkpoints evaluate the test error on the first min(pte, N_CKPT_TEST) test points."""
 CHECKPOINT_VARS: dict[str, tuple[str, str]] = {
     "ckpt_t": ("t = dt * step at the checkpoint", "1"),
     "ckpt_train_loss": ("training loss at the checkpoint", "1"),
-    "ckpt_test_error": ("test error on the first n_ckpt_test test points at the checkpoint", "1"),
+    "ckpt_test_error": (
+        f"test error on the first min(pte, {N_CKPT_TEST}) test points at the checkpoint",
+        "1",
+    ),
 }
 
 N_CHECKPOINTS = 12
