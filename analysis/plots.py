@@ -50,7 +50,7 @@ SYMBOLS: dict[str, str] = {
     "ckpt_t": r"time $t = dt \times \mathrm{steps}$",
     "ckpt_train_loss": r"training loss $\mathcal{L}(t)$",
     "ckpt_test_error": r"test error $\epsilon_{\mathrm{test}}(t)$"
-    + f" (first {N_CKPT_TEST} test points)",
+    + f", first {N_CKPT_TEST} test points",
     "local_P_exponent": r"local exponent $d\ln s/d\ln P$",
 }
 UNITS: dict[str, str] = (

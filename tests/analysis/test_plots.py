@@ -105,7 +105,8 @@ def test_crossover_and_dynamics_figures(cube):
     fig = plots.dynamics(ds)
     assert len(fig.axes) == 6  # smallest, middle and largest P; loss and error
     assert fig.axes[0].get_xlabel() == r"time $t = dt \times \mathrm{steps}$ (dimensionless)"
-    assert fig.axes[1].get_ylabel() == r"test error $\epsilon_{\mathrm{test}}(t)$ (dimensionless)"
+    ylabel = r"test error $\epsilon_{\mathrm{test}}(t)$, first 1024 test points (dimensionless)"
+    assert fig.axes[1].get_ylabel() == ylabel
 
 
 def test_perceptron_figures(cube):
