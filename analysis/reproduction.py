@@ -239,7 +239,7 @@ def reproduce(
         if run.key not in absent and (only is None or run.key in only)
     }
     command = command or f"python -m analysis reproduce {m.path} --out {out_dir}"
-    held = {k: f"not among --only {','.join(only)}" for k in keys if only and k not in only}
+    held = {k: "not selected by --only" for k in keys if only and k not in only}
     held |= absent
     kept = {key: _kept(out_dir, key) for key in held}
     rows, sections = {}, {}

@@ -431,7 +431,7 @@ def test_skip_missing_keeps_the_last_section_of_an_absent_cube(cube_path, tmp_pa
     # --only: the runs left out keep their section and need no cube (no --skip-missing)
     third = reproduce(m, out, only=["stays"], n_boot=5).read_text()
     goes = third[third.index("## Goes") :]
-    assert goes.startswith("## Goes\n\n**Not regenerated**: not among --only stays.")
+    assert goes.startswith("## Goes\n\n**Not regenerated**: not selected by --only.")
     assert "\n".join(kept["section"][1:]) in goes
     assert "Not regenerated" not in third[third.index("## Stays") : third.index("## Goes")]
     with pytest.raises(ManifestError, match=r"--only names \['gone'\]; the runs .* \['stays'"):
