@@ -296,7 +296,7 @@ def _recover_remote(store: str | os.PathLike) -> None:
                 del root[key]
                 _set_experiments(store)
                 continue
-            ds = xr.open_zarr(store, group=key, consolidated=False).load()
+            ds = xr.open_zarr(store, group=key, consolidated=False, chunks=None).load()
             ds.attrs.pop(SWAP_READY)
             for var in ds.variables.values():
                 var.encoding = {}
@@ -304,7 +304,9 @@ def _recover_remote(store: str | os.PathLike) -> None:
 
 
 def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:
-    """The experiment's group as a lazy Dataset, or None if the store lacks it."""
+    """The experiment's group as a lazily read Dataset, or None if the store lacks it. Not
+    dask-backed: it is read in this process, also while a launch's Dask client is the
+    default scheduler (whose workers may not see the store, and are busy training)."""
     with _quiet_zarr():
         try:
             root = zarr.open_group(store, mode="r", use_consolidated=False)  # the truth
@@ -312,7 +314,7 @@ def open_experiment(store: str | os.PathLike, name: str) -> xr.Dataset | None:
             return None
         if name not in root.group_keys():
             return None
-        return xr.open_zarr(store, group=name, consolidated=False)
+        return xr.open_zarr(store, group=name, consolidated=False, chunks=None)
 
 
 def ensure_experiment(

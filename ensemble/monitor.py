@@ -151,7 +151,7 @@ def _tallies_from_cube(
     tallies: dict[Square, dict] = {}
     totals = {"steps": 0.0, "seconds": 0.0, "created": None, "sweep": None}
     for name in names:
-        ds = xr.open_zarr(str(store), group=name, consolidated=False)
+        ds = xr.open_zarr(str(store), group=name, consolidated=False, chunks=None)
         if grids is not None:  # the sweep's part of the group (ensure_experiment grew it)
             ds = ds.sel({d: grids[name][d] for d in ("alpha", "T", "P", "seed")})
         ds = ds[["done", "outcome", "test_error", "steps", "seconds"]].load()

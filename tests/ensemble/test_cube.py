@@ -106,3 +106,24 @@ def test_remote_growth_survives_a_kill_at_any_stage():
     cube.recover(url)
     assert sorted(zarr.open_group(url, mode="r").group_keys()) == ["e"]
     xr.testing.assert_identical(cube.open_experiment(url, "e").load(), ds)
+
+
+def test_cube_reads_happen_in_this_process_not_on_a_default_dask_client(tmp_path):
+    """With a Dask client as the default scheduler (a launch's), the launch's own reads
+    of the cube (groups, status, the sweep page's tallies) are not dask-backed, so none
+    becomes a task queued on the workers behind the training."""
+    from distributed import Client, LocalCluster
+
+    from ensemble import launch, monitor
+
+    store = tmp_path / "c.zarr"
+    cube.ensure_experiment(store, "e", GRID, ["W0"], 8.0, ATTRS)
+    cube.CubeWriter(store, "e").write([(1.0, 0.5, 64, 0)], [_record()])
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as lc, Client(lc) as c:
+        before = c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.transition_log))
+        assert cube.open_experiment(store, "e")["done"].chunks is None
+        assert "e: 1/1 done" in launch.store_status(store)
+        experiments, tallies, _ = monitor._tallies_from_cube(store)
+        assert experiments[0]["name"] == "e" and len(tallies) == 1
+        after = c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.transition_log))
+        assert after == before  # no task reached the scheduler
