@@ -8,9 +8,11 @@ one thread each).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import fcntl
 import gc
+import logging
 import os
 import signal
 import sys
@@ -58,11 +60,7 @@ def connect(
         yield client
         return
     if scheduler is not None:
-        try:
-            client = Client(scheduler)
-        except OSError as exc:
-            raise EnsembleError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-        with client as c:
+        with _client(scheduler) as c, _no_cancelled_reconnect_traceback():
             if not worker_count(c):  # the plan is cut for the workers there are
                 print(f"waiting for a worker to join {scheduler}", file=sys.stderr, flush=True)
                 c.wait_for_workers(1)
@@ -78,6 +76,58 @@ def connect(
     with cluster, Client(cluster) as c:
         c.register_plugin(QuickExit())
         yield c
+
+
+class _CancelledReconnect(logging.Filter):
+    """Drops distributed.client's ERROR record of a reconnection cancelled as the client
+    closes (its traceback ends in CancelledError): the launch reports the lost scheduler
+    in one line of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+@contextmanager
+def _no_cancelled_reconnect_traceback() -> Iterator[None]:
+    log, quiet = logging.getLogger("distributed.client"), _CancelledReconnect()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+CONNECT_SECONDS = 60.0
+"""Longest wait for a scheduler's answer: Client() itself waits forever on an address
+that accepts connections but does not speak Dask (e.g. the dashboard's port)."""
+
+
+def _client(address: str) -> Client:
+    """Client(address) or, where the address is malformed, does not answer within
+    CONNECT_SECONDS or fails otherwise, an EnsembleError naming it."""
+    box: dict = {}
+
+    def make() -> None:
+        try:
+            box["client"] = Client(address)
+        except BaseException as exc:  # noqa: BLE001  reported below, whatever it is
+            box["error"] = exc
+
+    # a daemon thread: one stuck in a handshake does not hold up the exit
+    thread = threading.Thread(target=make, name="ensemble-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS)
+    where = f"cannot reach the Dask scheduler at {address}"
+    if thread.is_alive():
+        raise EnsembleError(
+            f"{where}: no Dask answer within {CONNECT_SECONDS:g} s (a scheduler listens on"
+            " port 8786 unless told otherwise; 8787 is its dashboard)"
+        )
+    if "error" in box:
+        exc = box["error"]
+        raise EnsembleError(f"{where}: {type(exc).__name__}: {exc}") from None
+    return box["client"]
 
 
 @contextmanager

@@ -674,9 +674,14 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                         bar.update(new)
                     else:
                         bar.refresh()
-        except BaseException:  # interrupted (Ctrl-C) or failed: the cluster drops its tasks
+        except BaseException as exc:  # interrupted (Ctrl-C) or failed: the cluster drops its tasks
             with contextlib.suppress(Exception):
                 c.cancel(list(futures))
+            if isinstance(exc, Exception) and c.status != "running":
+                raise EnsembleError(
+                    f"lost the Dask scheduler ({type(exc).__name__}); the cells that arrived"
+                    " are written: rerun the same command to train the rest"
+                ) from exc
             raise
         finally:
             try:  # what already arrived is written, also when the launch is interrupted
@@ -744,7 +749,9 @@ def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
 
     try:
         names = cube.experiment_names(store)
-        groups = {n: xr.open_zarr(store, group=n, consolidated=False) for n in sorted(names)}
+        groups = {
+            n: xr.open_zarr(store, group=n, consolidated=False, chunks=None) for n in sorted(names)
+        }
     except (FileNotFoundError, KeyError) as exc:
         raise EnsembleError(
             f"store {store} is not a results cube ({type(exc).__name__}: {exc})"

@@ -547,6 +547,26 @@ def test_unreachable_scheduler_is_an_error_line(tmp_path):
     assert not (tmp_path / "s.zarr").exists()  # refused before the store is created
 
 
+def test_scheduler_addresses_that_are_no_scheduler_are_error_lines(tmp_path, monkeypatch):
+    """A malformed address, a scheme Dask lacks, and a port that accepts connections but
+    does not speak Dask (a dashboard: Client() would wait forever) are EnsembleErrors
+    naming the address, within CONNECT_SECONDS; no store is created."""
+    from ensemble import cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_SECONDS", 3.0)
+    spec = write_sweep(tmp_path / "ok.toml")
+    with LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as lc:
+        dashboard = lc.dashboard_link.split("//")[1].split("/")[0]  # host:port
+        for address, why in (
+            ("127.0.0.1:87x", "ValueError"),
+            (f"http://{dashboard}", "unknown address scheme"),
+            (f"tcp://{dashboard}", "no Dask answer within 3 s"),
+        ):
+            with pytest.raises(EnsembleError, match=f"scheduler at {re.escape(address)}: .*{why}"):
+                launch(spec, tmp_path / "s.zarr", scheduler=address, progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
     """Cells whose tasks fail (here: a GPU the workers do not have, which only they can
     tell) make ``python -m ensemble run`` exit with status 1 and say so."""
@@ -864,3 +884,105 @@ def test_cells_not_started_within_max_seconds_stay_missing(client, tmp_path):
     assert len(pending_cells(load_sweep(spec), store)["tiny_fc"]) == 3
     again = launch(spec, store, client=client, progress=False, max_members=4, slots=1)
     assert again.attrs["launch_report"]["cells_done"] == 1
+
+
+def test_a_scheduler_lost_mid_sweep_is_an_error_line_and_a_rerun_resumes(tmp_path, slow):
+    """The scheduler killed (SIGKILL) while `python -m ensemble run --scheduler` trains:
+    the command ends with one line saying so and exit status 2, not a traceback; what
+    arrived is written, and a rerun on a new cluster trains only the rest."""
+    import socket
+
+    spec, reference = slow
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cluster(port: int) -> list[subprocess.Popen]:
+        address = f"tcp://127.0.0.1:{port}"
+        dask = [sys.executable, "-m", "distributed.cli"]
+        sched = subprocess.Popen(
+            [
+                *dask[:2],
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        worker = subprocess.Popen(
+            [
+                *dask[:2],
+                "distributed.cli.dask_worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--no-dashboard",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return [sched, worker]
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    store = tmp_path / "lost.zarr"
+    port = free_port()
+    procs = cluster(port)
+    try:
+        run = [
+            sys.executable,
+            "-m",
+            "ensemble",
+            "run",
+            str(spec),
+            "--store",
+            str(store),
+            "--no-monitor",
+            "--max-members",
+            "1",
+            "--scheduler",
+            f"tcp://127.0.0.1:{port}",
+        ]
+        cli = subprocess.Popen(
+            run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 240
+        while _done(load_sweep(spec), store) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        procs[0].kill()  # the scheduler
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 2, err[-3000:]
+        assert "error: lost the Dask scheduler" in err and "Traceback" not in err, err[-3000:]
+        written = _done(load_sweep(spec), store)
+        assert 1 <= written < 4
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    procs = cluster(port := free_port())
+    try:
+        again = subprocess.run(
+            run[:-1] + [f"tcp://127.0.0.1:{port}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"{4 - written} cells to train" in again.stdout + again.stderr
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    got = xr.open_zarr(store, group="tiny_fc").load()
+    assert got["done"].all() and (got["steps"] == reference["steps"]).all()
