@@ -414,18 +414,27 @@ def _experiment(
 
 
 def _launches(section: _Section, records: Sequence[dict] | None) -> None:
-    """Table of the launches that trained the group (``ensemble.schema.LAUNCHES_ATTR``)."""
+    """Table of the launches that trained the group or had cells of it fail
+    (``ensemble.schema.LAUNCHES_ATTR``)."""
     if not records:
-        section.add("Launches: not recorded (cube written before launch records existed).", "")
+        section.add(
+            "Launches: none recorded (a cube written before launch records existed, or no"
+            " launch trained or failed a cell of it).",
+            "",
+        )
         return
     section.add("### Launches", "")
+    ended = {True: "completed", False: "interrupted or failed"}
     section.table(
-        ["started (UTC)", "command", "device", "workers", "cells trained", "wall time (s)"],
+        ["started (UTC)", "command", "device", "workers", "cells trained", "cells failed"]
+        + ["ended", "wall time (s)"],
         [
             [r.get("started", "?"), f"`{_md(r.get('command', '?'))}`", _md(r.get("device", "?"))]
             + [
                 r.get("n_workers", "?"),
                 r.get("cells_trained", "?"),
+                r.get("cells_failed", "?"),
+                ended.get(r.get("completed"), "?"),
                 _num(r.get("wall_s"), "{:.1f}"),
             ]
             for r in records

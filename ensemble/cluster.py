@@ -60,7 +60,7 @@ def connect(
         yield client
         return
     if scheduler is not None:
-        with _client(scheduler) as c, _no_cancelled_reconnect_traceback():
+        with _no_cancelled_reconnect_traceback(), _client(scheduler) as c:
             if not worker_count(c):  # the plan is cut for the workers there are
                 print(f"waiting for a worker to join {scheduler}", file=sys.stderr, flush=True)
                 c.wait_for_workers(1)

@@ -62,6 +62,9 @@ REFILL_FACTOR = 2
 slots are refilled as members stop. On a GPU every member gets a slot (within memory)."""
 WRITE_EVERY = 2.0
 """Seconds between the launch's writes of the members streamed in (``stream.Sink``)."""
+WORKER_CHECK_EVERY = 5.0
+"""Seconds between the launch's counts of the cluster's workers: with none left it says
+that it waits for workers to join (and again when they are back)."""
 POLL_EVERY = 0.25
 """Seconds between the launch's looks at the stream and the tasks: starts reach the
 progress bar and the sweep page within this, finished tasks are written at once."""
@@ -304,12 +307,15 @@ def preflight(
 ) -> Sweep:
     """The sweep, once every check a launch makes before it touches the store or starts a
     cluster has passed (SpecError or DataError naming the problem otherwise): the options
-    (`check_options`), the sweep file, its datasets (`check_data`), the store path
-    (`cube.check_store`) and, for an embedded cluster on this machine's CPUs (``local``),
-    each member's memory (`check_memory`). ``launch`` and ``dry_run`` both make them."""
+    (`check_options`), the sweep file, the store path (`cube.check_store`) and, for an
+    embedded cluster (``local``), its datasets here (`check_data`) and on this machine's
+    CPUs each member's memory (`check_memory`); a given cluster's workers check theirs
+    once connected (`check_workers`), so the launching machine needs no data.
+    ``launch`` and ``dry_run`` both make them."""
     check_options(n_workers, device, slots, max_members, local=local)
     sweep = spec if isinstance(spec, Sweep) else load_sweep(spec)
-    check_data(sweep, data_root)
+    if local:
+        check_data(sweep, data_root)
     if store is not None:
         cube.check_store(store)
     if local and not _local_gpus(device):
@@ -329,13 +335,41 @@ def check_memory(sweep: Sweep, worker_memory: int) -> None:
             members_that_fit(exp.group(P), budget, True, f"{exp.name} (P={P})")
 
 
-def check_workers(sweep: Sweep, client, device: str | None) -> None:
-    """`check_memory` against the least memory of ``client``'s workers where they train on
-    CPUs (`cluster.worker_memory`); GPU workers size their slots from the device memory."""
+def check_workers(sweep: Sweep, client, device: str | None, data_root: str | None) -> None:
+    """The checks a given cluster's workers need before the store changes: each finds the
+    sweep's datasets (`check_data` run there, with ``data_root`` or the worker's own
+    ENSEMBLE_DATA; DataError naming the worker otherwise), and `check_memory` against the
+    least memory of the workers where they train on CPUs (`cluster.worker_memory`; GPU
+    workers size their slots from the device memory). Workers that run other code than
+    this process (another git commit) get a warning on stderr: the cube's launch record
+    names this process's commit."""
     from ensemble.cluster import gpu_workers, worker_memory
+    from ensemble.data import DataError
 
+    here = git_commit(Path(ensemble.__file__).parent)
+    answers = client.run(_worker_report, sweep, data_root)
+    for address, (problem, commit) in sorted(answers.items()):
+        if problem:
+            where = "--data-root" if data_root else "ENSEMBLE_DATA in the worker's environment"
+            raise DataError(f"worker {address}: {problem} (the worker looks under {where})")
+        if "unknown" not in (commit, here) and commit != here:
+            print(
+                f"warning: worker {address} runs ensemble at {commit}, this launch at {here};"
+                " the cube's launch record names the latter",
+                file=sys.stderr,
+            )
     if not gpu_workers(client, device):
         check_memory(sweep, worker_memory(client))
+
+
+def _worker_report(sweep: Sweep, data_root: str | None) -> tuple[str | None, str]:
+    """On a worker: (why the sweep's data cannot be read there, or None; its git commit)."""
+    try:
+        check_data(sweep, data_root)
+        problem = None
+    except EnsembleError as exc:
+        problem = str(exc)
+    return problem, git_commit(Path(ensemble.__file__).parent)
 
 
 def check_data(sweep: Sweep, data_root: str | None = None) -> None:
@@ -487,7 +521,8 @@ def launch(
 
     Each experiment that got cells from this launch gets a launch record appended to
     its group attribute ``launches`` after its cells were written (see
-    ``ensemble.schema.LAUNCHES_ATTR``); a launch that trains nothing records nothing.
+    ``ensemble.schema.LAUNCHES_ATTR``), as does one whose cells of it failed; a launch
+    that neither trains nor fails a cell of an experiment records nothing there.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise EnsembleError(
@@ -516,7 +551,7 @@ def launch(
             from ensemble.cluster import connect
 
             client = stack.enter_context(connect(client=client, scheduler=scheduler))
-            check_workers(sweep, client, device)
+            check_workers(sweep, client, device, data_root)
         with cube.store_lock(store):
             cube.recover(store)
             check_settings(sweep, store)  # every experiment's, before any group changes
@@ -564,10 +599,12 @@ def launch(
 
 def _record_launch(store: str | os.PathLike, report: LaunchReport, record: dict) -> None:
     """Append ``record`` completed with this launch's numbers to every experiment group
-    that got cells from it (called after the cells are written, store lock held)."""
+    that got cells from it or had cells fail in it (called after the cells are written,
+    store lock held)."""
     devices = ", ".join(report.devices) or "unknown"  # known once a task started
-    for name, n in report.trained.items():
-        if n > 0:
+    for name in sorted(set(report.trained) | set(report.failed)):
+        n = report.trained.get(name, 0)
+        if n > 0 or report.failed.get(name, 0) > 0:
             cube.append_launch(
                 store,
                 name,
@@ -644,7 +681,20 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
             }
             remaining = set(futures)
             last_write, shown = time.monotonic(), None
+            last_count, orphaned = time.monotonic(), False
             while remaining:
+                if time.monotonic() - last_count >= WORKER_CHECK_EVERY:
+                    last_count = time.monotonic()
+                    if orphaned != (worker_count(c) == 0):
+                        orphaned = not orphaned
+                        news = (
+                            f"no workers left on {c.scheduler.address}: waiting for workers"
+                            " to join (Ctrl-C stops; a rerun resumes)"
+                            if orphaned
+                            else "workers joined: training goes on"
+                        )
+                        if progress:
+                            tqdm.write(news, file=sys.stderr)
                 try:
                     finished, remaining = wait(
                         remaining, timeout=POLL_EVERY, return_when="FIRST_COMPLETED"
@@ -725,6 +775,7 @@ def dry_run(
     refuses before any compute (`preflight`, changed stored settings); a CUDA ``device``
     is planned for even where this machine has none (for a launch on a scheduler)."""
     sweep = preflight(spec, store, n_workers, device, slots, max_members, data_root, False)
+    check_data(sweep, data_root)  # as a launch on an embedded cluster would
     if store is None:
         pending = {e.name: e.cells() for e in sweep.experiments}
     else:

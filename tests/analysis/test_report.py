@@ -210,3 +210,28 @@ def test_settings_table_lists_what_the_architecture_uses(report_dir):
     table = part.split("\n\n")[1]
     assert "| L | 5 |" in table and "| activation | relu |" in table
     assert "| d |" not in table and "| chi |" not in table
+
+
+def test_launches_table_shows_failed_cells_and_how_each_launch_ended():
+    """A launch record's failed cells and whether it completed (``completed`` False: it
+    was interrupted or failed) are columns of the report's launches table."""
+    from pathlib import Path
+
+    from analysis.report import _launches, _Section
+
+    records = [
+        {"started": "s1", "command": "c", "device": "cpu", "n_workers": 2}
+        | {"cells_trained": 7, "cells_failed": 0, "completed": False, "wall_s": 3.0},
+        {"started": "s2", "command": "c", "device": "cpu", "n_workers": 2}
+        | {"cells_trained": 0, "cells_failed": 8, "completed": True, "wall_s": 1.0},
+    ]
+    section = _Section(Path("."), "x", ())
+    _launches(section, records)
+    rows = [ln for ln in section.lines if ln.startswith(("| s1", "| s2"))]
+    assert rows == [
+        "| s1 | `c` | cpu | 2 | 7 | 0 | interrupted or failed | 3.0 |",
+        "| s2 | `c` | cpu | 2 | 0 | 8 | completed | 1.0 |",
+    ]
+    section = _Section(Path("."), "x", ())
+    _launches(section, [])
+    assert section.lines[0].startswith("Launches: none recorded")
