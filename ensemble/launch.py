@@ -515,7 +515,8 @@ def launch(
                   the others once they have run `COMPILE_SECONDS`
     monitor     : factory ``monitor(client, sweep, store, batches)`` of an object with
                   ``started(batch)``, ``members(batch, results)`` (members just written),
-                  ``finished(batch, stats)`` and ``failed(batch)``
+                  ``finished(batch, stats)``, ``failed(batch)`` and, optionally,
+                  ``stopped()`` (the launch stopped before its batches ended)
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
     command     : command line recorded in the launch records (default "python API")
 
@@ -727,6 +728,9 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
         except BaseException as exc:  # interrupted (Ctrl-C) or failed: the cluster drops its tasks
             with contextlib.suppress(Exception):
                 c.cancel(list(futures))
+            if mon is not None and hasattr(mon, "stopped"):
+                with contextlib.suppress(Exception):
+                    mon.stopped()
             if isinstance(exc, Exception) and c.status != "running":
                 raise EnsembleError(
                     f"lost the Dask scheduler ({type(exc).__name__}); the cells that arrived"

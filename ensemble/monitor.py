@@ -280,6 +280,17 @@ class SweepBoard:
         self.cells_failed += sum(b["left"].values())
         self._changed()
 
+    def stopped(self) -> None:
+        """The launch stopped (interrupted, or it failed) before its batches ended: the
+        cluster dropped them, so the page counts nothing as running and gives no ETA."""
+        for key, b in self.batches.items():
+            if b["state"] == "running":
+                self._add_running(key, -1)
+            if b["state"] in ("pending", "running"):
+                b["state"] = "stopped"
+        self.ended = self.ended or time.time()
+        self._changed()
+
     def view(self, n_workers: int, now: float | None = None) -> dict:
         """The page's data: JSON-able, small (one record per square).
 
@@ -294,7 +305,7 @@ class SweepBoard:
         records = _records(self.experiments, self.tallies)
         counts = _cell_counts(records)
         counts["failed"] = self.cells_failed
-        by_state = {s: 0 for s in ("pending", "running", "done", "failed")}
+        by_state = {s: 0 for s in ("pending", "running", "done", "failed", "stopped")}
         remaining_est = 0.0
         for b in self.batches.values():
             by_state[b["state"]] += 1
@@ -302,7 +313,7 @@ class SweepBoard:
                 remaining_est += sum(n * b["est"][sq] for sq, n in b["left"].items())
         rate = self.steps / elapsed  # network-steps per second, all workers
         eta = None
-        if self.est_finished > 0 and rate > 0:
+        if self.est_finished > 0 and rate > 0 and not by_state["stopped"]:
             eta = (
                 0.0
                 if remaining_est == 0
@@ -481,7 +492,12 @@ def _summary_html(view: dict) -> str:
             (
                 "batches",
                 f"{b['done']} done, {b['running']} running, {b['pending']} pending,"
-                f" {b['failed']} failed of {b['total']}",
+                f" {b['failed']} failed of {b['total']}"
+                + (
+                    f"; the launch stopped, {b['stopped']} not run: rerun it to train them"
+                    if b.get("stopped")
+                    else ""
+                ),
             ),
             ("elapsed", _duration(tp["elapsed_seconds"])),
             ("cells per minute", _fmt(tp["cells_per_minute"])),
@@ -759,10 +775,12 @@ def _on_scheduler(event: str, sweep_id: str, payload: Any, dask_scheduler: Any =
         board.finished(*payload)
     elif event == "failed":
         board.failed(payload)
+    elif event == "stopped":
+        board.stopped()
     else:
         raise ValueError(
             f"unknown sweep page event {event!r}; expected open, started, members, finished,"
-            " failed or views"
+            " failed, stopped or views"
         )
     return None
 
@@ -889,6 +907,10 @@ class SweepMonitor:
     def failed(self, batch: Any) -> None:
         """The batch's task raised: its cells stay missing."""
         self._push("failed", batch.key)
+
+    def stopped(self) -> None:
+        """The launch stopped before its batches ended (Ctrl-C, a signal, an error)."""
+        self._push("stopped", None)
 
     def state(self) -> dict:
         """This launch's view as the page shows it (read from the scheduler)."""

@@ -28,6 +28,7 @@ from ensemble.monitor import (
     SweepBoard,
     SweepMonitor,
     _columns,
+    _summary_html,
     cube_view,
     sweep_state,
     write_status_html,
@@ -386,7 +387,40 @@ def test_board_counts_running_failed_and_finished_seeds():
     assert tp["steps_per_second_per_worker"] == pytest.approx(307 / 10 / 2)
     assert tp["occupancy"] == pytest.approx(290 / 600)
     assert tp["eta_seconds"] == 0  # the failed batch is not waited for
-    assert tp["batches"] == {"total": 2, "pending": 0, "running": 0, "done": 1, "failed": 1}
+    assert tp["batches"] == {
+        "total": 2,
+        **{"pending": 0, "running": 0, "done": 1, "failed": 1, "stopped": 0},
+    }
+
+
+def test_board_of_a_stopped_launch_shows_nothing_running_and_no_eta():
+    """A launch interrupted while one batch runs and one waits: the page stops counting
+    them as running or pending, gives no time to completion and says to rerun."""
+    info = {
+        "id": "s",
+        "sweep": "s",
+        "store": "x.zarr",
+        "launched": 100.0,
+        "experiments": [{"name": "e", "alpha": [1.0], "T": [0.5, 1.0], "P": [8], "seeds": 2}],
+        "prior": [],
+        "batches": [
+            ("b1", "e", 8, [(1.0, 0.5, 50.0), (1.0, 0.5, 50.0)]),
+            ("b2", "e", 8, [(1.0, 1.0, 50.0)]),
+        ],
+    }
+    board = SweepBoard(info)
+    board.started("b1")
+    board.members("b1", "e", 8, [(1.0, 0.5, CONVERGED, 0.5, 300)])
+    assert board.view(n_workers=1, now=110.0)["throughput"]["eta_seconds"] > 0
+    board.stopped()
+    v = board.view(n_workers=1, now=120.0)
+    assert v["counts"]["running"] == 0 and v["counts"]["converged"] == 1
+    assert v["throughput"]["batches"] == {
+        "total": 2,
+        **{"pending": 0, "running": 0, "done": 0, "failed": 0, "stopped": 2},
+    }
+    assert v["throughput"]["eta_seconds"] is None
+    assert "the launch stopped, 2 not run: rerun it" in _summary_html(v)
 
 
 def test_board_counts_a_member_of_a_failed_batch_written_late():
