@@ -728,7 +728,7 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
         except BaseException as exc:  # interrupted (Ctrl-C) or failed: the cluster drops its tasks
             with contextlib.suppress(Exception):
                 c.cancel(list(futures))
-            if mon is not None and hasattr(mon, "stopped"):
+            if mon is not None and hasattr(mon, "stopped") and c.status == "running":
                 with contextlib.suppress(Exception):
                     mon.stopped()
             if isinstance(exc, Exception) and c.status != "running":
