@@ -418,8 +418,8 @@ def _launches(section: _Section, records: Sequence[dict] | None) -> None:
     (``ensemble.schema.LAUNCHES_ATTR``)."""
     if not records:
         section.add(
-            "Launches: none recorded (a cube written before launch records existed, or no"
-            " launch trained or failed a cell of it).",
+            "Launches: none recorded (the cube predates launch records, or no launch has"
+            " trained or lost a cell of it).",
             "",
         )
         return
