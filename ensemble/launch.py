@@ -798,8 +798,9 @@ def dry_run(
 
 
 def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
-    """Per experiment: cells done / total and counts per outcome; with ``estimates``, also
-    how the planner's step estimates compare with the steps taken (`estimate_ratios`)."""
+    """Per experiment: cells done / total and counts per outcome, and its launch records
+    (how many; the last one's start, end and cells); with ``estimates``, also how the
+    planner's step estimates compare with the steps taken (`estimate_ratios`)."""
     from ensemble.schema import OUTCOME_FLAGS
 
     try:
@@ -822,6 +823,16 @@ def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
             + ", ".join(f"{k} {v}" for k, v in counts.items())
             + f"  [sweep {ds.attrs.get('sweep')}, {dict(ds.sizes)}]"
         )
+        records = cube.launches(store, name)
+        if records:
+            last = records[-1]
+            ended = {True: "completed", False: "interrupted or failed"}
+            lines.append(
+                f"    launches: {len(records)} recorded; the last started"
+                f" {last.get('started', '?')}, {ended.get(last.get('completed'), 'end unknown')},"
+                f" {last.get('cells_trained', '?')} cells trained,"
+                f" {last.get('cells_failed', '?')} failed"
+            )
         if estimates:
             r = estimate_ratios(ds)
             lines.append(

@@ -37,6 +37,7 @@ from ensemble.launch import (
     note_compiled,
     pending_cells,
     plan,
+    store_status,
 )
 from ensemble.plan import Batch, estimate_steps, format_plan, plan_batches
 from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
@@ -603,6 +604,8 @@ def test_cli_run_exits_non_zero_when_cells_fail(client, tmp_path, capsys):
     assert len(pending_cells(load_sweep(spec), tmp_path / "f.zarr")["tiny_fc"]) == 8
     (record,) = launches(tmp_path / "f.zarr", "tiny_fc")
     assert (record["cells_trained"], record["cells_failed"]) == (0, 8)
+    assert "launches: 1 recorded; the last started" in store_status(tmp_path / "f.zarr")
+    assert "completed, 0 cells trained, 8 failed" in store_status(tmp_path / "f.zarr")
 
 
 def test_cli_status_and_dry_run(tmp_path, reference_store, data_root):
@@ -695,7 +698,7 @@ def test_status_compares_steps_with_the_planner(tmp_path, reference):
     """``status --estimates``: per (alpha, T, P) with a converged seed, the geometric mean
     of the converged seeds' steps over ``estimate_steps`` of the group's settings."""
     from ensemble.cells import Group, Member
-    from ensemble.launch import estimate_ratios, store_status
+    from ensemble.launch import estimate_ratios
     from ensemble.schema import CONVERGED
 
     ratios = estimate_ratios(reference)
@@ -725,7 +728,6 @@ def test_status_and_monitor_skip_a_grow_in_progress(tmp_path, reference):
     """The temporary groups of a group swap (``name.__new`` staged, ``name.__old`` not yet
     removed) are not experiments: ``status`` and the monitor's tallies list the group once,
     with its own counts, while a grow by another launch is under way."""
-    from ensemble.launch import store_status
     from ensemble.monitor import _tallies_from_cube
 
     store = tmp_path / "r.zarr"
@@ -733,7 +735,7 @@ def test_status_and_monitor_skip_a_grow_in_progress(tmp_path, reference):
         warnings.filterwarnings("ignore", message="Consolidated metadata")
         for name in ("tiny_fc", "tiny_fc.__new", "tiny_fc.__old"):
             reference.to_zarr(store, group=name, consolidated=True)
-    lines = store_status(store).splitlines()
+    lines = [ln for ln in store_status(store).splitlines() if not ln.startswith("    ")]
     assert len(lines) == 2 and lines[1].startswith("  tiny_fc: "), lines
     experiments, _, _ = _tallies_from_cube(store)
     assert [e["name"] for e in experiments] == ["tiny_fc"]
