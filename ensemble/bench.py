@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ensemble.cells import INPUT_SHAPE, POOL_SIZE, Group, Member
+from ensemble.cells import INPUT_SHAPE, POOL_SIZE, Group, Member, SpecError
 from ensemble.engine import Engine, allow_tf32, resolve_device
 from ensemble.models import build_model
 from ensemble.plan import compile_break_even
@@ -232,6 +232,9 @@ def table(arch: str, Ks: list[int], steps: int, opt: BenchOptions) -> Iterator[s
             slow = measure(arch, K, steps, other) if generic else 0
         except torch.OutOfMemoryError:
             yield f"| {K} | out of memory | |"
+            break
+        except SpecError:  # more slots than engine.slots_that_fit allows (before allocating)
+            yield f"| {K} | over the engine's memory budget | |"
             break
         base = base or rate
         row = f"| {K} | {_rate(rate)} | {rate / base:.2f} |"

@@ -138,13 +138,15 @@ GPU_MEMORY_FRACTION = 0.7
 
 def slot_budget(device: torch.device) -> int:
     """Bytes an engine's member slots may use on ``device``: GPU_MEMORY_FRACTION of the
-    free CUDA memory, or CPU_MEMORY_FRACTION of the memory a task may use on the CPU
-    (``cluster.task_memory``)."""
+    CUDA memory free to this process (the device's free memory plus what torch's caching
+    allocator holds unused, e.g. from an engine before this one), or CPU_MEMORY_FRACTION
+    of the memory a task may use on the CPU (``cluster.task_memory``)."""
     from ensemble.cluster import task_memory
     from ensemble.plan import CPU_MEMORY_FRACTION
 
     if device.type == "cuda":
-        return int(GPU_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(GPU_MEMORY_FRACTION * (torch.cuda.mem_get_info(device)[0] + cached))
     return int(CPU_MEMORY_FRACTION * task_memory())
 
 

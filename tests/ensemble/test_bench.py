@@ -25,6 +25,15 @@ def test_bench_table_has_a_row_per_K(capsys, data_root):
     assert rows[0][2] == "1.00"
 
 
+def test_bench_table_ends_at_the_first_K_over_the_memory_budget(capsys, data_root):
+    """A K whose slots `engine.slots_that_fit` refuses (here 10^7 perceptron members, about
+    6 TB) ends the table with a row that says so instead of stopping the benchmark."""
+    argv = ["bench", "--arch", "perceptron", "--K", "1,10000000,2", "--steps", "4"]
+    assert main([*argv, "--repeats", "1"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r[:2] for r in rows[1:]] == [["10000000", "over the engine's memory budget"]]
+
+
 def test_bench_fc_compares_fused_with_generic_and_profiles(capsys, data_root):
     argv = ["bench", "--arch", "fc", "--K", "2", "--steps", "2", "--repeats", "1"]
     assert main([*argv, "--data-root", str(data_root)]) == 0
