@@ -171,6 +171,14 @@ def bootstrap_mean(
     return out
 
 
+def seeds_with_values(values: xr.DataArray, keep: Sequence[str] = ()) -> xr.DataArray:
+    """How many seeds have at least one value (not NaN) in ``values``, for each point of
+    the dimensions ``keep`` (every other dimension but ``seed`` is reduced): the n of
+    `bootstrap_std` and `seed_interval`."""
+    reduce = [d for d in values.dims if d not in (*keep, "seed")]
+    return values.notnull().any(reduce).sum("seed")
+
+
 def bootstrap_std(reps: np.ndarray, n_seeds: int, axis: int = 0) -> np.ndarray:
     """Standard error from bootstrap replicates of an estimate over ``n_seeds`` seeds:
     their standard deviation along ``axis`` (non-finite replicates skipped) times

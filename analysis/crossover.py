@@ -45,6 +45,7 @@ from analysis.aggregate import (
     masked,
     mean_stderr,
     seed_interval,
+    seeds_with_values,
 )
 from analysis.fits import Estimate, InsufficientData, PowerLawFit, Range, fit_power_law, ratio
 from analysis.interpolate import first_crossing, plateau_departure
@@ -179,8 +180,8 @@ def crossover_table(
             boot[b] = [curve(T, reps[b, :, j]) for j in range(n_P)]
     low, high, log_std = (np.full(n_P, np.nan) for _ in range(3))
     n_valid = np.isfinite(boot).sum(axis=0)
-    n_seeds = values.notnull().any("T").sum("seed").transpose("P").values  # per P
-    n_all = int(values.notnull().any(["T", "P"]).sum())  # the seeds the bootstrap draws
+    n_seeds = seeds_with_values(values, ["P"]).transpose("P").values
+    n_all = int(seeds_with_values(values))  # the seeds the bootstrap draws
     for j in range(n_P):
         if np.isfinite(T_c[j]) and n_boot and n_valid[j] >= MIN_VALID_SHARE * n_boot:
             log_std[j] = bootstrap_std(np.log(boot[:, j]), int(n_seeds[j]))

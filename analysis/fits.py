@@ -43,6 +43,7 @@ from analysis.aggregate import (
     masked,
     mean_stderr,
     seed_mean,
+    seeds_with_values,
 )
 from analysis.interpolate import plateau_departure
 
@@ -325,7 +326,7 @@ def fit_scaling(
     boot = None
     if n_boot:
         boot = bootstrap_mean(values, n_boot, np.random.default_rng(seed))
-    n_seeds = int(values.notnull().any([d for d in values.dims if d != "seed"]).sum())
+    n_seeds = int(seeds_with_values(values))
     return fit_power_law(
         stats["mean"],
         pooled_stderr(stats, where),

@@ -42,6 +42,7 @@ from analysis.aggregate import (
     masked,
     mean_stderr,
     seed_interval,
+    seeds_with_values,
 )
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_power_law
 from ensemble.schema import CONVERGED, DIVERGED
@@ -101,7 +102,7 @@ def optimal_temperature(
     out["error_min_stderr"] = np.full((n_a, n_P), np.nan)
     where = np.full((n_a, n_P), -1, dtype=np.int8)
     mean, se = stats["mean"].values, stats["stderr"].values
-    n_seeds = values.notnull().any("T").sum("seed").transpose("alpha", "P").values
+    n_seeds = seeds_with_values(values, ["alpha", "P"]).transpose("alpha", "P").values
     for a in range(n_a):
         for p in range(n_P):
             t_opt, i, code = _argmin_refined(T, mean[a, p], diverged[a, p])

@@ -335,26 +335,27 @@ def check_memory(sweep: Sweep, worker_memory: int) -> None:
             members_that_fit(exp.group(P), budget, True, f"{exp.name} (P={P})")
 
 
-def check_workers(sweep: Sweep, client, device: str | None, data_root: str | None) -> None:
+def check_workers(
+    sweep: Sweep, client, device: str | None, data_root: str | None, commit: str
+) -> None:
     """The checks a given cluster's workers need before the store changes: each finds the
     sweep's datasets (`check_data` run there, with ``data_root`` or the worker's own
     ENSEMBLE_DATA; DataError naming the worker otherwise), and `check_memory` against the
     least memory of the workers where they train on CPUs (`cluster.worker_memory`; GPU
     workers size their slots from the device memory). Workers that run other code than
-    this process (another git commit) get a warning on stderr: the cube's launch record
-    names this process's commit."""
+    ``commit`` (this process's git commit) get a warning on stderr: the cube's launch
+    record names ``commit``."""
     from ensemble.cluster import gpu_workers, worker_memory
     from ensemble.data import DataError
 
-    here = git_commit(Path(ensemble.__file__).parent)
     answers = client.run(_worker_report, sweep, data_root)
-    for address, (problem, commit) in sorted(answers.items()):
+    for address, (problem, theirs) in sorted(answers.items()):
         if problem:
             where = "--data-root" if data_root else "ENSEMBLE_DATA in the worker's environment"
             raise DataError(f"worker {address}: {problem} (the worker looks under {where})")
-        if "unknown" not in (commit, here) and commit != here:
+        if "unknown" not in (theirs, commit) and theirs != commit:
             print(
-                f"warning: worker {address} runs ensemble at {commit}, this launch at {here};"
+                f"warning: worker {address} runs ensemble at {theirs}, this launch at {commit};"
                 " the cube's launch record names the latter",
                 file=sys.stderr,
             )
@@ -552,7 +553,7 @@ def launch(
             from ensemble.cluster import connect
 
             client = stack.enter_context(connect(client=client, scheduler=scheduler))
-            check_workers(sweep, client, device, data_root)
+            check_workers(sweep, client, device, data_root, record["git_commit"])
         with cube.store_lock(store):
             cube.recover(store)
             check_settings(sweep, store)  # every experiment's, before any group changes

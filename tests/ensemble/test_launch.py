@@ -961,6 +961,17 @@ def _run_cli(spec, store, port: int) -> list[str]:
     ]
 
 
+def _cli_after_its_first_cell(spec, store, port: int) -> subprocess.Popen:
+    """`_run_cli` started, once it has written a cell (or after 240 s)."""
+    cli = subprocess.Popen(
+        _run_cli(spec, store, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while _done(load_sweep(spec), store) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return cli
+
+
 def test_a_scheduler_lost_mid_sweep_is_an_error_line_and_a_rerun_resumes(tmp_path, slow):
     """The scheduler killed (SIGKILL) while `python -m ensemble run --scheduler` trains:
     the command ends with one line saying so and exit status 2, not a traceback; what
@@ -970,12 +981,7 @@ def test_a_scheduler_lost_mid_sweep_is_an_error_line_and_a_rerun_resumes(tmp_pat
     port = _free_port()
     procs = [_scheduler(port), _worker(port)]
     try:
-        cli = subprocess.Popen(
-            _run_cli(spec, store, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        deadline = time.monotonic() + 240
-        while _done(load_sweep(spec), store) < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        cli = _cli_after_its_first_cell(spec, store, port)
         _stop(procs[:1])  # the scheduler
         out, err = cli.communicate(timeout=120)
         assert cli.returncode == 2, err[-3000:]
@@ -1008,12 +1014,7 @@ def test_a_launch_whose_workers_all_died_says_it_waits_for_new_ones(tmp_path, sl
     port = _free_port()
     procs = [_scheduler(port), _worker(port)]
     try:
-        cli = subprocess.Popen(
-            _run_cli(spec, store, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        deadline = time.monotonic() + 240
-        while _done(load_sweep(spec), store) < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        cli = _cli_after_its_first_cell(spec, store, port)
         _stop(procs[1:])  # the only worker, nanny and all
         time.sleep(3 * WORKER_CHECK_EVERY)
         procs.append(_worker(port))

@@ -327,25 +327,26 @@ def test_page_renders_and_updates_in_chromium(live, tmp_path):
 # -- the state without a cluster -------------------------------------------------------
 
 
-def test_board_counts_running_failed_and_finished_seeds():
-    info = {
+def _board_info(prior: list) -> dict:
+    """A launch's "open" event: experiment e (P = 8, T = 0.5 and 1, 2 seeds) in batch b1
+    (two members at T = 0.5) and b2 (one at T = 1), after the ``prior`` tallies."""
+    return {
         "id": "s",
         "sweep": "s",
         "store": "x.zarr",
         "launched": 100.0,
         "experiments": [{"name": "e", "alpha": [1.0], "T": [0.5, 1.0], "P": [8], "seeds": 2}],
-        "prior": [
-            (
-                ["e", 8, 1.0, 1.0],
-                {"converged": 1, "diverged": 0, "unfinished": 0, "running": 0, "err_sum": 0.25},
-            )
-        ],
+        "prior": prior,
         "batches": [
             ("b1", "e", 8, [(1.0, 0.5, 50.0), (1.0, 0.5, 50.0)]),
             ("b2", "e", 8, [(1.0, 1.0, 50.0)]),
         ],
     }
-    board = SweepBoard(info)
+
+
+def test_board_counts_running_failed_and_finished_seeds():
+    done = {"converged": 1, "diverged": 0, "unfinished": 0, "running": 0, "err_sum": 0.25}
+    board = SweepBoard(_board_info(prior=[(["e", 8, 1.0, 1.0], done)]))
     board.started("b1")
     board.started("b2")
     v = board.view(n_workers=2, now=110.0)
@@ -396,19 +397,7 @@ def test_board_counts_running_failed_and_finished_seeds():
 def test_board_of_a_stopped_launch_shows_nothing_running_and_no_eta():
     """A launch interrupted while one batch runs and one waits: the page stops counting
     them as running or pending, gives no time to completion and says to rerun."""
-    info = {
-        "id": "s",
-        "sweep": "s",
-        "store": "x.zarr",
-        "launched": 100.0,
-        "experiments": [{"name": "e", "alpha": [1.0], "T": [0.5, 1.0], "P": [8], "seeds": 2}],
-        "prior": [],
-        "batches": [
-            ("b1", "e", 8, [(1.0, 0.5, 50.0), (1.0, 0.5, 50.0)]),
-            ("b2", "e", 8, [(1.0, 1.0, 50.0)]),
-        ],
-    }
-    board = SweepBoard(info)
+    board = SweepBoard(_board_info(prior=[]))
     board.started("b1")
     board.members("b1", "e", 8, [(1.0, 0.5, CONVERGED, 0.5, 300)])
     assert board.view(n_workers=1, now=110.0)["throughput"]["eta_seconds"] > 0
