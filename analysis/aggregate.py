@@ -171,6 +171,14 @@ def bootstrap_mean(
     return out
 
 
+def resample_key(values: xr.DataArray, n_boot: int, seed: int, dim: str = "seed") -> tuple:
+    """What `bootstrap_mean` (``values``, ``n_boot``, Generator seeded with ``seed``) draws:
+    the labels of ``dim``, n_boot and the seed. Two estimates bootstrapped with equal keys
+    drew the same seeds in each replicate, so their replicates are paired and the spread
+    of a difference of replicates is the standard error of the difference."""
+    return (tuple(values[dim].values.tolist()), n_boot, seed)
+
+
 def seeds_with_values(values: xr.DataArray, keep: Sequence[str] = ()) -> xr.DataArray:
     """How many seeds have at least one value (not NaN) in ``values``, for each point of
     the dimensions ``keep`` (every other dimension but ``seed`` is reduced): the n of

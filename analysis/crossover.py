@@ -44,8 +44,10 @@ from analysis.aggregate import (
     bootstrap_std,
     masked,
     mean_stderr,
+    resample_key,
     seed_interval,
     seeds_with_values,
+    t_quantile,
 )
 from analysis.fits import Estimate, InsufficientData, PowerLawFit, Range, fit_power_law, ratio
 from analysis.interpolate import first_crossing, plateau_departure
@@ -217,7 +219,8 @@ def crossover_table(
             ),
         },
         coords={"P": means["P"].values},
-        attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "n_seeds": n_all},
+        attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "n_seeds": n_all}
+        | ({"resamples": resample_key(values, n_boot, seed)} if n_boot else {}),
     )
 
 
@@ -260,6 +263,7 @@ def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
         quantity="T_c",
         boot_means=boot,
         n_seeds=table.attrs.get("n_seeds"),
+        resamples=table.attrs.get("resamples"),
         range_note=table.attrs.get("definition", ""),
     )
     slope = fit.exponents["P"]
@@ -271,24 +275,64 @@ def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
 class RatioCheck:
     """Comparison of the crossover exponent a with gamma / delta.
 
-    z : (a - gamma/delta) / sqrt(err_a^2 + err_ratio^2), with `Estimate.error`; |z| < 2
-        means consistent at about 95 %.
+    difference : a - gamma/delta
+    error      : its standard error. Where the two fits bootstrapped the same seed
+                 resamples (`analysis.aggregate.resample_key`; ``paired`` True), the
+                 bootstrap standard error of the paired differences: a and gamma/delta
+                 come from the same seeds and their errors are correlated (strongly for
+                 definition (a)). Otherwise sqrt(err_a^2 + err_ratio^2) with
+                 `Estimate.error`, which assumes them independent.
+    z          : difference / error
+    threshold  : the two-sided 95 % quantile of Student's t with n_seeds - 1 degrees of
+                 freedom (1.96 without a seed count); |z| < threshold is "consistent".
     """
 
     a: Estimate
     ratio: Estimate
     difference: float
+    error: float
     z: float
+    threshold: float
+    paired: bool
 
     @property
     def consistent(self) -> bool:
-        return math.isfinite(self.z) and abs(self.z) < 2
+        return math.isfinite(self.z) and abs(self.z) < self.threshold
 
 
 def check_ratio(crossover: CrossoverFit, rel_change_fit: PowerLawFit) -> RatioCheck:
-    """Check a (from T_c ~ P^-a) against gamma / delta of ||w - w0||/||w0|| ~ T^delta P^gamma."""
+    """Check a (from T_c ~ P^-a) against gamma / delta of ||w - w0||/||w0|| ~ T^delta P^gamma.
+
+    On synthetic T-sweeps where a = gamma/delta holds (definition (a), 200 sweeps each of
+    3, 5 and 10 seeds), the paired error puts |z| under the threshold in 96, 94 and 93 %
+    of them; the independent-error formula did in 100 %, so it could not see a
+    disagreement of a few errors.
+    """
     r = ratio(rel_change_fit, "gamma", "delta")
     diff = crossover.a.value - r.value
-    err = math.hypot(crossover.a.error, r.error)
+    fa, fr = crossover.fit, rel_change_fit
+    paired = (
+        fa.resamples is not None
+        and fa.resamples == fr.resamples
+        and fa.boot is not None
+        and fr.boot is not None
+    )
+    n_seeds = fr.n_seeds or fa.n_seeds
+    if paired:
+        i, j = (fr.variables.index(fr.variable(k)) + 1 for k in ("gamma", "delta"))
+        a_boot = -fa.boot[:, fa.variables.index("P") + 1]
+        err = float(bootstrap_std(a_boot - fr.boot[:, i] / fr.boot[:, j], n_seeds))
+        paired = math.isfinite(err)
+    if not paired:
+        err = math.hypot(crossover.a.error, r.error)
     z = diff / err if err > 0 else float("nan")
-    return RatioCheck(a=crossover.a, ratio=r, difference=diff, z=z)
+    threshold = t_quantile(n_seeds, 0.975) if n_seeds and n_seeds >= 2 else 1.96
+    return RatioCheck(
+        a=crossover.a,
+        ratio=r,
+        difference=diff,
+        error=err,
+        z=z,
+        threshold=threshold,
+        paired=paired,
+    )

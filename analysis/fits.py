@@ -42,6 +42,7 @@ from analysis.aggregate import (
     bootstrap_std,
     masked,
     mean_stderr,
+    resample_key,
     seed_mean,
     seeds_with_values,
 )
@@ -83,9 +84,12 @@ class PowerLawFit:
     exponents     : variable -> Estimate of e_k
     log_prefactor : Estimate of ln A
     covariance    : lstsq covariance of (ln A, e_1, ..., e_k)
-    boot          : (n_valid_boot, 1 + k) bootstrap refits of (ln A, e_k), or None
+    boot          : (n_boot, 1 + k) bootstrap refits of (ln A, e_k), one row per replicate
+                    (NaN where a replicate has too few points to refit), or None
     used          : bool DataArray over the variables, True where a point entered
     n_seeds       : seeds the bootstrap resampled (None without a bootstrap)
+    resamples     : `analysis.aggregate.resample_key` of those resamples (None without);
+                    fits with equal keys have paired replicates (same seeds drawn in row i)
     """
 
     quantity: str
@@ -101,6 +105,7 @@ class PowerLawFit:
     range_note: str = ""
     boot: np.ndarray | None = field(default=None, repr=False)
     n_seeds: int | None = None
+    resamples: tuple | None = None
 
     def variable(self, key: str) -> str:
         """The variable named by ``key``, a variable (``"T"``) or a symbol (``"delta"``)."""
@@ -134,6 +139,7 @@ def fit_power_law(
     quantity: str | None = None,
     boot_means: xr.DataArray | None = None,
     n_seeds: int | None = None,
+    resamples: tuple | None = None,
     range_note: str = "",
 ) -> PowerLawFit:
     """Fit ``mean ~ A prod_k x_k^e_k`` over the dimensions of ``mean`` (the variables).
@@ -144,6 +150,7 @@ def fit_power_law(
     boot_means : bootstrap replicates of ``mean`` with an extra ``bootstrap`` dim; each
                  replicate is refitted with the same points and weights
     n_seeds    : the seeds ``boot_means`` resampled (required with it)
+    resamples  : `analysis.aggregate.resample_key` of those resamples (for pairing fits)
     Raises InsufficientData when fewer than (number of variables + 2) points remain or a
     variable takes fewer than 2 distinct values among them.
     """
@@ -165,22 +172,18 @@ def fit_power_law(
     theta, cov, chi2_red = _lstsq(design, log_y, sigma, weighted)
     boot = None
     if boot_means is not None:
-        rows = []
         yb_all = np.asarray(boot_means.transpose("bootstrap", *variables).values, dtype=float)
-        for yb in yb_all:
+        boot = np.full((len(yb_all), design.shape[1]), np.nan)
+        for b, yb in enumerate(yb_all):
             yb = yb[use]
             ok = np.isfinite(yb) & (yb > 0)
             if (
-                ok.sum() < design.shape[1] + 1
-                or np.linalg.matrix_rank(design[ok]) < design.shape[1]
+                ok.sum() >= design.shape[1] + 1
+                and np.linalg.matrix_rank(design[ok]) == design.shape[1]
             ):
-                continue
-            rows.append(_lstsq(design[ok], np.log(yb[ok]), sigma[ok], weighted)[0])
-        boot = np.array(rows) if rows else np.empty((0, design.shape[1]))
+                boot[b] = _lstsq(design[ok], np.log(yb[ok]), sigma[ok], weighted)[0]
     boot_std = (
-        bootstrap_std(boot, n_seeds)
-        if boot is not None and len(boot) >= 2
-        else np.full(design.shape[1], np.nan)
+        bootstrap_std(boot, n_seeds) if boot is not None else np.full(design.shape[1], np.nan)
     )
     err = np.sqrt(np.diag(cov))
     exponents = {
@@ -202,6 +205,7 @@ def fit_power_law(
         range_note=range_note,
         boot=boot,
         n_seeds=n_seeds,
+        resamples=resamples if boot is not None else None,
     )
 
 
@@ -335,6 +339,7 @@ def fit_scaling(
         quantity=name,
         boot_means=boot,
         n_seeds=n_seeds if n_boot else None,
+        resamples=resample_key(values, n_boot, seed) if n_boot else None,
         range_note=note,
     )
 
@@ -423,6 +428,6 @@ def ratio(fit: PowerLawFit, numerator: str, denominator: str) -> Estimate:
     c = fit.covariance
     var = c[i, i] / den**2 + num**2 * c[j, j] / den**4 - 2 * num * c[i, j] / den**3
     boot_std = float("nan")
-    if fit.boot is not None and len(fit.boot) >= 2:
+    if fit.boot is not None:
         boot_std = float(bootstrap_std(fit.boot[:, i] / fit.boot[:, j], fit.n_seeds))
     return Estimate(float(num / den), float(np.sqrt(max(var, 0.0))), boot_std)

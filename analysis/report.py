@@ -540,14 +540,21 @@ def _a_table(section: _Section, crossover_fits: dict, rel_fit: PowerLawFit | Non
             checks[key] = check
         row = [f"({key})", _num(fit.a.value), _num(fit.a.stderr), _num(fit.a.stderr_boot)]
         if check is None:
-            row += ["n/a (no rel_change fit)", "n/a", "n/a"]
+            row += ["n/a (no rel_change fit)", "n/a", "n/a", "n/a"]
         else:
-            row += [str(check.ratio), _num(check.z, "{:.2f}"), "yes" if check.consistent else "no"]
+            row += [str(check.ratio), _num(check.error), _num(check.z, "{:.2f}")]
+            row += [f"{'yes' if check.consistent else 'no'} (abs z < {check.threshold:.2f})"]
         rows.append(row)
     section.table(
         ["T_c definition", "a", "stderr (lstsq)", "stderr (bootstrap)", "gamma/delta"]
-        + ["z = (a - gamma/delta)/err", "consistent (abs z < 2)"],
+        + ["err of a - gamma/delta", "z = (a - gamma/delta)/err", "consistent"],
         rows,
+    )
+    section.add(
+        "err: the bootstrap spread of a - gamma/delta over the same seed resamples (both"
+        " come from the same seeds), or the two errors combined as independent where the"
+        " fits drew different resamples. Consistent: |z| under the two-sided 95 % quantile"
+        " of Student's t with (seeds - 1) degrees of freedom."
     )
     if "a" in checks:
         section.add(

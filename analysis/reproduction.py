@@ -768,7 +768,8 @@ def tsweep_reading(er: ExperimentReport) -> list[str]:
         word = "consistent" if check.consistent else "inconsistent"
         lines.append(
             f"- a ({key}) = {_est(check.a)} against gamma/delta = {_est(check.ratio)}:"
-            f" z = {check.z:.2f}, {word} (|z| < 2)."
+            f" z = {check.z:.2f} with the {'paired' if check.paired else 'independent'}"
+            f" error {check.error:.3f}, {word} (|z| < {check.threshold:.2f})."
         )
     if not checks:
         lines.append("- a = gamma/delta not checked: a fit it needs is missing (see the report).")

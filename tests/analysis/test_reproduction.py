@@ -163,7 +163,9 @@ def test_tsweep_reading_recovers_the_synthetic_laws(synthetic_page):
         assert abs(value - truth) < 4 * error + 0.01, (symbol, value, error)
     a, a_err = estimate(table_row(synthetic_page, "a (a)")[2])
     assert abs(a - 0.7) < 4 * a_err + 0.02
-    assert re.search(r"- a \(a\) = .* z = -?\d+\.\d\d, consistent", synthetic_page)
+    assert re.search(
+        r"- a \(a\) = .* z = -?\d+\.\d\d with the paired error .*, consistent", synthetic_page
+    )
 
 
 def test_phase_reading_of_the_synthetic_diagram(synthetic_page):
