@@ -552,9 +552,10 @@ def _a_table(section: _Section, crossover_fits: dict, rel_fit: PowerLawFit | Non
     )
     section.add(
         "err: the bootstrap spread of a - gamma/delta over the same seed resamples (both"
-        " come from the same seeds), or the two errors combined as independent where the"
-        " fits drew different resamples. Consistent: |z| under the two-sided 95 % quantile"
-        " of Student's t with (seeds - 1) degrees of freedom."
+        " come from the same seeds) combined with each fit's misfit (its least-squares"
+        " error beyond the seed noise, where chi2_red > 1), or the two errors combined as"
+        " independent where the fits drew different resamples. Consistent: |z| under the"
+        " two-sided 95 % quantile of Student's t with (seeds - 1) degrees of freedom."
     )
     if "a" in checks:
         section.add(

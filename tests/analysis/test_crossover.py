@@ -17,8 +17,15 @@ from analysis.crossover import (
     crossover_rel_change,
     crossover_test_error,
     fit_crossover,
+    misfit_error,
 )
-from analysis.fits import REL_CHANGE_SYMBOLS, InsufficientData, fit_rel_change, fit_scaling
+from analysis.fits import (
+    REL_CHANGE_SYMBOLS,
+    InsufficientData,
+    fit_power_law,
+    fit_rel_change,
+    fit_scaling,
+)
 from analysis.interpolate import first_crossing, plateau_departure
 from analysis.load import open_cube
 
@@ -242,3 +249,20 @@ def test_no_interval_where_T_c_is_not_found_or_most_resamples_find_none():
     _tc_table(section, {"a": table})
     text = "\n".join(section.lines)
     assert f"n/a (crossing in {int(share[-1] * 200)} of 200 resamples)" in text, text
+
+
+def test_misfit_error_is_the_least_squares_error_beyond_the_stated_noise():
+    """A weighted fit to points off a power law by far more than their stated errors
+    (chi2_red >> 1) keeps most of its least-squares error as misfit; one whose points
+    scatter by their errors (chi2_red <= 1) has none; an unweighted fit states no noise."""
+    T = xr.DataArray(2.0 ** np.arange(-8, 0), dims="T")
+    T = T.assign_coords(T=T.values)
+    curved = np.exp(0.5 * np.log(T) + 0.1 * np.log(T) ** 2).rename("y")
+    fit = fit_power_law(curved, curved * 0.01)
+    est = fit["T"]
+    assert fit.chi2_red > 10
+    assert misfit_error(est, fit) == pytest.approx(est.stderr * math.sqrt(1 - 1 / fit.chi2_red))
+    exact = fit_power_law((T**0.5).rename("y"), T**0.5 * 0.01)
+    assert exact.chi2_red < 1 and misfit_error(exact["T"], exact) == 0.0
+    unweighted = fit_power_law(curved)
+    assert misfit_error(unweighted["T"], unweighted) == unweighted["T"].stderr
