@@ -147,8 +147,17 @@ def _workers_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
+def workers(client: Client) -> dict[str, dict]:
+    """The scheduler's record of each worker of ``client`` (address -> info), asked now.
+
+    Not ``client.scheduler_info()``: it returns the client's cached identity, which a
+    periodic refresh without per-worker details overwrites, so under load it showed no
+    workers about one read in three."""
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def worker_count(client: Client) -> int:
-    return len(client.scheduler_info(n_workers=-1)["workers"])
+    return len(workers(client))
 
 
 def _sees_cuda() -> bool:
@@ -176,7 +185,7 @@ def worker_memory(client: Client) -> int:
     """The least memory any worker of ``client`` may use, in bytes: its Dask
     ``memory_limit`` (an embedded cluster's share of this machine), or its host's total
     memory where it has none."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = workers(client)
     unlimited = [a for a, w in info.items() if not w.get("memory_limit")]
     hosts = client.run(_host_memory, workers=unlimited) if unlimited else {}
     return min(int(w.get("memory_limit") or hosts[a]) for a, w in info.items())

@@ -111,6 +111,27 @@ def test_cube_layout(reference):
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", ds.attrs["git_commit"])
 
 
+def test_worker_count_is_not_fooled_by_the_clients_periodic_refresh(client):
+    """The client refreshes its cached scheduler identity every few seconds without
+    per-worker details; a count read from that cache (``client.scheduler_info()``) saw
+    no workers in a third of 300 reads while the refresh ran, and a long launch said
+    "no workers left" with two busy workers. The count asks the scheduler itself."""
+    stop = threading.Event()
+
+    def refresh() -> None:  # what the client's periodic callback does, back to back
+        while not stop.is_set():
+            client.sync(client._update_scheduler_info, n_workers=0)
+
+    thread = threading.Thread(target=refresh, daemon=True)
+    thread.start()
+    try:
+        counts = [worker_count(client) for _ in range(300)]
+    finally:
+        stop.set()
+        thread.join()
+    assert set(counts) == {2}
+
+
 def test_two_worker_processes_match_one_process(client, tmp_path, reference):
     spec = write_sweep(tmp_path / "tiny.toml")
     launch(spec, tmp_path / "c.zarr", client=client, progress=False, max_members=2)
