@@ -40,6 +40,7 @@ from analysis.aggregate import (
     bootstrap_std,
     masked,
     mean_stderr,
+    seeds_with_values,
 )
 from analysis.fits import InsufficientData, PowerLawFit, Range, fit_scaling, pooled_stderr
 
@@ -224,7 +225,7 @@ def local_P_exponents(
         return np.log(q[..., 1:] / q[..., :-1]) / log_ratio
 
     slope, boot_slope = slopes(stats["mean"].values), slopes(boot)
-    n = values.sizes["seed"]
+    n = int(seeds_with_values(values))  # the seeds behind the bootstrap, as in the fits
     # (T, pair); without a bootstrap (n_boot < 2) the point estimates alone
     if n_boot >= 2:
         usable = np.isfinite(boot_slope).mean(axis=0) >= MIN_VALID_SHARE
