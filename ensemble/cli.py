@@ -326,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run":
             raise
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        n = getattr(exc, "cells_written", 0)  # set by a launch interrupted while training
+        kept = (
+            f"{n} cell{'s' * (n != 1)} written, the rest still missing" if n else "no cell written"
+        )
         print(
-            f"interrupted ({signal.Signals(signum).name}): the cells that arrived are written;"
+            f"interrupted ({signal.Signals(signum).name}): {kept};"
             " rerun the same command to train the rest",
             file=sys.stderr,
         )

@@ -524,7 +524,9 @@ def launch(
     Each experiment that got cells from this launch gets a launch record appended to
     its group attribute ``launches`` after its cells were written (see
     ``ensemble.schema.LAUNCHES_ATTR``), as does one whose cells of it failed; a launch
-    that neither trains nor fails a cell of an experiment records nothing there.
+    that neither trains nor fails a cell of an experiment records nothing there. A
+    KeyboardInterrupt (Ctrl-C, or SIGTERM under the CLI) while training is raised after
+    the cells that arrived are written, with ``cells_written`` set on it.
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise EnsembleError(
@@ -588,6 +590,9 @@ def launch(
                 try:
                     _execute(sweep, store, pending, cluster, task, progress, monitor, report)
                     completed = True
+                except KeyboardInterrupt as exc:  # the CLI's message says what was kept
+                    exc.cells_written = sum(report.trained.values())
+                    raise
                 finally:
                     report.seconds = time.perf_counter() - t0
                     _record_launch(store, report, {**record, "completed": completed})

@@ -243,6 +243,8 @@ def test_a_stopped_launch_writes_what_arrived(client, tmp_path, slow, data_root,
     assert "Traceback" not in stderr, stderr
     (record,) = launches(store, "tiny_fc")
     assert record["completed"] is False and record["cells_trained"] >= done
+    n = record["cells_trained"]
+    assert f"{n} cell{'s' * (n != 1)} written, the rest still missing" in stderr
     assert record["device"].startswith("cpu (")  # from the task start, before it returned
     missing = len(pending_cells(sweep, store)["tiny_fc"])
     report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
@@ -609,6 +611,30 @@ def test_scheduler_addresses_that_are_no_scheduler_are_error_lines(tmp_path, mon
         ):
             with pytest.raises(EnsembleError, match=f"scheduler at {re.escape(address)}: .*{why}"):
                 launch(spec, tmp_path / "s.zarr", scheduler=address, progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_ctrl_c_while_connecting_says_nothing_was_written(tmp_path, data_root):
+    """Ctrl-C while the CLI waits for a scheduler that does not answer exits 130 with a
+    line saying no cell was written (it used to say "the cells that arrived are
+    written"), and creates no store."""
+    import socket
+
+    spec = write_sweep(tmp_path / "ok.toml")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks Dask
+        port = silent.getsockname()[1]
+        cmd = [sys.executable, "-m", "ensemble", "run", str(spec), "--store",
+               str(tmp_path / "s.zarr"), "--scheduler", f"tcp://127.0.0.1:{port}"]  # fmt: skip
+        env = {**os.environ, "ENSEMBLE_DATA": str(data_root)}
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        silent.settimeout(120)
+        conn, _ = silent.accept()  # the launch is connecting now
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted (SIGINT): no cell written; rerun the same command" in stderr
+    assert "Traceback" not in stderr, stderr
     assert not (tmp_path / "s.zarr").exists()
 
 
