@@ -29,7 +29,7 @@ from analysis.perceptron import (
     observables,
     predicted_exponents,
 )
-from ensemble.schema import CELL_VARS, CHECKPOINT_VARS, COORDS, N_CKPT_TEST
+from ensemble.schema import CELL_VARS, CHECKPOINT_VARS, COORDS, N_CKPT_TEST, NTK_VARS
 
 CMAP = "viridis"
 """Perceptually uniform colormap of the phase diagrams and of the curve families."""
@@ -52,11 +52,13 @@ SYMBOLS: dict[str, str] = {
     "ckpt_test_error": r"test error $\epsilon_{\mathrm{test}}(t)$"
     + f", first {N_CKPT_TEST} test points",
     "local_P_exponent": r"local exponent $d\ln s/d\ln P$",
+    "ntk_change": r"NTK change $\langle(K-K_0)^2\rangle/\langle K_0^2\rangle$",
 }
 UNITS: dict[str, str] = (
     {k: v["units"] for k, v in COORDS.items()}
     | {k: v[1] for k, v in CELL_VARS.items()}
     | {k: v[1] for k, v in CHECKPOINT_VARS.items()}
+    | {k: v[1] for k, v in NTK_VARS.items()}
     | {k: v[1] for k, v in QUANTITIES.items()}
     | {"T_c": "1", "local_P_exponent": "1"}
 )
@@ -65,7 +67,7 @@ OUTCOME_STYLE: dict[str, dict] = {
     "unfinished": {"facecolor": "#d6e2f0", "edgecolor": "#1f3f6f", "hatch": "///"},
     "missing": {"facecolor": "#e6e6e6", "edgecolor": "#707070", "hatch": "..."},
 }
-LOG_Y = {"rel_change", "t_star", "steps", "signal", "noise", "T_c", "train_loss"}
+LOG_Y = {"rel_change", "t_star", "steps", "signal", "noise", "T_c", "train_loss", "ntk_change"}
 
 
 def label(name: str) -> str:
@@ -225,9 +227,11 @@ def _mark_outcomes(
 def phase_diagrams(
     ds: xr.Dataset, P: int | None = None, *, include: Include = ("converged",)
 ) -> Figure:
-    """Test error, relative weight change and t* over (alpha, T) at one P, side by side."""
-    fig, axes = new_figure(1, 3, size=(5.0, 4.6))
-    for ax, var in zip(axes[0], ("test_error", "rel_change", "t_star"), strict=True):
+    """Test error, relative weight change, t* and, where measured, the NTK change over
+    (alpha, T) at one P, side by side."""
+    names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ("ntk_change" in ds))
+    fig, axes = new_figure(1, len(names), size=(5.0, 4.6))
+    for ax, var in zip(axes[0], names, strict=True):
         phase_diagram(ds, var, P, include=include, ax=ax)
     return fig
 

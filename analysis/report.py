@@ -2,7 +2,8 @@
 
 What applies to an experiment follows from its grid:
 
-- several alpha and several T: phase diagrams (test error, rel_change, t*) for each P;
+- several alpha and several T: phase diagrams (test error, rel_change, t*, and the NTK
+  change where the sweep measured it) for each P;
   with 3 T or more, the optimal temperature T_opt(alpha) (`analysis.optimal`) and the fit
   T_opt ~ alpha^k over the interior optima on the feature side (alpha <= 1);
 - several T and several P: temperature sweeps, the fits of rel_change ~ T^delta P^gamma
@@ -391,7 +392,9 @@ def _experiment(
                 lambda P=P: section.figure(
                     plots.phase_diagrams(ds, int(P)),
                     f"phase_P{int(P)}",
-                    f"test error, relative weight change and t* over (alpha, T) at P = {P}",
+                    f"test error, relative weight change, t*"
+                    f"{' and NTK change' if 'ntk_change' in ds else ''}"
+                    f" over (alpha, T) at P = {P}",
                 ),
             )
         if n.get("T", 1) >= 3:

@@ -63,6 +63,9 @@ class Group:
                   slot do not start (their cells stay missing: a rerun trains them)
     dtype       : "float32" (default) or "float64"
     tf32        : allow TF32 matmuls on CUDA (opt-in, recorded in the cube)
+    ntk_points  : measure the change of the empirical NTK on the first ntk_points test
+                  points at the end of training (`ensemble.ntk`; 0: not measured). Costs
+                  two Jacobians of ntk_points x (parameters) numbers per member.
     """
 
     dataset: str
@@ -79,6 +82,7 @@ class Group:
     max_seconds: float | None = None
     dtype: str = "float32"
     tf32: bool = False
+    ntk_points: int = 0
     data_root: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +107,12 @@ class Group:
         _int_at_least("B", self.B, 1)
         _int_at_least("pte", self.pte, 1)
         _int_at_least("max_steps", self.max_steps, 1)
+        _int_at_least("ntk_points", self.ntk_points, 0)
+        if self.ntk_points > self.pte:
+            raise SpecError(
+                f"ntk_points must be an integer from 0 to pte = {self.pte} (the test points"
+                f" the kernel is measured on), got {self.ntk_points}"
+            )
         if self.B > self.P:
             raise SpecError(
                 f"B must be <= P (distinct indices per step), got B={self.B} > P={self.P}"

@@ -61,7 +61,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     settings = {k: v for k, v in given.items() if v is not None}
     h = a.h if a.h is not None else (1 if a.arch == "perceptron" else 128)
     settings |= dict(dataset=a.dataset, arch=a.arch, h=h, B=a.B, pte=a.pte)
-    settings |= dict(max_steps=a.max_steps, dtype=a.dtype)
+    settings |= dict(max_steps=a.max_steps, dtype=a.dtype, ntk_points=a.ntk_points)
     exp = Experiment("train", settings, tuple(a.alpha), tuple(a.T), (a.P,), tuple(a.seeds))
     group = dataclasses.replace(exp.group(a.P), data_root=a.data_root)
     members = [c.member() for c in exp.cells()]
@@ -71,13 +71,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
     engine = Engine(group, k, device, compile=a.compile)
     results = engine.run(members)
     head = f"{'alpha':>10} {'T':>10} {'seed':>4} {'outcome':>10} {'steps':>8} {'t*':>10}"
-    print(head + f" {'test_err':>8} {'rel_change':>10} {'unfitted':>8}")
+    ntk = group.ntk_points > 0
+    print(head + f" {'test_err':>8} {'rel_change':>10} {'unfitted':>8}" + " ntk_change" * ntk)
     for r in results:
         m = r.member
         print(
             f"{m.alpha:>10.4g} {m.T:>10.4g} {m.seed:>4d} {OUTCOME_FLAGS[r.outcome]:>10}"
             f" {r.steps:>8d} {r.t_star:>10.4g} {r.test_error:>8.4f} {r.rel_change:>10.4g}"
-            f" {r.n_unfitted:>8.0f}"
+            f" {r.n_unfitted:>8.0f}" + (f" {r.ntk_change:>10.4g}" if ntk else "")
         )
     s = engine.stats
     print(
@@ -182,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
     t.add_argument("--max-steps", type=int, default=1_000_000)
     t.add_argument("--dtype", default="float32", help="float32 | float64")
+    t.add_argument(
+        "--ntk-points",
+        type=int,
+        default=0,
+        help="measure the NTK change on the first N test points (default 0: not measured)",
+    )
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     t.add_argument("--slots", type=int, default=None, help="members trained at once")
     t.add_argument("--compile", action="store_true", help="CPU: torch.compile the SGD step")

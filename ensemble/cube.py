@@ -40,8 +40,10 @@ from ensemble.schema import (
     LAYER_VARS,
     MISSING,
     N_CHECKPOINTS,
+    NTK_VARS,
     OUTCOME_FLAGS,
     PERCEPTRON_VARS,
+    SETTING_DEFAULTS,
     checkpoint_steps,
 )
 
@@ -133,8 +135,11 @@ def store_lock(store: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def _variables(perceptron: bool) -> dict[str, tuple[str, str]]:
-    return {**CELL_VARS, **(PERCEPTRON_VARS if perceptron else {})}
+def _variables(attrs: dict) -> dict[str, tuple[str, str]]:
+    """The per-cell variables of a group with settings ``attrs``."""
+    perceptron = PERCEPTRON_VARS if attrs.get("arch") == "perceptron" else {}
+    ntk = NTK_VARS if attrs.get("ntk_points", SETTING_DEFAULTS["ntk_points"]) else {}
+    return {**CELL_VARS, **perceptron, **ntk}
 
 
 def empty_experiment(
@@ -174,8 +179,7 @@ def empty_experiment(
         "flag_values": list(OUTCOME_FLAGS),
         "flag_meanings": " ".join(OUTCOME_FLAGS.values()),
     }
-    perceptron = attrs.get("arch") == "perceptron"
-    for name, (long_name, units) in _variables(perceptron).items():
+    for name, (long_name, units) in _variables(attrs).items():
         ds[name] = (DIMS, np.full(shape, np.nan))
         ds[name].attrs = {"long_name": long_name, "units": units}
     for name, (long_name, units) in LAYER_VARS.items():
@@ -356,7 +360,7 @@ def check_settings(store: str | os.PathLike, name: str, attrs: dict) -> None:
 
 def _check_settings(old: xr.Dataset, store: str | os.PathLike, name: str, attrs: dict) -> None:
     fixed = {k: v for k, v in attrs.items() if k not in PROVENANCE}
-    stored = {k: old.attrs.get(k) for k in fixed}
+    stored = {k: old.attrs.get(k, SETTING_DEFAULTS.get(k)) for k in fixed}
     if stored != fixed:
         diff = {k: (stored[k], fixed[k]) for k in fixed if stored[k] != fixed[k]}
         raise SpecError(
@@ -407,6 +411,7 @@ class CubeWriter:
         self.index = {d: {v: i for i, v in enumerate(self.group[d][:].tolist())} for d in DIMS}
         self.layers = [str(x) for x in self.group[LAYER_DIM][:]]
         self.perceptron = "w_par" in self.group.array_keys()
+        self.ntk = "ntk_change" in self.group.array_keys()
 
     def cell_index(self, alpha: float, T: float, P: int, seed: int) -> tuple[int, ...]:
         return (
@@ -428,6 +433,8 @@ class CubeWriter:
         if self.perceptron:
             for name in PERCEPTRON_VARS:
                 cols[name] = np.array([r["perceptron"][name] for r in results])
+        if self.ntk:
+            cols["ntk_change"] = np.array([r["ntk_change"] for r in results], dtype=np.float64)
         with _quiet_zarr():
             for name, values in cols.items():
                 self.group[name].vindex[tuple(idx)] = values

@@ -72,6 +72,7 @@ from ensemble import data as datasets
 from ensemble import fused as fused_torch
 from ensemble.cells import Group, Member, SpecError
 from ensemble.models import Model, Params, build_model, init_params
+from ensemble.ntk import ntk_change
 from ensemble.schema import (
     CONVERGED,
     DIVERGED,
@@ -315,6 +316,9 @@ class MemberResult:
     ckpt_test_error: list[float]
     seconds: float
     perceptron: dict[str, float] = field(default_factory=dict)
+    ntk_change: float = math.nan
+    """mean((K - K0)^2) / mean(K0^2) of the empirical NTK on the first ``ntk_points``
+    test points (`ensemble.ntk`); NaN where ``group.ntk_points`` is 0."""
     weights: dict[str, np.ndarray] | None = None
 
 
@@ -1092,6 +1096,7 @@ class Engine:
         dw2 = {n: host(v) for n, v in dw2.items()}
         w02 = {n: host(v) for n, v in w02.items()}
         extra = {n: host(v) for n, v in extra.items()}
+        ntk = self._ntk_change(slots)
         now = time.perf_counter()
         ckpts = np.array(checkpoint_steps())
         out = {}
@@ -1124,6 +1129,7 @@ class Engine:
                 ckpt_test_error=e_ck.tolist(),
                 seconds=float(now - led.filled_at[s]),
                 perceptron={n: float(v[j]) for n, v in extra.items()},
+                ntk_change=ntk[j],
                 weights=(
                     {
                         n: p[s].to("cpu", torch.float64, copy=True).numpy()
@@ -1134,6 +1140,17 @@ class Engine:
                 ),
             )
         return out
+
+    @torch.enable_grad()
+    def _ntk_change(self, slots: Sequence[int]) -> list[float]:
+        """`ensemble.ntk.ntk_change` of each slot on the first ``group.ntk_points`` test
+        points (NaN for all when it is 0), one member at a time."""
+        n = min(self.group.ntk_points, len(self.data.x_test))
+        if n == 0:
+            return [math.nan] * len(slots)
+        x = self.data.x_test[:n]
+        one = lambda params, s: {name: p[s] for name, p in params.items()}  # noqa: E731
+        return [ntk_change(self.model, one(self.params, s), one(self.params0, s), x) for s in slots]
 
     def _perceptron_observables(self, idx: torch.Tensor, unfitted: torch.Tensor) -> dict:
         """Signal w . e1, noise ||w_perp||^2 / (d - 1), their initial values, the noise of

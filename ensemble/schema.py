@@ -67,6 +67,17 @@ PERCEPTRON_VARS: dict[str, tuple[str, str]] = {
     "dnoise": ("||(w - w0)_perp||^2 / (d - 1), the noise of the change", "1"),
     "x1_unfitted": ("mean |x_1| of the training points not yet fitted (NaN if none)", "1"),
 }
+NTK_VARS: dict[str, tuple[str, str]] = {
+    "ntk_change": (
+        "change of the empirical NTK on the first ntk_points test points,"
+        " mean((K - K0)^2) / mean(K0^2)",
+        "1",
+    ),
+}
+"""Variables of groups with ``ntk_points`` > 0 (see ``ensemble.ntk``)."""
+SETTING_DEFAULTS: dict[str, object] = {"ntk_points": 0}
+"""Settings added after the first cubes were written, with the value those cubes were
+computed with: a group without the attribute has that setting."""
 LAYER_VARS: dict[str, tuple[str, str]] = {
     "dw2_layer": ("||w - w0||^2 of one parameter tensor", "1"),
     "w0_2_layer": ("||w0||^2 of one parameter tensor", "1"),

@@ -93,6 +93,7 @@ SETTING_TYPES: dict[str, type] = {
     "max_seconds": float,
     "dtype": str,
     "tf32": bool,
+    "ntk_points": int,
 }
 """Settings of an experiment: every Group field except P (swept) and data_root."""
 

@@ -79,6 +79,14 @@ def test_phase_diagrams_have_three_panels_with_colour_bars(cube):
     assert any(label.startswith("training time $t^*$") for label in labels)
 
 
+def test_phase_diagrams_add_the_ntk_change_where_it_was_measured(cube):
+    ds = cube["fc_mnist_phase"]
+    ds = ds.assign(ntk_change=ds["rel_change"] ** 2)  # where the sweep set ntk_points
+    labels = [ax.get_ylabel() for ax in plots.phase_diagrams(ds).axes]
+    assert labels.count(T_LABEL) == 4
+    assert any(label.startswith("NTK change") for label in labels)
+
+
 def test_temperature_sweeps(cube):
     ds = cube["fc_mnist_tsweep"]
     fit = fit_rel_change(ds)
