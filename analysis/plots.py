@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from matplotlib import colormaps
+from matplotlib import colormaps, patheffects
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from analysis.aggregate import Include, at_alpha, outcome_counts, seed_mean
@@ -119,6 +120,7 @@ def phase_diagram(
     *,
     include: Include = ("converged",),
     ax=None,
+    ntk_boundary: bool = False,
 ) -> Figure:
     """Seed mean of ``var`` over the (alpha, T) grid at one P (default: the smallest).
 
@@ -126,6 +128,8 @@ def phase_diagram(
     scale-free quantities such as rel_change and t*). Cells where no seed entered are
     hatched by their most frequent outcome (diverged, unfinished, missing); a white dot
     marks cells where only some seeds entered. Axes: alpha (x) and T (y), base-2 log.
+    ntk_boundary: also draw where the seed-mean NTK change is 1 (`ntk_boundary`), the
+    line between the lazy (right) and the feature-learning regime.
     """
     if ax is None:
         fig, axes = new_figure()
@@ -156,6 +160,7 @@ def phase_diagram(
     ax.set_ylabel(label("T"))
     ax.set_title(f"{ds.attrs.get('experiment', '')}: {var} at P = {P}", fontsize=9)
     present = _mark_outcomes(ax, alpha, T, counts, include)
+    boundary = ntk_boundary and _ntk_contour(ax, sel, include)
     entered = "/".join(include)
     legend_text = {
         "diverged": f"diverged (no {entered} seed)",
@@ -167,6 +172,10 @@ def phase_diagram(
         for name in present
         if name in OUTCOME_STYLE
     ]
+    if boundary:
+        line = Line2D([], [], **BOUNDARY_STYLE, path_effects=BOUNDARY_EDGE)
+        handles.append(line)
+        line.set_label("NTK change = 1")
     if "partial" in present:
         handles.append(
             ax.scatter(
@@ -189,6 +198,32 @@ def phase_diagram(
             frameon=False,
         )
     return fig
+
+
+BOUNDARY_STYLE = {"color": "white", "linestyle": "--", "linewidth": 1.5}
+BOUNDARY_EDGE = [patheffects.withStroke(linewidth=3.0, foreground="black")]
+"""A black edge, so that the white line shows on light cells and in the legend."""
+
+
+def _ntk_contour(ax, sel: xr.Dataset, include: Include) -> bool:
+    """Draw the contour where the seed-mean NTK change of ``sel`` (one P) is 1, in log
+    space between grid points; whether there was one to draw."""
+    if "ntk_change" not in sel:
+        return False
+    mean = seed_mean(sel, "ntk_change", include)["mean"].transpose("alpha", "T").values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.log10(np.where(mean > 0, mean, np.nan))
+    ok = np.isfinite(level)
+    if min(sel.sizes["alpha"], sel.sizes["T"]) < 2 or not (
+        (level[ok] > 0).any() and (level[ok] < 0).any()
+    ):
+        return False
+    ax.contour(
+        sel["alpha"].values, sel["T"].values, np.ma.masked_invalid(level.T), levels=[0.0],
+        colors=BOUNDARY_STYLE["color"], linestyles=BOUNDARY_STYLE["linestyle"],
+        linewidths=BOUNDARY_STYLE["linewidth"], path_effects=BOUNDARY_EDGE,
+    )  # fmt: skip
+    return True
 
 
 def _mark_outcomes(
@@ -228,11 +263,12 @@ def phase_diagrams(
     ds: xr.Dataset, P: int | None = None, *, include: Include = ("converged",)
 ) -> Figure:
     """Test error, relative weight change, t* and, where measured, the NTK change over
-    (alpha, T) at one P, side by side."""
+    (alpha, T) at one P, side by side; with the NTK change, each panel shows where it is
+    1 (the lazy / feature-learning boundary)."""
     names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ("ntk_change" in ds))
     fig, axes = new_figure(1, len(names), size=(5.0, 4.6))
     for ax, var in zip(axes[0], names, strict=True):
-        phase_diagram(ds, var, P, include=include, ax=ax)
+        phase_diagram(ds, var, P, include=include, ax=ax, ntk_boundary=True)
     return fig
 
 

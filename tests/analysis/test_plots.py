@@ -80,11 +80,24 @@ def test_phase_diagrams_have_three_panels_with_colour_bars(cube):
 
 
 def test_phase_diagrams_add_the_ntk_change_where_it_was_measured(cube):
+    """A fourth panel, and on every panel the line where the NTK change is 1 (here a
+    change 1 / alpha, which crosses 1 inside the alpha grid)."""
     ds = cube["fc_mnist_phase"]
-    ds = ds.assign(ntk_change=ds["rel_change"] ** 2)  # where the sweep set ntk_points
-    labels = [ax.get_ylabel() for ax in plots.phase_diagrams(ds).axes]
+    assert ds["alpha"].min() < 1 < ds["alpha"].max()
+    ntk = (1.0 / ds["alpha"]).broadcast_like(ds["rel_change"])
+    fig = plots.phase_diagrams(ds.assign(ntk_change=ntk))  # where the sweep set ntk_points
+    labels = [ax.get_ylabel() for ax in fig.axes]
     assert labels.count(T_LABEL) == 4
     assert any(label.startswith("NTK change") for label in labels)
+    panels = [ax for ax in fig.axes if ax.get_ylabel() == T_LABEL]
+    for ax in panels:
+        assert "NTK change = 1" in _legend_texts(ax)
+    assert not any("NTK change = 1" in _legend_texts(ax) for ax in plots.phase_diagrams(ds).axes)
+
+
+def _legend_texts(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
 
 
 def test_temperature_sweeps(cube):
