@@ -30,6 +30,7 @@ from analysis.perceptron import (
     observables,
     predicted_exponents,
 )
+from analysis.regimes import ntk_boundary
 from ensemble.schema import CELL_VARS, CHECKPOINT_VARS, COORDS, N_CKPT_TEST, NTK_VARS
 
 CMAP = "viridis"
@@ -120,7 +121,7 @@ def phase_diagram(
     *,
     include: Include = ("converged",),
     ax=None,
-    ntk_boundary: bool = False,
+    ntk_line: bool = False,
 ) -> Figure:
     """Seed mean of ``var`` over the (alpha, T) grid at one P (default: the smallest).
 
@@ -128,7 +129,7 @@ def phase_diagram(
     scale-free quantities such as rel_change and t*). Cells where no seed entered are
     hatched by their most frequent outcome (diverged, unfinished, missing); a white dot
     marks cells where only some seeds entered. Axes: alpha (x) and T (y), base-2 log.
-    ntk_boundary: also draw where the seed-mean NTK change is 1 (`ntk_boundary`), the
+    ntk_line: also draw where the seed-mean NTK change is 1 (`analysis.regimes`), the
     line between the lazy (right) and the feature-learning regime.
     """
     if ax is None:
@@ -160,7 +161,7 @@ def phase_diagram(
     ax.set_ylabel(label("T"))
     ax.set_title(f"{ds.attrs.get('experiment', '')}: {var} at P = {P}", fontsize=9)
     present = _mark_outcomes(ax, alpha, T, counts, include)
-    boundary = ntk_boundary and _ntk_contour(ax, sel, include)
+    boundary = ntk_line and _ntk_line(ax, ds, P, include)
     entered = "/".join(include)
     legend_text = {
         "diverged": f"diverged (no {entered} seed)",
@@ -205,24 +206,22 @@ BOUNDARY_EDGE = [patheffects.withStroke(linewidth=3.0, foreground="black")]
 """A black edge, so that the white line shows on light cells and in the legend."""
 
 
-def _ntk_contour(ax, sel: xr.Dataset, include: Include) -> bool:
-    """Draw the contour where the seed-mean NTK change of ``sel`` (one P) is 1, in log
-    space between grid points; whether there was one to draw."""
-    if "ntk_change" not in sel:
+def _ntk_line(ax, ds: xr.Dataset, P: int, include: Include) -> bool:
+    """Draw alpha*(T) of `analysis.regimes.ntk_boundary` (where the seed-mean NTK change
+    is 1) at ``P``; whether there was a point to draw."""
+    if "ntk_change" not in ds or ds.sizes.get("alpha", 1) < 2:
         return False
-    mean = seed_mean(sel, "ntk_change", include)["mean"].transpose("alpha", "T").values
-    with np.errstate(divide="ignore", invalid="ignore"):
-        level = np.log10(np.where(mean > 0, mean, np.nan))
-    ok = np.isfinite(level)
-    if min(sel.sizes["alpha"], sel.sizes["T"]) < 2 or not (
-        (level[ok] > 0).any() and (level[ok] < 0).any()
-    ):
+    line = ntk_boundary(ds, P, include=include, n_boot=0)
+    ok = np.isfinite(line["alpha_star"].values)
+    if not ok.any():
         return False
-    ax.contour(
-        sel["alpha"].values, sel["T"].values, np.ma.masked_invalid(level.T), levels=[0.0],
-        colors=BOUNDARY_STYLE["color"], linestyles=BOUNDARY_STYLE["linestyle"],
-        linewidths=BOUNDARY_STYLE["linewidth"], path_effects=BOUNDARY_EDGE,
-    )  # fmt: skip
+    ax.plot(
+        line["alpha_star"].values[ok],
+        line["T"].values[ok],
+        marker="o" if ok.sum() == 1 else None,
+        path_effects=BOUNDARY_EDGE,
+        **BOUNDARY_STYLE,
+    )
     return True
 
 
@@ -268,7 +267,7 @@ def phase_diagrams(
     names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ("ntk_change" in ds))
     fig, axes = new_figure(1, len(names), size=(5.0, 4.6))
     for ax, var in zip(axes[0], names, strict=True):
-        phase_diagram(ds, var, P, include=include, ax=ax, ntk_boundary=True)
+        phase_diagram(ds, var, P, include=include, ax=ax, ntk_line=True)
     return fig
 
 

@@ -52,6 +52,7 @@ from analysis.perceptron import (
     local_exponent_pairs,
     local_P_exponents,
 )
+from analysis.regimes import ntk_boundary
 from ensemble.provenance import git_commit
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
 from ensemble.spec import setting_applies
@@ -272,6 +273,33 @@ OPTIMUM_FITS = {
 the stability edges (where the error falls with T until training diverges)."""
 
 
+def _ntk_boundary(section: _Section, ds: xr.Dataset, P: int, n_boot: int, seed: int) -> None:
+    table = section.attempt(
+        f"NTK boundary at P = {P}", lambda: ntk_boundary(ds, P, n_boot=n_boot, seed=seed)
+    )
+    if table is None:
+        return
+    section.results.setdefault("ntk_boundary", {})[P] = table
+    level = table.attrs["level"]
+    section.add(
+        f"Lazy / feature-learning boundary at P = {P}: alpha* where the seed-mean NTK change"
+        f" is {level:g} (from the largest alpha down, interpolated in log-log; 95 % t"
+        " interval from a bootstrap over seeds; n/a where the change is on one side of"
+        " the level across the grid).",
+        "",
+    )
+    rows = []
+    for j, T in enumerate(table["T"].values):
+        a, lo, hi = (
+            table[k].values[j] for k in ("alpha_star", "alpha_star_low", "alpha_star_high")
+        )
+        rows.append(
+            [plots.pow2_text(T), f"{a:.3g} (2^{np.log2(a):.2f})" if np.isfinite(a) else "n/a"]
+            + [f"{lo:.3g} - {hi:.3g}" if np.isfinite(lo) else "n/a"]
+        )
+    section.table(["T", "alpha*", "95 % interval"], rows)
+
+
 def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
     section.add("### Optimal temperature against alpha", "")
     table = section.attempt(
@@ -397,6 +425,9 @@ def _experiment(
                     f" over (alpha, T) at P = {P}",
                 ),
             )
+        if "ntk_change" in ds:
+            for P in grid["P"]:
+                _ntk_boundary(section, ds, int(P), n_boot, seed)
         if n.get("T", 1) >= 3:
             _optimal_T(section, ds, n_boot, seed)
     if is_perceptron(ds):

@@ -505,6 +505,7 @@ def experiment_reading(er: ExperimentReport) -> list[str]:
     lines = [f"Grid: {n['alpha']} alpha x {n['T']} T x {n['P']} P x {n['seed']} seeds.", ""]
     if n["alpha"] >= 2 and n["T"] >= 2:
         lines += phase_reading(ds)
+        lines += ntk_reading(er)
         lines += optimal_T_reading(er)
     if n["T"] >= 2 and n["P"] >= 2:
         lines += tsweep_reading(er)
@@ -614,6 +615,35 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
         )
         lines += _phase_summary(e, r, trends)
     return lines
+
+
+def ntk_reading(er: ExperimentReport) -> list[str]:
+    """Where the NTK change is 1 (the lazy / feature-learning boundary alpha*) at the
+    smallest and the largest T where it is found, from the report's results; nothing
+    where the sweep did not measure the NTK change."""
+    lines = []
+    for P, table in er.results.get("ntk_boundary", {}).items():
+        ok = np.flatnonzero(np.isfinite(table["alpha_star"].values))
+        if not len(ok):
+            lines.append(
+                f"- NTK change at P = {P}: does not cross {table.attrs['level']:g} inside the"
+                " alpha grid at any T."
+            )
+            continue
+        parts = []
+        for j in dict.fromkeys((int(ok[0]), int(ok[-1]))):
+            T, a = table["T"].values[j], table["alpha_star"].values[j]
+            lo, hi = table["alpha_star_low"].values[j], table["alpha_star_high"].values[j]
+            interval = (
+                f" (95 %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})" if np.isfinite(lo) else ""
+            )
+            parts.append(f"alpha* = 2^{math.log2(a):.1f}{interval} at T = {pow2_text(T)}")
+        lines.append(
+            f"- Lazy / feature-learning boundary at P = {P} (seed-mean NTK change ="
+            f" {table.attrs['level']:g}; found at {len(ok)} of {table.sizes['T']} T):"
+            f" {'; '.join(parts)}."
+        )
+    return lines + [""] * bool(lines)
 
 
 def optimal_T_reading(er: ExperimentReport) -> list[str]:

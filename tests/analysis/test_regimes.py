@@ -1,0 +1,81 @@
+"""The lazy / feature-learning boundary alpha*(T) from the NTK change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic_cube import phase_dataset
+
+from analysis.fits import InsufficientData
+from analysis.regimes import ntk_boundary
+
+ALPHA_0 = 2.0**3  # alpha* at T = 2^-8
+SLOPE = 0.25  # alpha* ~ T^SLOPE
+
+
+def _with_ntk(noise: float = 0.0, seed: int = 0):
+    """The synthetic phase diagram (alpha = 2^-4 .. 2^8, T = 2^-12 .. 2^-2) with an NTK
+    change (alpha*(T) / alpha)^2 times log-normal seed noise, alpha*(T) = ALPHA_0
+    (T / 2^-8)^SLOPE: inside the grid at every T."""
+    ds = phase_dataset(np.random.default_rng(seed))
+    star = ALPHA_0 * (ds["T"] / 2.0**-8) ** SLOPE
+    eps = np.random.default_rng(seed + 1).normal(0, noise, ds["rel_change"].shape)
+    change = ((star / ds["alpha"]) ** 2).broadcast_like(ds["rel_change"]) * np.exp(eps)
+    return ds.assign(ntk_change=change), star.values
+
+
+def test_boundary_recovers_a_power_law_crossing_exactly():
+    """Log-log interpolation is exact for a power law in alpha (the largest alpha at the
+    largest T is missing: the scan starts at the next one)."""
+    ds, star = _with_ntk()
+    table = ntk_boundary(ds, n_boot=0)
+    found = table["alpha_star"].values
+    np.testing.assert_allclose(found, star, rtol=1e-9)
+    assert table.attrs["P"] == 1024 and table.attrs["level"] == 1.0
+    # another level: the change is 4 where alpha = alpha* / 2
+    np.testing.assert_allclose(
+        ntk_boundary(ds, level=4.0, n_boot=0)["alpha_star"].values, star / 2, rtol=1e-9
+    )
+
+
+def test_boundary_outside_the_grid_is_nan():
+    ds, _ = _with_ntk()
+    tiny = ds.assign(ntk_change=ds["ntk_change"] * 1e-6)  # lazy everywhere: below the grid
+    assert np.isnan(ntk_boundary(tiny, n_boot=0)["alpha_star"].values).all()
+    huge = ds.assign(ntk_change=ds["ntk_change"] * 1e6)  # the largest alpha already moves
+    assert np.isnan(ntk_boundary(huge, n_boot=0)["alpha_star"].values).all()
+
+
+def test_interval_holds_the_boundary_under_seed_noise():
+    """With seed noise (sd 0.3 in ln of the change, 3 seeds) the 95 % t interval of
+    alpha* holds the true one at almost every T of 20 noisy diagrams."""
+    hits = []
+    for r in range(20):
+        ds, star = _with_ntk(noise=0.3, seed=r)
+        table = ntk_boundary(ds, n_boot=200, seed=r)
+        lo, hi = table["alpha_star_low"].values, table["alpha_star_high"].values
+        assert np.isfinite(lo).sum() >= 4
+        hits += list((lo <= star) & (star <= hi))
+    assert np.mean(hits) >= 0.85, np.mean(hits)
+
+
+def test_no_ntk_change_is_a_clear_error():
+    with pytest.raises(InsufficientData, match="did not set ntk_points"):
+        ntk_boundary(phase_dataset(np.random.default_rng(0)))
+
+
+def test_the_reproduction_page_reads_the_boundary_at_the_extreme_temperatures():
+    from types import SimpleNamespace
+
+    from analysis.reproduction import ntk_reading
+
+    ds, star = _with_ntk(noise=0.1)
+    table = ntk_boundary(ds, n_boot=100)
+    (line, blank) = ntk_reading(SimpleNamespace(results={"ntk_boundary": {1024: table}}))
+    assert line.startswith("- Lazy / feature-learning boundary at P = 1024") and blank == ""
+    assert f"found at 6 of 6 T): alpha* = 2^{np.log2(table['alpha_star'].values[0]):.1f}" in line
+    assert "at T = 2^-12" in line and "at T = 2^-2." in line and line.count("95 %") == 2
+    flat = ntk_boundary(ds.assign(ntk_change=ds["ntk_change"] * 1e-6), n_boot=0)
+    (line, _) = ntk_reading(SimpleNamespace(results={"ntk_boundary": {1024: flat}}))
+    assert "does not cross 1 inside the alpha grid at any T" in line
+    assert ntk_reading(SimpleNamespace(results={})) == []
