@@ -701,9 +701,12 @@ def test_compile_is_refused_on_cuda():
 
 
 def test_mnas_trains_and_reports_every_observable(data_root):
-    """MNAS through the engine, harvest included (its readout bias is a 0-d parameter)."""
+    """MNAS through the engine, harvest included (its readout bias is a 0-d parameter;
+    the NTK change through the channels-last model)."""
     g = Group(
-        dataset="mnist", arch="mnas", P=32, B=8, pte=64, h=2, max_steps=40, data_root=str(data_root)
+        **dict(dataset="mnist", arch="mnas", P=32, B=8, pte=64, h=2, max_steps=40),
+        ntk_points=8,
+        data_root=str(data_root),
     )
     members = [Member(alpha=2.0**10, T=2.0**-6, seed=s) for s in (0, 1, 2)]
     res = train_batch(g, members, device=DEVICE, slots=2, keep_weights=True)
@@ -716,6 +719,7 @@ def test_mnas_trains_and_reports_every_observable(data_root):
         assert set(r.dw2_layer) == set(build_model(g).shapes)
         assert r.dw2 > 0 and math.isfinite(r.rel_change) and 0 <= r.test_error <= 1
         assert r.weights["b_out"].shape == ()
+        assert math.isfinite(r.ntk_change) and r.ntk_change > 0
 
 
 def test_fused_engine_evaluates_with_the_step_forward_pass(data_root):
