@@ -23,22 +23,6 @@ from ensemble.models import build_model, init_params
 from ensemble.schema import CONVERGED, DIVERGED, UNFINISHED
 
 
-@pytest.fixture
-def small_fc(data_root) -> Group:
-    return Group(
-        dataset="mnist",
-        arch="fc",
-        P=64,
-        B=8,
-        pte=256,
-        h=32,
-        L=2,
-        max_steps=3000,
-        dtype="float64",
-        data_root=str(data_root),
-    )
-
-
 def _perceptron_group(
     chi: float, P: int, dtype: str, d: int = 8, max_steps: int = 400_000
 ) -> Group:

@@ -3,6 +3,7 @@ against a plain autograd computation, through the engine and into the cube."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -65,45 +66,29 @@ def test_kernel_equals_the_one_from_per_point_gradients(arch, data_root):
         assert change > 0
 
 
-def _group(data_root, ntk_points: int) -> Group:
-    return Group(
-        dataset="mnist",
-        arch="fc",
-        P=64,
-        B=8,
-        pte=256,
-        h=32,
-        L=2,
-        max_steps=3000,
-        dtype="float64",
-        ntk_points=ntk_points,
-        data_root=str(data_root),
-    )
-
-
 LAZY = Member(alpha=2.0**10, T=2.0**-6, seed=0)
 FEATURE = Member(alpha=2.0**-2, T=2.0**-7, seed=2)
 
 
-def test_the_kernel_barely_moves_in_the_lazy_regime_and_moves_in_the_feature_regime(data_root):
+def test_the_kernel_barely_moves_in_the_lazy_regime_and_moves_in_the_feature_regime(small_fc):
     """The paper's two regimes, told apart by the kernel: at alpha = 2^10 the NTK of a
     network trained to zero loss on MNIST parity stays put (change < 1 %), at
     alpha = 2^-2 it changes by more than its own size. Each member of the ensemble
     measures what it measures trained alone."""
-    g = _group(data_root, 32)
+    g = dataclasses.replace(small_fc, ntk_points=32)
     lazy, feature = train_batch(g, [LAZY, FEATURE])
     assert lazy.outcome == feature.outcome == CONVERGED
     assert 0 < lazy.ntk_change < 1e-2
     assert feature.ntk_change > 1.0
     alone = train_batch(g, [FEATURE], slots=1)[0]
     assert alone.ntk_change == pytest.approx(feature.ntk_change, rel=1e-9)
-    assert np.isnan(train_batch(_group(data_root, 0), [LAZY])[0].ntk_change)
+    assert np.isnan(train_batch(small_fc, [LAZY])[0].ntk_change)
 
 
 @pytest.mark.parametrize(("value", "message"), [(-1, "integer >= 0"), (257, "from 0 to pte = 256")])
-def test_ntk_points_outside_0_to_pte_refused(data_root, value, message):
+def test_ntk_points_outside_0_to_pte_refused(small_fc, value, message):
     with pytest.raises(SpecError, match=f"ntk_points must be an? ?.*{message}"):
-        _group(data_root, value)
+        dataclasses.replace(small_fc, ntk_points=value)
 
 
 def test_a_sweep_with_ntk_points_stores_the_change_and_old_cubes_keep_working(
