@@ -283,9 +283,9 @@ def _ntk_boundary(section: _Section, ds: xr.Dataset, P: int, n_boot: int, seed: 
     level = table.attrs["level"]
     section.add(
         f"Lazy / feature-learning boundary at P = {P}: alpha* where the seed-mean NTK change"
-        f" is {level:g} (from the largest alpha down, interpolated in log-log; 95 % t"
-        " interval from a bootstrap over seeds; n/a where the change is on one side of"
-        " the level across the grid).",
+        f" is {level:g} (from the largest alpha down, interpolated in log-log;"
+        f" {table.attrs['ci'] * 100:g} % t interval from a bootstrap over seeds; n/a where the"
+        " change is on one side of the level across the grid).",
         "",
     )
     rows = []
@@ -297,7 +297,7 @@ def _ntk_boundary(section: _Section, ds: xr.Dataset, P: int, n_boot: int, seed: 
             [plots.pow2_text(T), f"{a:.3g} (2^{np.log2(a):.2f})" if np.isfinite(a) else "n/a"]
             + [f"{lo:.3g} - {hi:.3g}" if np.isfinite(lo) else "n/a"]
         )
-    section.table(["T", "alpha*", "95 % interval"], rows)
+    section.table(["T", "alpha*", f"{table.attrs['ci'] * 100:g} % interval"], rows)
 
 
 def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:

@@ -635,7 +635,9 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
             T, a = table["T"].values[j], table["alpha_star"].values[j]
             lo, hi = table["alpha_star_low"].values[j], table["alpha_star_high"].values[j]
             interval = (
-                f" (95 %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})" if np.isfinite(lo) else ""
+                f" ({table.attrs['ci'] * 100:g} %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})"
+                if np.isfinite(lo)
+                else ""
             )
             parts.append(f"alpha* = 2^{math.log2(a):.1f}{interval} at T = {pow2_text(T)}")
         lines.append(
