@@ -121,7 +121,7 @@ def phase_diagram(
     *,
     include: Include = ("converged",),
     ax=None,
-    ntk_line: bool = False,
+    boundary: xr.Dataset | None = None,
 ) -> Figure:
     """Seed mean of ``var`` over the (alpha, T) grid at one P (default: the smallest).
 
@@ -129,8 +129,8 @@ def phase_diagram(
     scale-free quantities such as rel_change and t*). Cells where no seed entered are
     hatched by their most frequent outcome (diverged, unfinished, missing); a white dot
     marks cells where only some seeds entered. Axes: alpha (x) and T (y), base-2 log.
-    ntk_line: also draw where the seed-mean NTK change is 1 (`analysis.regimes`), the
-    line between the lazy (right) and the feature-learning regime.
+    boundary: an `analysis.regimes.ntk_boundary` table of this P, drawn as the line
+    alpha*(T) between the lazy (right) and the feature-learning regime.
     """
     if ax is None:
         fig, axes = new_figure()
@@ -161,7 +161,7 @@ def phase_diagram(
     ax.set_ylabel(label("T"))
     ax.set_title(f"{ds.attrs.get('experiment', '')}: {var} at P = {P}", fontsize=9)
     present = _mark_outcomes(ax, alpha, T, counts, include)
-    boundary = ntk_line and _ntk_line(ax, ds, P, include)
+    drawn = boundary is not None and _boundary_line(ax, boundary)
     entered = "/".join(include)
     legend_text = {
         "diverged": f"diverged (no {entered} seed)",
@@ -173,7 +173,7 @@ def phase_diagram(
         for name in present
         if name in OUTCOME_STYLE
     ]
-    if boundary:
+    if drawn:
         line = Line2D([], [], **BOUNDARY_STYLE, path_effects=BOUNDARY_EDGE)
         handles.append(line)
         line.set_label("NTK change = 1")
@@ -206,12 +206,9 @@ BOUNDARY_EDGE = [patheffects.withStroke(linewidth=3.0, foreground="black")]
 """A black edge, so that the white line shows on light cells and in the legend."""
 
 
-def _ntk_line(ax, ds: xr.Dataset, P: int, include: Include) -> bool:
-    """Draw alpha*(T) of `analysis.regimes.ntk_boundary` (where the seed-mean NTK change
-    is 1) at ``P``; whether there was a point to draw."""
-    if "ntk_change" not in ds or ds.sizes.get("alpha", 1) < 2:
-        return False
-    line = ntk_boundary(ds, P, include=include, n_boot=0)
+def _boundary_line(ax, line: xr.Dataset) -> bool:
+    """Draw alpha*(T) of an `analysis.regimes.ntk_boundary` table; whether there was a
+    point to draw."""
     ok = np.isfinite(line["alpha_star"].values)
     if not ok.any():
         return False
@@ -259,15 +256,23 @@ def _mark_outcomes(
 
 
 def phase_diagrams(
-    ds: xr.Dataset, P: int | None = None, *, include: Include = ("converged",)
+    ds: xr.Dataset,
+    P: int | None = None,
+    *,
+    include: Include = ("converged",),
+    boundary: xr.Dataset | None = None,
 ) -> Figure:
     """Test error, relative weight change, t* and, where measured, the NTK change over
     (alpha, T) at one P, side by side; with the NTK change, each panel shows where it is
-    1 (the lazy / feature-learning boundary)."""
-    names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ("ntk_change" in ds))
+    1 (the lazy / feature-learning boundary): ``boundary``, the `ntk_boundary` table of
+    this P, or computed here (without a bootstrap) when not given."""
+    ntk = "ntk_change" in ds
+    names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ntk)
+    if boundary is None and ntk and ds.sizes.get("alpha", 1) >= 2:
+        boundary = ntk_boundary(ds, P, include=include, n_boot=0)
     fig, axes = new_figure(1, len(names), size=(5.0, 4.6))
     for ax, var in zip(axes[0], names, strict=True):
-        phase_diagram(ds, var, P, include=include, ax=ax, ntk_line=True)
+        phase_diagram(ds, var, P, include=include, ax=ax, boundary=boundary)
     return fig
 
 

@@ -273,12 +273,8 @@ OPTIMUM_FITS = {
 the stability edges (where the error falls with T until training diverges)."""
 
 
-def _ntk_boundary(section: _Section, ds: xr.Dataset, P: int, n_boot: int, seed: int) -> None:
-    table = section.attempt(
-        f"NTK boundary at P = {P}", lambda: ntk_boundary(ds, P, n_boot=n_boot, seed=seed)
-    )
-    if table is None:
-        return
+def _ntk_table(section: _Section, P: int, table: xr.Dataset) -> None:
+    """The `ntk_boundary` table of one P, and its entry in the section's results."""
     section.results.setdefault("ntk_boundary", {})[P] = table
     level = table.attrs["level"]
     section.add(
@@ -414,20 +410,27 @@ def _experiment(
     if n.get("alpha", 1) >= 2 and n.get("T", 1) >= 2:
         done_any = True
         section.add("### Phase diagrams", "")
+        boundaries = {
+            int(P): section.attempt(
+                f"NTK boundary at P = {P}",
+                lambda P=P: ntk_boundary(ds, int(P), n_boot=n_boot, seed=seed),
+            )
+            for P in (grid["P"] if "ntk_change" in ds else [])
+        }
         for P in grid["P"]:
             section.attempt(
                 f"phase diagrams at P = {P}",
                 lambda P=P: section.figure(
-                    plots.phase_diagrams(ds, int(P)),
+                    plots.phase_diagrams(ds, int(P), boundary=boundaries.get(int(P))),
                     f"phase_P{int(P)}",
                     f"test error, relative weight change, t*"
                     f"{' and NTK change' if 'ntk_change' in ds else ''}"
                     f" over (alpha, T) at P = {P}",
                 ),
             )
-        if "ntk_change" in ds:
-            for P in grid["P"]:
-                _ntk_boundary(section, ds, int(P), n_boot, seed)
+        for P, table in boundaries.items():
+            if table is not None:
+                _ntk_table(section, P, table)
         if n.get("T", 1) >= 3:
             _optimal_T(section, ds, n_boot, seed)
     if is_perceptron(ds):
