@@ -22,7 +22,7 @@ gathers a provenance table (from the groups' launch records,
 from the numbers of that report:
 
 - phase diagrams (several alpha and T): for each alpha whether the seed-mean test error
-  falls (noise helps) or rises (noise hurts) with T, beyond 2 combined standard errors;
+  falls (noise helps) or rises (noise hurts) with T (paired t tests, `error_trend`);
   the best cell; the diverged cells; smallest alpha (feature side) against largest
   (lazy side);
 - lazy T-sweeps (several T and P): delta, gamma, c, b, a and the check a = gamma/delta;
@@ -50,7 +50,14 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from analysis.aggregate import effective_outcome, outcome_counts, seed_mean
+from analysis.aggregate import (
+    effective_outcome,
+    masked,
+    mean_stderr,
+    outcome_counts,
+    seed_mean,
+    t_quantile,
+)
 from analysis.fits import Estimate, ratio
 from analysis.load import experiment_names
 from analysis.optimal import CLASSES
@@ -69,8 +76,6 @@ from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
 TOLERANCE = 0.05
 """An exponent within this of its prediction "agrees within 0.05" (absolute)."""
-SIGNIFICANCE = 2.0
-"""A test-error change counts (noise helps / hurts) beyond this many combined stderr."""
 KEY_FIGURES = re.compile(
     r"_(phase_P\d+|optimal_T_P\d+|tsweep|crossover|perceptron|summary|finite_d)$"
 )
@@ -324,8 +329,11 @@ def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
         "Conventions: seed means over converged cells; `±` is the larger of the"
         f" least-squares and bootstrap ({n_boot} resamples over seeds, seed {seed})"
         " standard errors. Wall time: summed over a run's launches (a launch that trained"
-        " groups of several runs counts in each). Test-error trends count beyond"
-        f" {SIGNIFICANCE:g} combined standard errors. Exponent verdicts: `agrees within"
+        " groups of several runs counts in each). Test-error trends with T are paired by"
+        " seed (a seed fixes init, training set and batches at every T) and count where"
+        " the mean per-seed change exceeds Student's t_(n-1) at two-sided 5 % times its"
+        " standard error, Bonferroni-corrected for the T the lowest error was picked"
+        " among. Exponent verdicts: `agrees within"
         f" {TOLERANCE:g}` when |fitted - predicted| <= {TOLERANCE:g}, else `agrees within 1"
         " sigma` when |fitted - predicted| <= its standard error, else `differs by X sigma`.",
         "",
@@ -524,8 +532,8 @@ class Trend:
     first, best, last : (T, mean, stderr) at the smallest T, the minimum and the largest
                         T among the temperatures with a converged mean
     kind              : "helps" (falls with T), "optimum" (falls, then rises), "hurts"
-                        (rises with T) or "flat" (no change beyond SIGNIFICANCE)
-    text              : the change in words, with its size in combined stderr (sigma)
+                        (rises with T) or "flat" (no change that passes its t test)
+    text              : the change in words, with its paired t statistic and threshold
     """
 
     first: tuple[float, float, float]
@@ -533,6 +541,45 @@ class Trend:
     last: tuple[float, float, float]
     kind: str
     text: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """A paired change of the test error between two temperatures i -> j.
+
+    diff      : mean over the seeds converged at both of err[j, seed] - err[i, seed]
+    t         : |diff| / its standard error (NaN with fewer than 2 such seeds)
+    threshold : the two-sided t quantile it must exceed (NaN with fewer than 2 seeds)
+    n         : seeds converged at both temperatures
+    """
+
+    diff: float
+    t: float
+    threshold: float
+    n: int
+
+    @property
+    def counts(self) -> bool:
+        return bool(self.t > self.threshold)  # False where either is NaN
+
+
+def paired_change(values: np.ndarray, i: int, j: int, comparisons: int = 1) -> Change:
+    """The change of ``values[T, seed]`` (NaN where a cell is left out) from T index i to
+    j, paired by seed: a seed fixes the initial weights, the training set and the batch
+    sequence at every T, so the per-seed differences carry none of the seed-to-seed
+    spread. It counts beyond Student's t_(n-1) at 1 - 0.025 / ``comparisons`` (two-sided
+    5 %, Bonferroni-corrected where i or j was picked among ``comparisons`` candidates)."""
+    d = values[j] - values[i]
+    d = d[np.isfinite(d)]
+    n = int(d.size)
+    if n == 0:
+        return Change(math.nan, math.nan, math.nan, 0)
+    diff = float(d.mean())
+    if n < 2:
+        return Change(diff, math.nan, math.nan, n)
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    t = abs(diff) / se if se > 0 else (math.inf if diff else 0.0)
+    return Change(diff, t, t_quantile(n, 1 - 0.025 / comparisons), n)
 
 
 def rankable_means(mean: np.ndarray, stderr: np.ndarray) -> np.ndarray:
@@ -544,13 +591,22 @@ def rankable_means(mean: np.ndarray, stderr: np.ndarray) -> np.ndarray:
     return several if several.any() else ok
 
 
-def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | None:
-    """Classify the test error against T (None when fewer than 2 T have a mean).
+def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
+    """Classify the test error ``values[T, seed]`` (NaN where a cell did not converge)
+    against T; None when fewer than 2 T have a mean.
 
-    A change counts when it exceeds SIGNIFICANCE combined standard errors; a missing
-    standard error (one seed) counts as 0, so any change counts. The lowest mean is
-    taken among the T with a standard error where there are any (one seed left where
-    the others diverged is not a mean to rank)."""
+    Changes are paired by seed (`paired_change`): smallest T -> largest T at 5 %; the
+    lowest mean is picked among the m temperatures with a standard error (where there
+    are any), so smallest T -> lowest and lowest -> largest T are corrected for m - 1
+    comparisons. "optimum" needs both of those, "helps" the first (or a significant
+    fall to the largest T), "hurts" a significant rise to the largest T. With fewer
+    than 2 seeds converged at both ends of a change it does not count."""
+    values = np.asarray(values, dtype=float)
+    n = np.isfinite(values).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, np.nansum(values, axis=1) / n, np.nan)
+        dev = np.nansum((values - mean[:, None]) ** 2, axis=1)
+        stderr = np.where(n >= 2, np.sqrt(dev / ((n - 1) * n)), np.nan)
     ok = np.flatnonzero(np.isfinite(mean))
     if len(ok) < 2:
         return None
@@ -558,48 +614,55 @@ def error_trend(T: np.ndarray, mean: np.ndarray, stderr: np.ndarray) -> Trend | 
     rankable = np.flatnonzero(rankable_means(mean, stderr))
     ib = int(rankable[np.argmin(mean[rankable])])
     point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
+    picked = max(len(rankable) - 1, 1)
 
-    def change(i: int, j: int) -> tuple[float, float, str]:
-        """mean[j] - mean[i], in combined stderr, and in words."""
-        d = float(mean[j] - mean[i])
-        s = math.hypot(*(x if math.isfinite(x) else 0.0 for x in (stderr[i], stderr[j])))
-        z = abs(d) / s if s > 0 else math.inf if d else 0.0
-        size = f"{z:.1f} sigma" if math.isfinite(z) else "no seed error"
-        words = f"{'rises' if d > 0 else 'falls'} by {abs(d):.3f} ({size})"
-        return d, z, f"{words} from T = {pow2_text(T[i])} to {pow2_text(T[j])}"
+    def change(i: int, j: int, comparisons: int = 1) -> tuple[Change, str]:
+        """The paired change from T[i] to T[j], and in words."""
+        c = paired_change(values, i, j, comparisons)
+        if c.n == 0:
+            return c, f"no seed converged at both T = {pow2_text(T[i])} and {pow2_text(T[j])}"
+        size = (
+            f"t = {c.t:.1f} {'>' if c.counts else '<='} {c.threshold:.2f}, {c.n} seeds"
+            if c.n >= 2
+            else "1 seed at both: not judged"
+        )
+        words = f"{'rises' if c.diff > 0 else 'falls'} by {abs(c.diff):.3f} ({size})"
+        return c, f"{words} from T = {pow2_text(T[i])} to {pow2_text(T[j])}"
 
-    _, z_best, fall = change(i0, ib)
-    _, z_last, rise_after = change(ib, il)
-    if ib != i0 and z_best > SIGNIFICANCE and il != ib and z_last > SIGNIFICANCE:
+    fall, fall_text = change(i0, ib, picked)
+    rise, rise_text = change(ib, il, picked)
+    fell = ib != i0 and fall.diff < 0 and fall.counts
+    if fell and il != ib and rise.diff > 0 and rise.counts:
         best = pow2_text(T[ib])
-        kind, text = "optimum", f"{fall}, then {rise_after}: lowest on the grid at T = {best}"
-    elif ib != i0 and z_best > SIGNIFICANCE:
-        kind, text = "helps", f"{fall}: noise helps"
+        kind, text = "optimum", f"{fall_text}, then {rise_text}: lowest on the grid at T = {best}"
+    elif fell:
+        kind, text = "helps", f"{fall_text}: noise helps"
     else:
-        d, z, words = change(i0, il)
-        if d > 0 and z > SIGNIFICANCE:
+        c, words = change(i0, il)
+        if c.diff > 0 and c.counts:
             kind, text = "hurts", f"{words}: noise hurts"
-        elif z > SIGNIFICANCE:  # a fall to the largest T, where the lowest mean is noisy
+        elif c.counts:  # a fall to the largest T, where the lowest mean is noisy
             kind, text = "helps", f"{words}: noise helps"
         else:
-            kind, text = "flat", f"{words}: within {SIGNIFICANCE:g} sigma"
+            kind, text = "flat", f"{words}: no significant change"
     return Trend(point[i0], point[ib], point[il], kind, text)
 
 
 def phase_reading(ds: xr.Dataset) -> list[str]:
     """Per P: a table over alpha (trend of the test error with T, weight change,
     diverged cells), the best cell, and smallest against largest alpha."""
-    err = seed_mean(ds, "test_error").compute()
+    per_seed = masked(ds, "test_error").compute()
+    err = mean_stderr(per_seed)
     rel = seed_mean(ds, "rel_change").compute()
     flag = effective_outcome(ds).compute()
     T = ds["T"].values
     lines = []
     for P in ds["P"].values:
         e, r, f = err.sel(P=P), rel.sel(P=P), flag.sel(P=P)
+        v = per_seed.sel(P=P)
         rows, trends = [], {}
         for alpha in ds["alpha"].values:
-            ea = e.sel(alpha=alpha)
-            trend = error_trend(T, ea["mean"].values, ea["stderr"].values)
+            trend = error_trend(T, v.sel(alpha=alpha).transpose("T", "seed").values)
             trends[float(alpha)] = trend
             rows.append(_phase_row(float(alpha), trend, r.sel(alpha=alpha), f.sel(alpha=alpha)))
         lines += [
@@ -729,7 +792,7 @@ def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Tren
         ("helps", "Noise helps (error falls with T)"),
         ("optimum", "The error has an optimum T"),
         ("hurts", "Noise hurts (error rises with T)"),
-        ("flat", f"No change beyond {SIGNIFICANCE:g} sigma"),
+        ("flat", "No significant change with T"),
     ):
         where = [pow2_text(a) for a, t in trends.items() if t is not None and t.kind == kind]
         if where:
