@@ -16,43 +16,34 @@ and both interpolated in log T between grid points (`analysis.interpolate`):
     `analysis.interpolate.plateau_departure`).
 
 Uncertainty: the definition is re-applied to ``n_boot`` bootstrap resamples of the seeds
-(`analysis.aggregate.bootstrap_mean`); the table gives the bootstrap standard error of
-log T_c (`analysis.aggregate.bootstrap_std`) and the t interval built on it
-(`analysis.aggregate.seed_interval`), both only where T_c is found and at least
-MIN_VALID_SHARE of the replicates find one. `fit_crossover` fits :math:`T_c \sim P^{-a}` weighted by
-that standard deviation and refits every bootstrap replicate; `check_ratio` compares a
-with :math:`\gamma/\delta` of the weight-change fit (the paper's a = gamma / delta).
-Definition (a) agrees with gamma / delta by construction wherever the weight change is
-the power law above, so its check tests that form; (b), from the test error, is the
-independent test of the paper's claim.
+(`analysis.crossing.crossing_table`: the bootstrap standard error of log T_c and the t
+interval built on it). `fit_crossover` fits :math:`T_c \sim P^{-a}` weighted by that
+error and refits every bootstrap replicate (`analysis.crossing.fit_crossing`);
+`check_ratio` compares a with :math:`\gamma/\delta` of the weight-change fit (the
+paper's a = gamma / delta). Definition (a) agrees with gamma / delta by construction
+wherever the weight change is the power law above, so its check tests that form; (b),
+from the test error, is the independent test of the paper's claim.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
 from analysis.aggregate import (
-    MIN_VALID_SHARE,
     Include,
     at_alpha,
-    bootstrap_mean,
     bootstrap_std,
     masked,
     mean_stderr,
-    resample_key,
-    seed_interval,
-    seeds_with_values,
     t_quantile,
 )
-from analysis.fits import Estimate, InsufficientData, PowerLawFit, Range, fit_power_law, ratio
+from analysis.crossing import Curve, crossing_table, fit_crossing
+from analysis.fits import Estimate, InsufficientData, PowerLawFit, Range, ratio
 from analysis.interpolate import first_crossing, plateau_departure
-
-Curve = Callable[[np.ndarray, np.ndarray], float]
 
 
 def crossover_rel_change(
@@ -81,7 +72,7 @@ def crossover_rel_change(
     def curve(T: np.ndarray, y: np.ndarray) -> float:
         return first_crossing(T, y, level)
 
-    table = crossover_table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
+    table = _table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
     table.attrs.update(
         definition=f"(a) T where ||w - w0|| / ||w0|| reaches {level:.4g}",
         short_name=f"(a) rel. change = {level:.3g}",
@@ -116,7 +107,7 @@ def crossover_test_error(
     def curve(T: np.ndarray, y: np.ndarray) -> float:
         return plateau_departure(T, y, rel_departure, abs_departure, n_plateau)[0]
 
-    table = crossover_table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
+    table = _table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
     T = means["T"].values
     T_low, plateau = zip(
         *(
@@ -150,80 +141,6 @@ def crossover_test_error(
     return table
 
 
-def crossover_table(
-    values: xr.DataArray,
-    curve: Curve,
-    *,
-    n_boot: int,
-    seed: int,
-    ci: float,
-    means: xr.DataArray | None = None,
-) -> xr.Dataset:
-    """Apply ``curve(T, seed_mean(T))`` -> T_c to every P, and to bootstrap resamples.
-
-    values : masked per-seed values over (T, P, seed) (NaN = excluded)
-    Returns a Dataset over P with ``T_c``, ``T_c_low`` / ``T_c_high`` (the level ``ci``
-    t interval of ln T_c, `analysis.aggregate.seed_interval`, over the seeds with a value
-    at that P), ``log_T_c_stderr`` (bootstrap standard error of ln T_c), ``n_boot_valid``
-    (replicates with a crossing) and ``T_c_boot`` (bootstrap, P); the interval and the
-    error are NaN where T_c is not found or fewer than MIN_VALID_SHARE of the replicates
-    find one. Computes the seed means.
-    """
-    if means is None:
-        means = mean_stderr(values)["mean"].transpose("T", "P").compute()
-    T = means["T"].values
-    n_P = means.sizes["P"]
-    T_c = np.array([curve(T, means.values[:, j]) for j in range(n_P)])
-    boot = np.full((n_boot, n_P), np.nan)
-    if n_boot:
-        reps = bootstrap_mean(values, n_boot, np.random.default_rng(seed))
-        reps = reps.transpose("bootstrap", "T", "P").compute().values
-        for b in range(n_boot):
-            boot[b] = [curve(T, reps[b, :, j]) for j in range(n_P)]
-    low, high, log_std = (np.full(n_P, np.nan) for _ in range(3))
-    n_valid = np.isfinite(boot).sum(axis=0)
-    n_seeds = seeds_with_values(values, ["P"]).transpose("P").values
-    n_all = int(seeds_with_values(values))  # the seeds the bootstrap draws
-    for j in range(n_P):
-        if np.isfinite(T_c[j]) and n_boot and n_valid[j] >= MIN_VALID_SHARE * n_boot:
-            log_std[j] = bootstrap_std(np.log(boot[:, j]), int(n_seeds[j]))
-            low[j], high[j] = np.exp(seed_interval(np.log(T_c[j]), log_std[j], n_seeds[j], ci))
-    units = {"units": "1"}
-    return xr.Dataset(
-        {
-            "T_c": ("P", T_c, {"long_name": "crossover temperature T_c", **units}),
-            "T_c_low": (
-                "P",
-                low,
-                {"long_name": f"lower bound of the {ci:.0%} interval", **units},
-            ),
-            "T_c_high": (
-                "P",
-                high,
-                {"long_name": f"upper bound of the {ci:.0%} interval", **units},
-            ),
-            "log_T_c_stderr": (
-                "P",
-                log_std,
-                {"long_name": "bootstrap standard error of ln T_c", **units},
-            ),
-            "n_boot_valid": (
-                "P",
-                n_valid.astype(int),
-                {"long_name": "bootstrap replicates with a crossing", "units": "1"},
-            ),
-            "T_c_boot": (
-                ("bootstrap", "P"),
-                boot,
-                {"long_name": "T_c of each bootstrap replicate", **units},
-            ),
-        },
-        coords={"P": means["P"].values},
-        attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "n_seeds": n_all}
-        | ({"resamples": resample_key(values, n_boot, seed)} if n_boot else {}),
-    )
-
-
 @dataclass(frozen=True)
 class CrossoverFit:
     """T_c ~ A P^(-a): the exponent a (Estimate) and the underlying log-space fit."""
@@ -233,42 +150,21 @@ class CrossoverFit:
     definition: str
 
 
-def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
-    """Fit T_c ~ P^(-a) to a crossover table (weighted by ``log_T_c_stderr``).
+def _table(values: xr.DataArray, curve: Curve, **kwargs) -> xr.Dataset:
+    """T_c over P (`analysis.crossing.crossing_table` along T)."""
+    return crossing_table(values, curve, "T", "T_c", "crossover temperature T_c", **kwargs)
 
-    P where no crossover was found are left out; the bootstrap error of a comes from
-    refitting each bootstrap replicate of T_c(P). Raises InsufficientData with fewer
-    than 3 P with a crossover.
+
+def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
+    """Fit T_c ~ P^(-a) to a crossover table (`analysis.crossing.fit_crossing`).
+
+    Raises InsufficientData with fewer than 3 P with a crossover.
     """
-    T_c = table["T_c"]
-    where = None
-    if P_range is not None:
-        lo, hi = P_range
-        where = (T_c["P"] >= (lo or 0)) & (T_c["P"] <= (hi or np.inf))
-    stderr = (table["T_c"] * table["log_T_c_stderr"]).rename("T_c_stderr")
-    boot = table["T_c_boot"] if table.sizes.get("bootstrap", 0) >= 2 else None
-    in_range = np.ones(T_c.sizes["P"], bool) if where is None else where.values
-    n_found = int((np.isfinite(T_c.values) & in_range).sum())
-    if n_found < 3:
-        P_fit = T_c["P"].values[in_range].tolist()
-        raise InsufficientData(
-            f"T_c found for {n_found} of {len(P_fit)} P values in the fit range"
-            f" (P = {P_fit}); fitting T_c ~ P^-a needs at least 3"
-        )
-    fit = fit_power_law(
-        T_c.rename("T_c"),
-        stderr,
-        where=where,
-        symbols={"P": "-a"},
-        quantity="T_c",
-        boot_means=boot,
-        n_seeds=table.attrs.get("n_seeds"),
-        resamples=table.attrs.get("resamples"),
-        range_note=table.attrs.get("definition", ""),
-    )
+    definition = str(table.attrs.get("definition", ""))
+    fit = fit_crossing(table, "T_c", "-a", P_range, note=definition)
     slope = fit.exponents["P"]
     a = Estimate(-slope.value, slope.stderr, slope.stderr_boot)
-    return CrossoverFit(a=a, fit=fit, definition=str(table.attrs.get("definition", "")))
+    return CrossoverFit(a=a, fit=fit, definition=definition)
 
 
 @dataclass(frozen=True)

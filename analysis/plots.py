@@ -49,6 +49,7 @@ SYMBOLS: dict[str, str] = {
     "signal": r"signal $(w-w_0)\cdot e_1$",
     "noise": r"noise $\Vert(w-w_0)_\perp\Vert/\sqrt{d-1}$",
     "T_c": r"crossover temperature $T_c$",
+    "alpha_star": r"lazy / feature boundary $\alpha^*$",
     "ckpt_t": r"time $t = dt \times \mathrm{steps}$",
     "ckpt_train_loss": r"training loss $\mathcal{L}(t)$",
     "ckpt_test_error": r"test error $\epsilon_{\mathrm{test}}(t)$"
@@ -62,14 +63,24 @@ UNITS: dict[str, str] = (
     | {k: v[1] for k, v in CHECKPOINT_VARS.items()}
     | {k: v[1] for k, v in NTK_VARS.items()}
     | {k: v[1] for k, v in QUANTITIES.items()}
-    | {"T_c": "1", "local_P_exponent": "1"}
+    | {"T_c": "1", "alpha_star": "1", "local_P_exponent": "1"}
 )
 OUTCOME_STYLE: dict[str, dict] = {
     "diverged": {"facecolor": "#f2d0d0", "edgecolor": "#8b0000", "hatch": "xxx"},
     "unfinished": {"facecolor": "#d6e2f0", "edgecolor": "#1f3f6f", "hatch": "///"},
     "missing": {"facecolor": "#e6e6e6", "edgecolor": "#707070", "hatch": "..."},
 }
-LOG_Y = {"rel_change", "t_star", "steps", "signal", "noise", "T_c", "train_loss", "ntk_change"}
+LOG_Y = {
+    "rel_change",
+    "t_star",
+    "steps",
+    "signal",
+    "noise",
+    "T_c",
+    "train_loss",
+    "ntk_change",
+    "alpha_star",
+}
 
 
 def label(name: str) -> str:
@@ -269,7 +280,8 @@ def phase_diagrams(
     ntk = "ntk_change" in ds
     names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ntk)
     if boundary is None and ntk and ds.sizes.get("alpha", 1) >= 2:
-        boundary = ntk_boundary(ds, P, include=include, n_boot=0)
+        at = int(ds["P"].values.min()) if P is None else P
+        boundary = ntk_boundary(ds, include=include, n_boot=0).sel(P=at)
     fig, axes = new_figure(1, len(names), size=(5.0, 4.6))
     for ax, var in zip(axes[0], names, strict=True):
         phase_diagram(ds, var, P, include=include, ax=ax, boundary=boundary)
@@ -398,39 +410,63 @@ def crossover_plot(
 ) -> Figure:
     """T_c against P for each crossover table (bootstrap interval as error bars), with
     the fitted T_c ~ P^-a when given."""
+    series = []
+    for k, table in enumerate(tables):
+        name = str(table.attrs.get("short_name", table.attrs.get("definition", f"definition {k}")))
+        fit = fits[k] if k < len(fits) else None
+        if fit is not None:
+            name += f": a = {fit.a}"
+        series.append((name, table, fit.fit if fit is not None else None))
+    return _crossings_against_P(series, "T_c", ax)
+
+
+def ntk_scaling_plot(
+    table: xr.Dataset, fits: Mapping[float, PowerLawFit | None], ax=None
+) -> Figure:
+    """alpha* (where the NTK change is its level) against P, one series per T of an
+    `analysis.regimes.ntk_boundary` table, with the fitted alpha* ~ P^k where given."""
+    series = []
+    for T in table["T"].values:
+        fit = fits.get(float(T))
+        name = f"T = {pow2_text(T)}" + (f": k = {fit['k']}" if fit is not None else "")
+        series.append((name, table.sel(T=T), fit))
+    return _crossings_against_P(series, "alpha_star", ax)
+
+
+def _crossings_against_P(
+    series: Sequence[tuple[str, xr.Dataset, PowerLawFit | None]], name: str, ax=None
+) -> Figure:
+    """``name`` of each (label, `analysis.crossing.crossing_table` over P, fit) against P,
+    with its bootstrap interval as error bars and the fitted power law dashed."""
     if ax is None:
         fig, axes = new_figure()
         ax = axes[0, 0]
     fig = ax.figure
     markers = ["o", "s", "D", "^"]
-    colours = _P_colours(range(max(len(tables), 2)))
-    for k, table in enumerate(tables):
+    colours = _P_colours(range(max(len(series), 2)))
+    for k, (text, table, fit) in enumerate(series):
         P = table["P"].values.astype(float)
-        T_c = table["T_c"].values
-        low = np.nan_to_num(T_c - table["T_c_low"].values, nan=0.0).clip(0)
-        high = np.nan_to_num(table["T_c_high"].values - T_c, nan=0.0).clip(0)
-        ok = np.isfinite(T_c)
-        name = str(table.attrs.get("short_name", table.attrs.get("definition", f"definition {k}")))
-        fit = fits[k] if k < len(fits) else None
-        if fit is not None:
-            name += f": a = {fit.a}"
+        y = table[name].values
+        low = np.nan_to_num(y - table[f"{name}_low"].values, nan=0.0).clip(0)
+        high = np.nan_to_num(table[f"{name}_high"].values - y, nan=0.0).clip(0)
+        ok = np.isfinite(y)
         ax.errorbar(
             P[ok],
-            T_c[ok],
+            y[ok],
             yerr=[low[ok], high[ok]],
             marker=markers[k % 4],
             color=colours[k],
             ls="none",
             capsize=3,
-            label=name,
+            label=text,
         )
         if fit is not None:
             grid = np.geomspace(P.min(), P.max(), 50)
-            ax.plot(grid, fit.fit.predict(P=grid), color=colours[k], ls="--", lw=1)
+            ax.plot(grid, fit.predict(P=grid), color=colours[k], ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel(label("P"))
-    ax.set_ylabel(label("T_c"))
+    ax.set_ylabel(label(name))
     _legend(ax, fontsize=7)
     return fig
 

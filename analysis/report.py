@@ -52,7 +52,7 @@ from analysis.perceptron import (
     local_exponent_pairs,
     local_P_exponents,
 )
-from analysis.regimes import ntk_boundary
+from analysis.regimes import fit_ntk_boundary, ntk_boundary
 from ensemble.provenance import git_commit
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
 from ensemble.spec import setting_applies
@@ -120,8 +120,9 @@ class ExperimentReport:
               PowerLawFit), ``crossover_tables`` / ``crossover_fits`` / ``ratio_checks``
               (by T_c definition "a", "b"), ``perceptron_fits``, ``exponent_table``
               (`analysis.perceptron.exponent_table` rows), ``local_signal``
-              (`analysis.perceptron.local_P_exponents`); a key is absent when its step
-              was skipped
+              (`analysis.perceptron.local_P_exponents`), ``ntk_boundary`` (by P: the
+              `analysis.regimes.ntk_boundary` table over T), ``ntk_boundary_fits`` (by T:
+              alpha* ~ P^k); a key is absent when its step was skipped
     """
 
     data: xr.Dataset
@@ -296,6 +297,57 @@ def _ntk_table(section: _Section, P: int, table: xr.Dataset) -> None:
     section.table(["T", "alpha*", f"{table.attrs['ci'] * 100:g} % interval"], rows)
 
 
+def _ntk_scaling(section: _Section, table: xr.Dataset) -> None:
+    """alpha*(P) ~ P^k at each T of an `ntk_boundary` table over several P: a table, the
+    fits (results ``ntk_boundary_fits``, by T) and a figure."""
+    fits: dict[float, PowerLawFit | None] = {}
+    for T in table["T"].values:
+        fits[float(T)] = section.attempt(
+            f"fit alpha* ~ P^k at T = {plots.pow2_text(T)}",
+            lambda T=T: fit_ntk_boundary(table, float(T)),
+        )
+    section.results["ntk_boundary_fits"] = {T: f for T, f in fits.items() if f is not None}
+    P = table["P"].values
+    section.add(
+        f"Lazy / feature-learning boundary against P: alpha* (NTK change ="
+        f" {table.attrs['level']:g}) at each P and the fit alpha* ~ P^k weighted by its"
+        " bootstrap error (n/a: fewer than 3 P with alpha*).",
+        "",
+    )
+    rows = []
+    for T, fit in fits.items():
+        stars = table["alpha_star"].sel(T=T).values
+        row = [plots.pow2_text(T)] + [
+            f"2^{np.log2(a):.2f}" if np.isfinite(a) else "n/a" for a in stars
+        ]
+        if fit is None:
+            row += ["n/a"] * 4
+        else:
+            k = fit["k"]
+            row += [
+                _num(k.value),
+                _num(k.stderr),
+                _num(k.stderr_boot),
+                _num(fit.chi2_red, "{:.2f}"),
+            ]
+        rows.append(row)
+    section.table(
+        ["T"]
+        + [f"alpha* at P = {int(p)}" for p in P]
+        + ["k", "stderr (lstsq)", "stderr (bootstrap)", "chi2_red"],
+        rows,
+    )
+    section.attempt(
+        "NTK boundary against P figure",
+        lambda: section.figure(
+            plots.ntk_scaling_plot(table, fits),
+            "ntk_scaling",
+            f"alpha* where the NTK change is {table.attrs['level']:g} against P, one series"
+            f" per T, with {table.attrs['ci'] * 100:g} % t intervals and the fits alpha* ~ P^k",
+        ),
+    )
+
+
 def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
     section.add("### Optimal temperature against alpha", "")
     table = section.attempt(
@@ -410,13 +462,12 @@ def _experiment(
     if n.get("alpha", 1) >= 2 and n.get("T", 1) >= 2:
         done_any = True
         section.add("### Phase diagrams", "")
-        boundaries = {
-            int(P): section.attempt(
-                f"NTK boundary at P = {P}",
-                lambda P=P: ntk_boundary(ds, int(P), n_boot=n_boot, seed=seed),
-            )
-            for P in (grid["P"] if "ntk_change" in ds else [])
-        }
+        boundary = (
+            section.attempt("NTK boundary", lambda: ntk_boundary(ds, n_boot=n_boot, seed=seed))
+            if "ntk_change" in ds
+            else None
+        )
+        boundaries = {int(P): None if boundary is None else boundary.sel(P=P) for P in grid["P"]}
         for P in grid["P"]:
             section.attempt(
                 f"phase diagrams at P = {P}",
@@ -431,6 +482,8 @@ def _experiment(
         for P, table in boundaries.items():
             if table is not None:
                 _ntk_table(section, P, table)
+        if boundary is not None and n.get("P", 1) >= 3:
+            _ntk_scaling(section, boundary)
         if n.get("T", 1) >= 3:
             _optimal_T(section, ds, n_boot, seed)
     if is_perceptron(ds):

@@ -77,7 +77,7 @@ from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 TOLERANCE = 0.05
 """An exponent within this of its prediction "agrees within 0.05" (absolute)."""
 KEY_FIGURES = re.compile(
-    r"_(phase_P\d+|optimal_T_P\d+|tsweep|crossover|perceptron|summary|finite_d)$"
+    r"_(phase_P\d+|optimal_T_P\d+|ntk_scaling|tsweep|crossover|perceptron|summary|finite_d)$"
 )
 """Figures (by file stem) embedded in reproduction.md; the others (dynamics) stay in the
 run's report."""
@@ -708,6 +708,12 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
             f" {table.attrs['level']:g}; found at {len(ok)} of {table.sizes['T']} T):"
             f" {'; '.join(parts)}."
         )
+    fits = er.results.get("ntk_boundary_fits", {})
+    if fits:
+        parts = [
+            f"k = {fit['k']} at T = {pow2_text(T)} ({fit.n_points} P)" for T, fit in fits.items()
+        ]
+        lines.append(f"- The boundary against P, alpha* ~ P^k: {'; '.join(parts)}.")
     return lines + [""] * bool(lines)
 
 

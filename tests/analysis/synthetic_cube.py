@@ -233,6 +233,25 @@ def phase_dataset(rng: np.random.Generator, *, experiment: str = "fc_mnist_phase
     return cube_dataset(alpha, T, np.asarray(P), n_seed, values, outcome, attrs, checkpoints=False)
 
 
+NTK_LAW = (2.0**3, 0.25, 0.4)
+"""(alpha* at T = 2^-8 and P = 1024, its T exponent, its P exponent) of
+`ntk_phase_dataset`."""
+
+
+def ntk_phase_dataset(seed: int, noise: float = 0.0, P=(1024,)) -> tuple[xr.Dataset, np.ndarray]:
+    """`phase_dataset` (alpha = 2^-4 .. 2^8, T = 2^-12 .. 2^-2) at each P with an NTK
+    change (alpha*(T, P) / alpha)^2 times log-normal seed noise (sd ``noise`` in ln),
+    alpha*(T, P) = A (T / 2^-8)^s (P / 1024)^k with (A, s, k) = NTK_LAW: inside the grid
+    at every T for P <= 2048. Returns the Dataset and alpha* over (T, P)."""
+    one = phase_dataset(np.random.default_rng(seed))
+    ds = xr.concat([one.assign_coords(P=[p]) for p in P], "P")
+    a0, slope, k = NTK_LAW
+    star = a0 * (ds["T"] / 2.0**-8) ** slope * (ds["P"] / 1024) ** k
+    eps = np.random.default_rng(seed + 1).normal(0, noise, ds["rel_change"].shape)
+    change = ((star / ds["alpha"]) ** 2).broadcast_like(ds["rel_change"]) * np.exp(eps)
+    return ds.assign(ntk_change=change), star.transpose("T", "P").values
+
+
 def optimum_dataset(
     rng: np.random.Generator, k: float = 0.5, *, n_seed: int = 4, sigma: float = 0.01
 ) -> xr.Dataset:

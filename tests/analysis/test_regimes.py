@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic_cube import phase_dataset
+from synthetic_cube import NTK_LAW, ntk_phase_dataset, phase_dataset
 
 from analysis.fits import InsufficientData
-from analysis.regimes import ntk_boundary
+from analysis.regimes import fit_ntk_boundary, ntk_boundary
 
-ALPHA_0 = 2.0**3  # alpha* at T = 2^-8
-SLOPE = 0.25  # alpha* ~ T^SLOPE
+ALPHA_0, SLOPE, K = NTK_LAW  # alpha* = ALPHA_0 (T / 2^-8)^SLOPE (P / 1024)^K
 
 
-def _with_ntk(noise: float = 0.0, seed: int = 0):
-    """The synthetic phase diagram (alpha = 2^-4 .. 2^8, T = 2^-12 .. 2^-2) with an NTK
-    change (alpha*(T) / alpha)^2 times log-normal seed noise, alpha*(T) = ALPHA_0
-    (T / 2^-8)^SLOPE: inside the grid at every T."""
-    ds = phase_dataset(np.random.default_rng(seed))
-    star = ALPHA_0 * (ds["T"] / 2.0**-8) ** SLOPE
-    eps = np.random.default_rng(seed + 1).normal(0, noise, ds["rel_change"].shape)
-    change = ((star / ds["alpha"]) ** 2).broadcast_like(ds["rel_change"]) * np.exp(eps)
-    return ds.assign(ntk_change=change), star.values
+def _with_ntk(noise: float = 0.0, seed: int = 0, P=(1024,)):
+    return ntk_phase_dataset(seed, noise, P)
 
 
 def test_boundary_recovers_a_power_law_crossing_exactly():
@@ -29,9 +21,8 @@ def test_boundary_recovers_a_power_law_crossing_exactly():
     largest T is missing: the scan starts at the next one)."""
     ds, star = _with_ntk()
     table = ntk_boundary(ds, n_boot=0)
-    found = table["alpha_star"].values
-    np.testing.assert_allclose(found, star, rtol=1e-9)
-    assert table.attrs["P"] == 1024 and table.attrs["level"] == 1.0
+    assert table["alpha_star"].dims == ("T", "P") and table.attrs["level"] == 1.0
+    np.testing.assert_allclose(table["alpha_star"].values, star, rtol=1e-9)
     # another level: the change is 4 where alpha = alpha* / 2
     np.testing.assert_allclose(
         ntk_boundary(ds, level=4.0, n_boot=0)["alpha_star"].values, star / 2, rtol=1e-9
@@ -55,7 +46,7 @@ def test_interval_holds_the_boundary_under_seed_noise():
         table = ntk_boundary(ds, n_boot=200, seed=r)
         lo, hi = table["alpha_star_low"].values, table["alpha_star_high"].values
         assert np.isfinite(lo).sum() >= 4
-        hits += list((lo <= star) & (star <= hi))
+        hits += list(((lo <= star) & (star <= hi)).ravel())
     assert np.mean(hits) >= 0.85, np.mean(hits)
 
 
@@ -70,12 +61,47 @@ def test_the_reproduction_page_reads_the_boundary_at_the_extreme_temperatures():
     from analysis.reproduction import ntk_reading
 
     ds, star = _with_ntk(noise=0.1)
-    table = ntk_boundary(ds, n_boot=100)
+    table = ntk_boundary(ds, n_boot=100).sel(P=1024)
     (line, blank) = ntk_reading(SimpleNamespace(results={"ntk_boundary": {1024: table}}))
     assert line.startswith("- Lazy / feature-learning boundary at P = 1024") and blank == ""
     assert f"found at 6 of 6 T): alpha* = 2^{np.log2(table['alpha_star'].values[0]):.1f}" in line
     assert "at T = 2^-12" in line and "at T = 2^-2." in line and line.count("95 %") == 2
-    flat = ntk_boundary(ds.assign(ntk_change=ds["ntk_change"] * 1e-6), n_boot=0)
+    flat = ntk_boundary(ds.assign(ntk_change=ds["ntk_change"] * 1e-6), n_boot=0).sel(P=1024)
     (line, _) = ntk_reading(SimpleNamespace(results={"ntk_boundary": {1024: flat}}))
     assert "does not cross 1 inside the alpha grid at any T" in line
     assert ntk_reading(SimpleNamespace(results={})) == []
+    ds, _ = _with_ntk(P=(256, 512, 1024))
+    table = ntk_boundary(ds, n_boot=0)
+    fits = {2.0**-8: fit_ntk_boundary(table, 2.0**-8)}
+    results = {"ntk_boundary": {1024: table.sel(P=1024)}, "ntk_boundary_fits": fits}
+    *_, line, blank = ntk_reading(SimpleNamespace(results=results))
+    assert (
+        line
+        == f"- The boundary against P, alpha* ~ P^k: k = {fits[2.0**-8]['k']} at T = 2^-8 (3 P)."
+    )
+
+
+def test_the_boundary_against_P_recovers_its_exponent():
+    """alpha* ~ P^K at every T: exact without noise; with seed noise the 95 % t interval
+    of k (bootstrap error, 3 seeds) holds K in most of 20 diagrams."""
+    P = (256, 512, 1024, 2048)
+    ds, _ = _with_ntk(P=P)
+    table = ntk_boundary(ds, n_boot=0)
+    for T in table["T"].values[:-1]:  # the largest T misses its largest alpha
+        fit = fit_ntk_boundary(table, float(T))
+        assert fit.n_points == len(P) and fit.symbols == {"P": "k"}
+        assert fit["k"].value == pytest.approx(K, abs=1e-9)
+    hits = []
+    for r in range(20):
+        ds, _ = _with_ntk(noise=0.3, seed=r, P=P)
+        table = ntk_boundary(ds, n_boot=200, seed=r)
+        k = fit_ntk_boundary(table, 2.0**-8)["k"]
+        half = 4.30 * k.stderr_boot  # t_2(0.975): 3 seeds
+        hits.append(abs(k.value - K) <= half)
+    assert np.mean(hits) >= 0.85, np.mean(hits)
+
+
+def test_the_boundary_against_P_needs_three_P():
+    ds, _ = _with_ntk(P=(512, 1024))
+    with pytest.raises(InsufficientData, match="alpha_star found for 2 of 2 P"):
+        fit_ntk_boundary(ntk_boundary(ds, n_boot=0), 2.0**-8)

@@ -13,7 +13,14 @@ import pytest
 import xarray as xr
 import zarr
 from PIL import Image
-from synthetic_cube import Laws, perceptron_dataset, tsweep_dataset, write_cube
+from synthetic_cube import (
+    NTK_LAW,
+    Laws,
+    ntk_phase_dataset,
+    perceptron_dataset,
+    tsweep_dataset,
+    write_cube,
+)
 
 from analysis.report import _finite_d_rows, build_report, write_report
 from ensemble.schema import DIVERGED
@@ -138,6 +145,31 @@ def test_degenerate_cubes_are_explained_not_fatal(cube_path, tmp_path, rng):
         "perceptron_one_P_perceptron.png",
         "perceptron_summary.png",
     ]
+
+
+def test_ntk_boundary_against_P(tmp_path):
+    """A phase diagram with the NTK change at 3 P: a boundary table per P, the fit
+    alpha* ~ P^k at each T (k = NTK_LAW's up to the seed noise) and its figure."""
+    ds, _ = ntk_phase_dataset(0, noise=0.05, P=(256, 512, 1024))
+    path = write_cube(tmp_path / "ntk.zarr", {"fc_mnist_phase": ds})
+    report = build_report(path, tmp_path / "out", n_boot=50, formats=("png",))
+    text = report.path.read_text()
+    assert " failed: " not in text and "P^k at T = " not in text  # no fit skipped
+    er = report.experiments["fc_mnist_phase"]
+    assert [f.name for f in er.figures if "ntk_scaling" in f.name] == [
+        "fc_mnist_phase_ntk_scaling.png"
+    ]
+    assert text.count("Lazy / feature-learning boundary at P = ") == 3
+    fits = er.results["ntk_boundary_fits"]
+    assert len(fits) == ds.sizes["T"]
+    for fit in fits.values():
+        assert abs(fit["k"].value - NTK_LAW[2]) < 0.05, fit["k"]
+    scaling = text[text.index("boundary against P") :]
+    row = table_row(scaling, "2^-8")  # alpha* at each P, then k and its errors
+    a0, _, k = NTK_LAW
+    for cell, P in zip(row[1:4], (256, 512, 1024), strict=True):
+        assert abs(float(cell.removeprefix("2^")) - np.log2(a0 * (P / 1024) ** k)) < 0.1, row
+    assert abs(float(row[4]) - k) < 0.05, row
 
 
 def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
