@@ -676,7 +676,7 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
             + ["at largest T", "test error against T", "diverged / unfinished"],
             rows,
         )
-        lines += _phase_summary(e, r, trends)
+        lines += _phase_summary(e, r, trends, v)
     return lines
 
 
@@ -777,8 +777,14 @@ def _phase_row(alpha: float, trend: Trend | None, rel: xr.Dataset, flag: xr.Data
     ]
 
 
-def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Trend | None]) -> list:
-    """Best cell, where noise helps / hurts, and smallest against largest alpha."""
+def _phase_summary(
+    err: xr.Dataset,
+    rel: xr.Dataset,
+    trends: Mapping[float, Trend | None],
+    values: xr.DataArray,
+) -> list:
+    """Best cell, where noise helps / hurts, and smallest against largest alpha
+    (``values``: the per-seed test error over alpha, T and seed at this P)."""
     mean = err["mean"]
     if not np.isfinite(mean.values).any():
         return ["No cell converged at this P.", ""]
@@ -803,21 +809,25 @@ def _phase_summary(err: xr.Dataset, rel: xr.Dataset, trends: Mapping[float, Tren
         where = [pow2_text(a) for a, t in trends.items() if t is not None and t.kind == kind]
         if where:
             lines.append(f"- {words} at alpha = {', '.join(where)}.")
-    lines += _feature_vs_lazy(trends, rel)
+    lines += _feature_vs_lazy(trends, rel, values)
     return lines + [""]
 
 
-def _feature_vs_lazy(trends: Mapping[float, Trend | None], rel: xr.Dataset) -> list[str]:
-    """Smallest alpha (feature side) against largest (lazy side): best error and the
-    relative weight change at the smallest T."""
+def _feature_vs_lazy(
+    trends: Mapping[float, Trend | None], rel: xr.Dataset, values: xr.DataArray
+) -> list[str]:
+    """Smallest alpha (feature side) against largest (lazy side): best error, the
+    relative weight change at the smallest T, and the difference of the best errors
+    paired by seed (``values``: per-seed test error over alpha, T, seed at this P)."""
     known = {a: t for a, t in trends.items() if t is not None}
     if len(known) < 2:
         return []
     lo, hi = min(known), max(known)
-    (_, e_lo, s_lo), (_, e_hi, s_hi) = known[lo].best, known[hi].best
-    s = math.hypot(*(x if math.isfinite(x) else 0.0 for x in (s_lo, s_hi)))
+    (T_lo, e_lo, s_lo), (T_hi, e_hi, s_hi) = known[lo].best, known[hi].best
+    pair = np.stack([values.sel(alpha=a, T=T).values for a, T in ((lo, T_lo), (hi, T_hi))])
+    c = paired_change(pair, 0, 1)
     diff = e_hi - e_lo
-    sigma = f", {abs(diff) / s:.1f} sigma" if s > 0 else ""
+    size = f", paired t = {c.t:.1f} over {c.n} seeds" if c.n >= 2 else ""
     better = "feature side lower" if diff > 0 else "lazy side lower" if diff < 0 else "equal"
 
     def rel_at(a: float) -> str:
@@ -827,9 +837,9 @@ def _feature_vs_lazy(trends: Mapping[float, Trend | None], rel: xr.Dataset) -> l
 
     return [
         f"- Feature side (smallest alpha = {pow2_text(lo)}, rel. change {rel_at(lo)} at its"
-        f" smallest T): best {_pm(e_lo, s_lo)} at T = {pow2_text(known[lo].best[0])}; lazy side"
+        f" smallest T): best {_pm(e_lo, s_lo)} at T = {pow2_text(T_lo)}; lazy side"
         f" (largest alpha = {pow2_text(hi)}, rel. change {rel_at(hi)}): best {_pm(e_hi, s_hi)}"
-        f" at T = {pow2_text(known[hi].best[0])}; {better} by {abs(diff):.3f}{sigma}."
+        f" at T = {pow2_text(T_hi)}; {better} by {abs(diff):.3f}{size}."
     ]
 
 

@@ -217,13 +217,16 @@ def test_lowest_error_is_a_mean_of_several_seeds():
         coords=coords,
     )
     rel = xr.Dataset({"mean": (("alpha", "T"), [[0.1, 0.1, 0.1]])}, coords=coords)
-    (line, *_) = _phase_summary(err, rel, {})
+    values = err["mean"].expand_dims(seed=[0], axis=-1)  # not read: no trends to compare
+    (line, *_) = _phase_summary(err, rel, {}, values)
     assert line == (
         "- Lowest test error 0.1500 ± 0.0100 (4 seeds) at alpha = 1, T = 2^-3"
         " (among the cells with 2 seeds or more)."
     )
     alone = err.assign(n=err["n"] * 0 + 1, stderr=err["stderr"] * np.nan)
-    assert _phase_summary(alone, rel, {})[0].startswith("- Lowest test error 0.1000 (1 seed) at")
+    assert _phase_summary(alone, rel, {}, values)[0].startswith(
+        "- Lowest test error 0.1000 (1 seed) at"
+    )
 
 
 def _seeds(means, spread=(-0.002, 0.0, 0.002)) -> np.ndarray:
@@ -511,3 +514,24 @@ def test_shipped_manifest_is_valid():
         assert not Path(run.store).is_absolute()
         if run.sweep and run.sweep.endswith(".toml"):
             assert (REPO / run.sweep).is_file(), run.sweep
+
+
+def test_feature_against_lazy_side_is_paired_by_seed():
+    """The best errors of the smallest and the largest alpha differ by 0.03 under seed
+    offsets of 0.05 shared by both: the paired t sees it (unpaired: about 1 sigma)."""
+    from analysis.reproduction import _feature_vs_lazy
+
+    T = 2.0 ** np.arange(-4, -1)
+    offsets = np.array([-0.05, 0.0, 0.05, 0.02])
+    lazy = np.array([0.0, 0.002, -0.001, 0.004])  # the lazy side's own seed noise
+    per_seed = np.stack([np.full((3, 4), 0.1) + offsets, np.full((3, 4), 0.13) + offsets + lazy])
+    values = xr.DataArray(
+        per_seed, dims=("alpha", "T", "seed"), coords={"alpha": [2.0**-4, 2.0**8], "T": T}
+    )
+    trends = {a: error_trend(T, values.sel(alpha=a).values) for a in (2.0**-4, 2.0**8)}
+    rel = xr.Dataset({"mean": (("alpha", "T"), np.full((2, 3), 0.1))}, coords=values.coords)
+    (line,) = _feature_vs_lazy(trends, rel, values)
+    d = 0.03 + lazy
+    t = d.mean() / (d.std(ddof=1) / 2)
+    assert line.endswith(f"feature side lower by 0.031, paired t = {t:.1f} over 4 seeds."), line
+    assert t > 10
