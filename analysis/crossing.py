@@ -9,8 +9,8 @@ every cell of the other dimensions. `crossing_table` does that, and re-applies i
 same resample in every cell): the bootstrap standard error of the log crossing
 (`analysis.aggregate.bootstrap_std`) and its t interval
 (`analysis.aggregate.seed_interval`), both only where the crossing is found and at
-least MIN_VALID_SHARE of the replicates find one. `fit_crossing` fits crossing ~ P^e
-weighted by that error and refits every replicate.
+least MIN_VALID_SHARE of the replicates find one. `fit_crossing` fits crossing ~ x^e
+along one dimension (P, or T) weighted by that error and refits every replicate.
 """
 
 from __future__ import annotations
@@ -113,30 +113,38 @@ def crossing_table(
 
 
 def fit_crossing(
-    table: xr.Dataset, name: str, symbol: str, P_range: Range = None, note: str = ""
+    table: xr.Dataset,
+    name: str,
+    symbol: str,
+    over: str = "P",
+    fit_range: Range = None,
+    note: str = "",
 ) -> PowerLawFit:
-    """Fit ``table[name] ~ A P^e`` over P (a `crossing_table` over P alone), weighted by
-    its bootstrap error; ``symbol`` names e. P without a crossing are left out; each
-    bootstrap replicate is refitted. Raises InsufficientData with fewer than 3 P with a
-    crossing in ``P_range``."""
+    """Fit ``table[name] ~ A x^e`` over ``over`` (a `crossing_table` along that one
+    dimension), weighted by its bootstrap error; ``symbol`` names e. Points without a
+    crossing are left out; each bootstrap replicate is refitted. Raises InsufficientData
+    with fewer than 3 crossings in ``fit_range`` (bounds on ``over``; None = open)."""
     y = table[name]
-    in_range = np.ones(y.sizes["P"], bool)
-    if P_range is not None:
-        lo, hi = P_range
-        in_range = (y["P"].values >= (lo or 0)) & (y["P"].values <= (hi or np.inf))
+    x = y[over].values
+    in_range = np.ones(len(x), bool)
+    if fit_range is not None:
+        lo, hi = fit_range
+        in_range = (x >= (lo or 0)) & (x <= (hi or np.inf))
     n_found = int((np.isfinite(y.values) & in_range).sum())
     if n_found < 3:
-        P_fit = y["P"].values[in_range].tolist()
+        grid = [f"{v:g}" for v in x[in_range]]
         raise InsufficientData(
-            f"{name} found for {n_found} of {len(P_fit)} P values in the fit range"
-            f" (P = {P_fit}); fitting {name} ~ P^{symbol} needs at least 3"
+            f"{name} found for {n_found} of {len(grid)} {over} values in the fit range"
+            f" ({over} = {', '.join(grid)}); fitting {name} ~ {over}^{symbol} needs at least 3"
         )
     boot = table[f"{name}_boot"] if table.sizes.get("bootstrap", 0) >= 2 else None
     return fit_power_law(
         y.rename(name),
         (y * table[f"log_{name}_stderr"]).rename(f"{name}_stderr"),
-        where=None if P_range is None else xr.DataArray(in_range, dims="P", coords={"P": y["P"]}),
-        symbols={"P": symbol},
+        where=None
+        if fit_range is None
+        else xr.DataArray(in_range, dims=over, coords={over: y[over]}),
+        symbols={over: symbol},
         quantity=name,
         boot_means=boot,
         n_seeds=table.attrs.get("n_seeds"),

@@ -161,7 +161,7 @@ def fit_crossover(table: xr.Dataset, P_range: Range = None) -> CrossoverFit:
     Raises InsufficientData with fewer than 3 P with a crossover.
     """
     definition = str(table.attrs.get("definition", ""))
-    fit = fit_crossing(table, "T_c", "-a", P_range, note=definition)
+    fit = fit_crossing(table, "T_c", "-a", "P", P_range, note=definition)
     slope = fit.exponents["P"]
     a = Estimate(-slope.value, slope.stderr, slope.stderr_boot)
     return CrossoverFit(a=a, fit=fit, definition=definition)

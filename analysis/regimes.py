@@ -10,7 +10,8 @@ interpolated with its right neighbour linearly in (log alpha, log change).
 Errors (`analysis.crossing.crossing_table`): the definition re-applied to bootstrap
 resamples of the seeds (the same seeds in every cell): the standard error of ln alpha*
 and its t interval, only where alpha* is found and enough replicates find one.
-``fit_ntk_boundary`` fits alpha* ~ P^k at one T over the P of the sweep.
+``fit_ntk_boundary`` fits alpha* ~ P^k at one T over the P of the sweep, or alpha* ~ T^s
+at one P over its T: the slope of the boundary line in the (alpha, T) phase diagram.
 """
 
 from __future__ import annotations
@@ -65,14 +66,18 @@ def ntk_boundary(
     return table
 
 
-def fit_ntk_boundary(table: xr.Dataset, T: float, P_range: Range = None) -> PowerLawFit:
-    """alpha*(P) ~ A P^k at one T of an `ntk_boundary` table (``k`` the P exponent),
-    weighted by its bootstrap error. Raises InsufficientData with fewer than 3 P where
-    alpha* is found."""
-    return fit_crossing(
-        table.sel(T=T),
-        "alpha_star",
-        "k",
-        P_range,
-        note=f"NTK change = {table.attrs['level']:g} at T = {T:g}",
-    )
+def fit_ntk_boundary(
+    table: xr.Dataset, *, T: float | None = None, P: int | None = None, fit_range: Range = None
+) -> PowerLawFit:
+    """The power law of an `ntk_boundary` table along one dimension, weighted by its
+    bootstrap error: at one ``T``, alpha* ~ A P^k over the P (symbol ``k``); at one ``P``,
+    alpha* ~ A T^s over the T (symbol ``s``). Give exactly one of them. Raises
+    InsufficientData with fewer than 3 points where alpha* is found."""
+    if (T is None) == (P is None):
+        raise ValueError("fit_ntk_boundary: give exactly one of T (fit over P) or P (fit over T)")
+    level = f"NTK change = {table.attrs['level']:g}"
+    if P is None:
+        line, over, symbol, note = table.sel(T=T), "P", "k", f"{level} at T = {T:g}"
+    else:
+        line, over, symbol, note = table.sel(P=P), "T", "s", f"{level} at P = {P:g}"
+    return fit_crossing(line, "alpha_star", symbol, over, fit_range, note=note)

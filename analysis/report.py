@@ -121,8 +121,9 @@ class ExperimentReport:
               (by T_c definition "a", "b"), ``perceptron_fits``, ``exponent_table``
               (`analysis.perceptron.exponent_table` rows), ``local_signal``
               (`analysis.perceptron.local_P_exponents`), ``ntk_boundary`` (by P: the
-              `analysis.regimes.ntk_boundary` table over T), ``ntk_boundary_fits`` (by T:
-              alpha* ~ P^k); a key is absent when its step was skipped
+              `analysis.regimes.ntk_boundary` table over T), ``ntk_boundary_T_fits`` (by
+              P: alpha* ~ T^s), ``ntk_boundary_fits`` (by T: alpha* ~ P^k); a key is
+              absent when its step was skipped
     """
 
     data: xr.Dataset
@@ -274,8 +275,10 @@ OPTIMUM_FITS = {
 the stability edges (where the error falls with T until training diverges)."""
 
 
-def _ntk_table(section: _Section, P: int, table: xr.Dataset) -> None:
-    """The `ntk_boundary` table of one P, and its entry in the section's results."""
+def _ntk_table(section: _Section, P: int, boundary: xr.Dataset) -> None:
+    """The `ntk_boundary` table at one P, with the fit alpha* ~ T^s where 3 T or more
+    have alpha*; results ``ntk_boundary`` and ``ntk_boundary_T_fits`` (by P)."""
+    table = boundary.sel(P=P)
     section.results.setdefault("ntk_boundary", {})[P] = table
     level = table.attrs["level"]
     section.add(
@@ -295,6 +298,17 @@ def _ntk_table(section: _Section, P: int, table: xr.Dataset) -> None:
             + [f"{lo:.3g} - {hi:.3g}" if np.isfinite(lo) else "n/a"]
         )
     section.table(["T", "alpha*", f"{table.attrs['ci'] * 100:g} % interval"], rows)
+    if table.sizes["T"] < 3:
+        return
+    fit = section.attempt(f"fit alpha* ~ T^s at P = {P}", lambda: fit_ntk_boundary(boundary, P=P))
+    if fit is not None:
+        section.results.setdefault("ntk_boundary_T_fits", {})[P] = fit
+        section.add(
+            f"The boundary line at P = {P}: alpha* ~ T^s with s = {fit['s']} over the"
+            f" {fit.n_points} T with alpha* (weighted by its bootstrap error;"
+            f" chi2_red {fit.chi2_red:.2f}).",
+            "",
+        )
 
 
 def _ntk_scaling(section: _Section, table: xr.Dataset) -> None:
@@ -304,7 +318,7 @@ def _ntk_scaling(section: _Section, table: xr.Dataset) -> None:
     for T in table["T"].values:
         fits[float(T)] = section.attempt(
             f"fit alpha* ~ P^k at T = {plots.pow2_text(T)}",
-            lambda T=T: fit_ntk_boundary(table, float(T)),
+            lambda T=T: fit_ntk_boundary(table, T=float(T)),
         )
     section.results["ntk_boundary_fits"] = {T: f for T, f in fits.items() if f is not None}
     P = table["P"].values
@@ -467,21 +481,21 @@ def _experiment(
             if "ntk_change" in ds
             else None
         )
-        boundaries = {int(P): None if boundary is None else boundary.sel(P=P) for P in grid["P"]}
         for P in grid["P"]:
             section.attempt(
                 f"phase diagrams at P = {P}",
                 lambda P=P: section.figure(
-                    plots.phase_diagrams(ds, int(P), boundary=boundaries.get(int(P))),
+                    plots.phase_diagrams(
+                        ds, int(P), boundary=None if boundary is None else boundary.sel(P=P)
+                    ),
                     f"phase_P{int(P)}",
                     f"test error, relative weight change, t*"
                     f"{' and NTK change' if 'ntk_change' in ds else ''}"
                     f" over (alpha, T) at P = {P}",
                 ),
             )
-        for P, table in boundaries.items():
-            if table is not None:
-                _ntk_table(section, P, table)
+        for P in grid["P"] if boundary is not None else []:
+            _ntk_table(section, int(P), boundary)
         if boundary is not None and n.get("P", 1) >= 3:
             _ntk_scaling(section, boundary)
         if n.get("T", 1) >= 3:

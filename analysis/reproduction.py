@@ -682,8 +682,9 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
 
 def ntk_reading(er: ExperimentReport) -> list[str]:
     """Where the NTK change is 1 (the lazy / feature-learning boundary alpha*) at the
-    smallest and the largest T where it is found, from the report's results; nothing
-    where the sweep did not measure the NTK change."""
+    smallest and the largest T where it is found, the boundary's slope alpha* ~ T^s and
+    its P exponent alpha* ~ P^k where fitted, from the report's results; nothing where
+    the sweep did not measure the NTK change."""
     lines = []
     for P, table in er.results.get("ntk_boundary", {}).items():
         ok = np.flatnonzero(np.isfinite(table["alpha_star"].values))
@@ -703,6 +704,9 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
                 else ""
             )
             parts.append(f"alpha* = 2^{math.log2(a):.1f}{interval} at T = {pow2_text(T)}")
+        slope = er.results.get("ntk_boundary_T_fits", {}).get(P)
+        if slope is not None:
+            parts.append(f"alpha* ~ T^s with s = {slope['s']} ({slope.n_points} T)")
         lines.append(
             f"- Lazy / feature-learning boundary at P = {P} (seed-mean NTK change ="
             f" {table.attrs['level']:g}; found at {len(ok)} of {table.sizes['T']} T):"

@@ -72,9 +72,12 @@ def test_the_reproduction_page_reads_the_boundary_at_the_extreme_temperatures():
     assert ntk_reading(SimpleNamespace(results={})) == []
     ds, _ = _with_ntk(P=(256, 512, 1024))
     table = ntk_boundary(ds, n_boot=0)
-    fits = {2.0**-8: fit_ntk_boundary(table, 2.0**-8)}
+    fits = {2.0**-8: fit_ntk_boundary(table, T=2.0**-8)}
     results = {"ntk_boundary": {1024: table.sel(P=1024)}, "ntk_boundary_fits": fits}
-    *_, line, blank = ntk_reading(SimpleNamespace(results=results))
+    results["ntk_boundary_T_fits"] = {1024: fit_ntk_boundary(table, P=1024)}
+    first, line, blank = ntk_reading(SimpleNamespace(results=results))
+    s = results["ntk_boundary_T_fits"][1024]["s"]
+    assert first.endswith(f"at T = 2^-2; alpha* ~ T^s with s = {s} (6 T).")
     assert (
         line
         == f"- The boundary against P, alpha* ~ P^k: k = {fits[2.0**-8]['k']} at T = 2^-8 (3 P)."
@@ -88,14 +91,14 @@ def test_the_boundary_against_P_recovers_its_exponent():
     ds, _ = _with_ntk(P=P)
     table = ntk_boundary(ds, n_boot=0)
     for T in table["T"].values[:-1]:  # the largest T misses its largest alpha
-        fit = fit_ntk_boundary(table, float(T))
+        fit = fit_ntk_boundary(table, T=float(T))
         assert fit.n_points == len(P) and fit.symbols == {"P": "k"}
         assert fit["k"].value == pytest.approx(K, abs=1e-9)
     hits = []
     for r in range(20):
         ds, _ = _with_ntk(noise=0.3, seed=r, P=P)
         table = ntk_boundary(ds, n_boot=200, seed=r)
-        k = fit_ntk_boundary(table, 2.0**-8)["k"]
+        k = fit_ntk_boundary(table, T=2.0**-8)["k"]
         half = 4.30 * k.stderr_boot  # t_2(0.975): 3 seeds
         hits.append(abs(k.value - K) <= half)
     assert np.mean(hits) >= 0.85, np.mean(hits)
@@ -104,4 +107,17 @@ def test_the_boundary_against_P_recovers_its_exponent():
 def test_the_boundary_against_P_needs_three_P():
     ds, _ = _with_ntk(P=(512, 1024))
     with pytest.raises(InsufficientData, match="alpha_star found for 2 of 2 P"):
-        fit_ntk_boundary(ntk_boundary(ds, n_boot=0), 2.0**-8)
+        fit_ntk_boundary(ntk_boundary(ds, n_boot=0), T=2.0**-8)
+
+
+def test_the_boundary_line_recovers_its_T_exponent():
+    """alpha* ~ T^SLOPE at one P: exact without noise (the largest T misses its largest
+    alpha, the scan starts at the next one); one of T or P must be given."""
+    ds, _ = _with_ntk()
+    table = ntk_boundary(ds, n_boot=0)
+    fit = fit_ntk_boundary(table, P=1024)
+    assert fit.symbols == {"T": "s"} and fit.n_points == ds.sizes["T"]
+    assert fit["s"].value == pytest.approx(SLOPE, abs=1e-9)
+    for bad in ({}, {"T": 2.0**-8, "P": 1024}):
+        with pytest.raises(ValueError, match="exactly one of T"):
+            fit_ntk_boundary(table, **bad)

@@ -170,6 +170,13 @@ def test_ntk_boundary_against_P(tmp_path):
     for cell, P in zip(row[1:4], (256, 512, 1024), strict=True):
         assert abs(float(cell.removeprefix("2^")) - np.log2(a0 * (P / 1024) ** k)) < 0.1, row
     assert abs(float(row[4]) - k) < 0.05, row
+    slopes = er.results["ntk_boundary_T_fits"]  # alpha* ~ T^s at each P
+    assert sorted(slopes) == [256, 512, 1024]
+    for P, fit in slopes.items():
+        assert abs(fit["s"].value - NTK_LAW[1]) < 0.05, fit["s"]
+        assert (
+            f"The boundary line at P = {P}: alpha* ~ T^s with s = {fit['s']} over the 6 T" in text
+        )
 
 
 def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
