@@ -54,7 +54,7 @@ from analysis.perceptron import (
 )
 from analysis.regimes import fit_ntk_boundary, ntk_boundary
 from ensemble.provenance import git_commit
-from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS
+from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS, launch_end
 from ensemble.spec import setting_applies
 
 
@@ -528,7 +528,6 @@ def _launches(section: _Section, records: Sequence[dict] | None) -> None:
         )
         return
     section.add("### Launches", "")
-    ended = {True: "completed", False: "interrupted or failed"}
     section.table(
         ["started (UTC)", "command", "device", "workers", "cells trained", "cells failed"]
         + ["ended", "wall time (s)"],
@@ -538,7 +537,7 @@ def _launches(section: _Section, records: Sequence[dict] | None) -> None:
                 r.get("n_workers", "?"),
                 r.get("cells_trained", "?"),
                 r.get("cells_failed", "?"),
-                ended.get(r.get("completed"), "?"),
+                launch_end(r),
                 _num(r.get("wall_s"), "{:.1f}"),
             ]
             for r in records

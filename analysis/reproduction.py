@@ -362,8 +362,14 @@ class Provenance:
 
     @property
     def wall_s(self) -> float | None:
-        walls = [r.get("wall_s") for r in self.launches]
-        return float(sum(walls)) if walls and None not in walls else None
+        """Summed wall time of the launches that have one (None: none has)."""
+        walls = [r["wall_s"] for r in self.launches if r.get("wall_s") is not None]
+        return float(sum(walls)) if walls else None
+
+    @property
+    def untimed(self) -> int:
+        """Launches without a wall time: killed (settled by a later launch) or running."""
+        return sum(r.get("wall_s") is None for r in self.launches)
 
 
 def provenance(data: Mapping[str, xr.Dataset]) -> Provenance:
@@ -441,7 +447,9 @@ def _launch_cells(p: Provenance) -> list[str]:
     n = len(p.launches)
     wall = p.wall_s
     wall_text = _duration(wall) if wall is not None else "not recorded"
-    wall_text += f" ({n} launch{'es' if n > 1 else ''})"
+    wall_text += f" ({n} launch{'es' if n > 1 else ''}"
+    k = p.untimed
+    wall_text += f"; {k} of them killed or running, not timed)" if k else ")"
     if p.recorded < p.done:
         wall_text += f"; records cover {p.recorded} of {p.done} done cells"
     return ["<br>".join(f"`{c}`" for c in commands), ", ".join(devices), wall_text]

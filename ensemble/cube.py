@@ -66,7 +66,8 @@ def _quiet_zarr() -> Iterator[None]:
         yield
 
 
-def _is_local(store: str | os.PathLike) -> bool:
+def is_local(store: str | os.PathLike) -> bool:
+    """Whether ``store`` is a path on this machine (or a file:// URL), not a remote URL."""
     return "://" not in str(store) or str(store).startswith("file://")
 
 
@@ -77,7 +78,7 @@ def _local_path(store: str | os.PathLike) -> Path:
 def check_store(store: str | os.PathLike) -> None:
     """Raise SpecError where a local ``store`` cannot be a cube: a file, or a folder that
     holds something other than a Zarr store (no ``zarr.json``), which a launch would fill."""
-    if not _is_local(store):
+    if not is_local(store):
         return
     path = _local_path(store)
     if path.exists() and not path.is_dir():
@@ -99,7 +100,7 @@ def store_lock(store: str | os.PathLike) -> Iterator[None]:
     network file system, as far as it supports ``flock``). Remote (fsspec URL) stores are
     not locked: coordinate launches on them yourself.
     """
-    if not _is_local(store):
+    if not is_local(store):
         yield
         return
     root = _local_path(store)
@@ -217,7 +218,7 @@ def _write_group(ds: xr.Dataset, store: str | os.PathLike, name: str) -> None:
     (no rename there) a complete staged copy ``<name>.__new``, marked ``SWAP_READY``,
     before the group is overwritten, which ``recover`` copies over a half-written group."""
     with _quiet_zarr():
-        if not _is_local(store):
+        if not is_local(store):
             staged = f"{name}.__new"
             ds.to_zarr(store, group=staged, mode="w", encoding=_encoding(ds), consolidated=False)
             zarr.open_group(store, path=staged, mode="a").attrs[SWAP_READY] = True
@@ -270,7 +271,7 @@ def recover(store: str | os.PathLike) -> None:
     """Finish or undo a group swap interrupted by a kill (``_write_group``), and rewrite
     the consolidated metadata from the groups (a kill between a swap and its
     consolidation leaves the old shapes there, which readers that trust it cannot open)."""
-    if not _is_local(store):
+    if not is_local(store):
         _recover_remote(store)
         return
     if not (_local_path(store) / "zarr.json").exists():
@@ -392,6 +393,24 @@ def append_launch(store: str | os.PathLike, name: str, record: dict) -> None:
         group = zarr.open_group(store, mode="r+", path=name, use_consolidated=False)
         launches = list(group.attrs.get(LAUNCHES_ATTR, []))
         group.attrs[LAUNCHES_ATTR] = [*launches, record]
+        zarr.consolidate_metadata(store)
+
+
+def replace_launch(
+    store: str | os.PathLike, name: str, launch_id: str, record: dict | None
+) -> None:
+    """Replace the group's launch record with id ``launch_id`` by ``record`` (None: remove
+    it), then refresh the store's consolidated metadata."""
+    if record is not None:
+        record = json.loads(json.dumps(record, allow_nan=False))
+    with _quiet_zarr():
+        group = zarr.open_group(store, mode="r+", path=name, use_consolidated=False)
+        launches = list(group.attrs.get(LAUNCHES_ATTR, []))
+        kept = [r for r in launches if r.get("id") != launch_id]
+        if record is not None:
+            at = next((i for i, r in enumerate(launches) if r.get("id") == launch_id), None)
+            kept.insert(len(kept) if at is None else at, record)
+        group.attrs[LAUNCHES_ATTR] = kept
         zarr.consolidate_metadata(store)
 
 

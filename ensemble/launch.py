@@ -42,7 +42,7 @@ from ensemble.plan import (
     plan_batches,
 )
 from ensemble.provenance import git_commit
-from ensemble.schema import DIMS
+from ensemble.schema import DIMS, KILLED, RUNNING, launch_end
 from ensemble.spec import Experiment, Sweep, load_sweep
 from ensemble.stream import TOPIC_PREFIX, MemberStream, Sink, member_record
 
@@ -558,6 +558,7 @@ def launch(
             check_workers(sweep, client, device, data_root, record["git_commit"])
         with cube.store_lock(store):
             cube.recover(store)
+            settle_launches(store)
             check_settings(sweep, store)  # every experiment's, before any group changes
             for exp in sweep.experiments:
                 g = exp.group(exp.P[0])
@@ -587,6 +588,7 @@ def launch(
                     dashboard_address=dashboard_address,
                 )
                 completed = False
+                _open_launch(store, pending, record)
                 try:
                     _execute(sweep, store, pending, cluster, task, progress, monitor, report)
                     completed = True
@@ -604,26 +606,61 @@ def launch(
     return tree
 
 
-def _record_launch(store: str | os.PathLike, report: LaunchReport, record: dict) -> None:
-    """Append ``record`` completed with this launch's numbers to every experiment group
-    that got cells from it or had cells fail in it (called after the cells are written,
-    store lock held)."""
-    devices = ", ".join(report.devices) or "unknown"  # known once a task started
-    for name in sorted(set(report.trained) | set(report.failed)):
-        n = report.trained.get(name, 0)
-        if n > 0 or report.failed.get(name, 0) > 0:
+def _open_launch(store: str | os.PathLike, pending: dict[str, list[Cell]], record: dict) -> None:
+    """Record the launch as running in every group it has cells of, with the cells done
+    before it, so that a launch killed before it can close its records leaves a trace
+    (store lock held)."""
+    for name, cells in pending.items():
+        if cells:
+            before = len(cube.done_cells(store, name))
             cube.append_launch(
                 store,
                 name,
-                {
-                    **record,
-                    "wall_s": round(report.seconds, 3),
-                    "device": devices,
-                    "n_workers": report.n_workers,
-                    "cells_trained": n,
-                    "cells_failed": report.failed.get(name, 0),
-                },
+                {**record, "completed": None, "ended": RUNNING, "cells_done_before": before},
             )
+
+
+def _record_launch(store: str | os.PathLike, report: LaunchReport, record: dict) -> None:
+    """Close this launch's running records (``_open_launch``) with its numbers in every
+    group that got cells from it or had cells fail in it, and remove them from the others
+    (called after the cells are written, store lock held)."""
+    devices = ", ".join(report.devices) or "unknown"  # known once a task started
+    for name in cube.experiment_names(store):
+        opened = [r for r in cube.launches(store, name) if r.get("id") == record["id"]]
+        if not opened:
+            continue
+        n, failed = report.trained.get(name, 0), report.failed.get(name, 0)
+        final = {
+            **record,
+            "cells_done_before": opened[0].get("cells_done_before"),
+            "wall_s": round(report.seconds, 3),
+            "device": devices,
+            "n_workers": report.n_workers,
+            "cells_trained": n,
+            "cells_failed": failed,
+        }
+        cube.replace_launch(store, name, record["id"], final if n or failed else None)
+
+
+def settle_launches(store: str | os.PathLike) -> None:
+    """Close the launch records still marked running: their launch died (SIGKILL, a lost
+    machine) before closing them. Holding the store lock proves it, so this runs only on
+    local stores, from a launch that holds it. A settled record says ``ended`` = KILLED,
+    ``completed`` False, no wall time, and the cells written since it opened."""
+    if not cube.is_local(store):
+        return
+    try:
+        names = cube.experiment_names(store)
+    except FileNotFoundError:  # a new store
+        return
+    for name in names:
+        for r in cube.launches(store, name):
+            if r.get("ended") == RUNNING:
+                done = len(cube.done_cells(store, name))
+                trained = max(done - int(r.get("cells_done_before") or 0), 0)
+                settled = {**r, "completed": False, "ended": KILLED, "wall_s": None}
+                settled |= {"cells_trained": trained}
+                cube.replace_launch(store, name, r["id"], settled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -832,10 +869,11 @@ def store_status(store: str | os.PathLike, estimates: bool = False) -> str:
         records = cube.launches(store, name)
         if records:
             last = records[-1]
-            ended = {True: "completed", False: "interrupted or failed"}
+            killed = sum(r.get("ended") == KILLED for r in records)
             lines.append(
-                f"    launches: {len(records)} recorded; the last started"
-                f" {last.get('started', '?')}, {ended.get(last.get('completed'), 'end unknown')},"
+                f"    launches: {len(records)} recorded{f' ({killed} killed)' if killed else ''};"
+                " the last started"
+                f" {last.get('started', '?')}, {launch_end(last)},"
                 f" {last.get('cells_trained', '?')} cells trained,"
                 f" {last.get('cells_failed', '?')} failed"
             )

@@ -117,9 +117,35 @@ appended after its cells were written. Each record is a flat dict:
 - ``cells_failed`` : cells of this group whose task failed
 - ``compile``      : whether CPU workers used torch.compile
 - ``git_commit``   : commit of the launching code ("unknown" outside a git checkout)
-- ``completed``    : False when the launch stopped on an error or an interrupt
+- ``completed``    : False when the launch stopped on an error or an interrupt (None
+                     while it runs)
+- ``cells_done_before``: cells of this group done when the launch started
+- ``ended``        : RUNNING while the launch runs, KILLED once a later launch found it
+                     still running (it died without closing it; no ``wall_s`` then);
+                     absent on a record the launch closed itself
 
-Cubes written before launch records existed have no such attribute."""
+A launch appends its record as running to each group it has cells of before it trains,
+and replaces it at the end (removes it where the group got nothing); a later launch on
+the store, holding its lock, settles a record still running as killed, with the cells
+written since it opened (`ensemble.launch.settle_launches`). Cubes written before launch
+records existed have no such attribute; records written before 2026-11-27 have no
+``ended`` or ``cells_done_before``, and launches killed then left no record."""
+
+
+RUNNING = "running"
+"""``ended`` of a launch record while its launch runs (see LAUNCHES_ATTR)."""
+KILLED = "killed"
+"""``ended`` of a record whose launch died without closing it
+(`ensemble.launch.settle_launches`)."""
+
+
+def launch_end(record: dict) -> str:
+    """How a launch record says its launch ended, in words."""
+    if record.get("ended") == RUNNING:
+        return "still running, or killed (the next launch on the store settles it)"
+    if record.get("ended") == KILLED:
+        return "killed (closed by a later launch)"
+    return {True: "completed", False: "interrupted or failed"}.get(record.get("completed"), "?")
 
 
 def group_name(experiment: str) -> str:

@@ -379,6 +379,18 @@ def test_provenance_counts_each_launch_once():
     assert p.outcomes == {"missing": 7, "converged": 9, "diverged": 0, "unfinished": 0}
 
 
+def test_provenance_of_a_killed_launch():
+    """A launch settled as killed (no wall time) counts its cells and is named untimed;
+    the timed launches' wall time is still summed."""
+    from analysis.reproduction import _launch_cells
+
+    timed = {"id": "a", "command": "c", "device": "cpu", "wall_s": 10.0, "cells_trained": 3}
+    killed = {**timed, "id": "k", "wall_s": None, "completed": False, "ended": "killed"}
+    p = provenance({"g": small_group([killed, timed], 5)})
+    assert p.wall_s == 10.0 and p.untimed == 1 and p.recorded == 6
+    assert _launch_cells(p)[2] == "10.0 s (2 launches; 1 of them killed or running, not timed)"
+
+
 def test_commits_keep_the_dirty_mark():
     """A launch from uncommitted code says so in the report's code column."""
     clean = {"id": "a", "git_commit": "0123456789abcdef", "cells_trained": 1}

@@ -40,7 +40,7 @@ from ensemble.launch import (
     store_status,
 )
 from ensemble.plan import Batch, estimate_steps, format_plan, plan_batches
-from ensemble.schema import CELL_VARS, DIMS, OUTCOME_FLAGS
+from ensemble.schema import CELL_VARS, DIMS, KILLED, OUTCOME_FLAGS, RUNNING
 from ensemble.spec import load_sweep
 from ensemble.stream import TOPIC_PREFIX
 
@@ -207,15 +207,26 @@ def test_sigkilled_launch_resumes_only_missing_cells(client, tmp_path, slow, dat
     assert len(plan(sweep, {"tiny_fc": sweep.experiments[0].cells()}, 1, 4)) == 1
     proc, done = _run_until_partway(spec, store, data_root, start_new_session=True,
                                     stderr=subprocess.DEVNULL)  # fmt: skip
+    (running,) = launches(store, "tiny_fc")  # recorded before it trains
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 1 <= done < 4, f"the launch was not caught partway ({done} cells done)"
+    assert running["ended"] == RUNNING and running["completed"] is None
+    assert running["cells_done_before"] == 0 and "wall_s" not in running
     xr.open_zarr(store, group="tiny_fc")  # opens after kill -9
     missing = len(pending_cells(sweep, store)["tiny_fc"])
     report = launch(spec, store, client=client, progress=False).attrs["launch_report"]
     assert report["cells_pending"] == missing
     assert report["cells_done"] == missing
     assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
+    # the rerun settled the killed launch's record with the cells it wrote, then its own
+    killed, rerun = launches(store, "tiny_fc")
+    assert killed["id"] == running["id"] and killed["ended"] == KILLED
+    assert killed["completed"] is False and killed["wall_s"] is None
+    assert killed["cells_trained"] == 4 - missing
+    assert "ended" not in rerun and rerun["completed"] is True
+    assert (rerun["cells_done_before"], rerun["cells_trained"]) == (4 - missing, missing)
+    assert "launches: 2 recorded (1 killed); the last started" in store_status(store)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
