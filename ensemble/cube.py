@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -385,15 +385,7 @@ PROVENANCE = (
 def append_launch(store: str | os.PathLike, name: str, record: dict) -> None:
     """Append ``record`` (JSON-able, see ``ensemble.schema.LAUNCHES_ATTR``) to the
     group's launch records, then refresh the store's consolidated metadata."""
-    try:
-        record = json.loads(json.dumps(record, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"launch record of {name!r} is not JSON-able: {record!r}") from exc
-    with _quiet_zarr():
-        group = zarr.open_group(store, mode="r+", path=name, use_consolidated=False)
-        launches = list(group.attrs.get(LAUNCHES_ATTR, []))
-        group.attrs[LAUNCHES_ATTR] = [*launches, record]
-        zarr.consolidate_metadata(store)
+    _edit_launches(store, name, lambda records: [*records, _json_record(name, record)])
 
 
 def replace_launch(
@@ -401,16 +393,28 @@ def replace_launch(
 ) -> None:
     """Replace the group's launch record with id ``launch_id`` by ``record`` (None: remove
     it), then refresh the store's consolidated metadata."""
-    if record is not None:
-        record = json.loads(json.dumps(record, allow_nan=False))
+    new = None if record is None else _json_record(name, record)
+
+    def edit(records: list[dict]) -> list[dict]:
+        out = [new if r.get("id") == launch_id else r for r in records]
+        return [r for r in out if r is not None]
+
+    _edit_launches(store, name, edit)
+
+
+def _json_record(name: str, record: dict) -> dict:
+    try:
+        return json.loads(json.dumps(record, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"launch record of {name!r} is not JSON-able: {record!r}") from exc
+
+
+def _edit_launches(
+    store: str | os.PathLike, name: str, edit: Callable[[list[dict]], list[dict]]
+) -> None:
     with _quiet_zarr():
         group = zarr.open_group(store, mode="r+", path=name, use_consolidated=False)
-        launches = list(group.attrs.get(LAUNCHES_ATTR, []))
-        kept = [r for r in launches if r.get("id") != launch_id]
-        if record is not None:
-            at = next((i for i, r in enumerate(launches) if r.get("id") == launch_id), None)
-            kept.insert(len(kept) if at is None else at, record)
-        group.attrs[LAUNCHES_ATTR] = kept
+        group.attrs[LAUNCHES_ATTR] = edit(list(group.attrs.get(LAUNCHES_ATTR, [])))
         zarr.consolidate_metadata(store)
 
 

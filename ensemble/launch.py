@@ -521,10 +521,11 @@ def launch(
                   (``ensemble.monitor.SweepMonitor`` serves a page in the dashboard)
     command     : command line recorded in the launch records (default "python API")
 
-    Each experiment that got cells from this launch gets a launch record appended to
-    its group attribute ``launches`` after its cells were written (see
-    ``ensemble.schema.LAUNCHES_ATTR``), as does one whose cells of it failed; a launch
-    that neither trains nor fails a cell of an experiment records nothing there. A
+    Each experiment with cells to train gets a launch record in its group attribute
+    ``launches`` (``ensemble.schema.LAUNCHES_ATTR``), marked running before training and
+    closed with the launch's numbers after its cells were written; a launch that
+    neither trains nor fails a cell of an experiment removes its record there. Records
+    a killed launch left running are settled by the next launch (`settle_launches`). A
     KeyboardInterrupt (Ctrl-C, or SIGTERM under the CLI) while training is raised after
     the cells that arrived are written, with ``cells_written`` set on it.
     """

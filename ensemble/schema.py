@@ -103,8 +103,8 @@ def checkpoint_steps() -> list[int]:
 
 
 LAUNCHES_ATTR = "launches"
-"""Group attribute: a list with one record per launch that trained cells of the group,
-appended after its cells were written. Each record is a flat dict:
+"""Group attribute: a list with one record per launch that trained (or is training)
+cells of the group, oldest first. Each record is a flat dict:
 
 - ``id``           : random hex id of the launch (the same in every group it trained)
 - ``command``      : the command line (``python -m ensemble run ...``) or ``"python API"``
