@@ -127,3 +127,20 @@ def test_cube_reads_happen_in_this_process_not_on_a_default_dask_client(tmp_path
         assert experiments[0]["name"] == "e" and len(tallies) == 1
         after = c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.transition_log))
         assert after == before  # no task reached the scheduler
+
+
+def test_launch_records_are_appended_replaced_and_removed_by_id(tmp_path):
+    store = tmp_path / "c.zarr"
+    cube.ensure_experiment(store, "e", GRID, ["W0"], 8.0, ATTRS)
+    for i in "abc":
+        cube.append_launch(store, "e", {"id": i, "ended": "running"})
+    cube.replace_launch(store, "e", "b", {"id": "b", "completed": True})
+    cube.replace_launch(store, "e", "a", None)
+    assert cube.launches(store, "e") == [
+        {"id": "b", "completed": True},
+        {"id": "c", "ended": "running"},
+    ]
+    assert xr.open_zarr(store, group="e").attrs["launches"][0] == {"id": "b", "completed": True}
+    with pytest.raises(ValueError, match="launch record of 'e' is not JSON-able"):
+        cube.append_launch(store, "e", {"id": "d", "wall_s": float("nan")})
+    assert len(cube.launches(store, "e")) == 2
