@@ -699,7 +699,7 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
         if not len(ok):
             lines.append(
                 f"- NTK change at P = {P}: does not cross {table.attrs['level']:g} inside the"
-                " alpha grid at any T."
+                f" alpha grid at any T{_ntk_span(er, P)}."
             )
             continue
         parts = []
@@ -727,6 +727,27 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
         ]
         lines.append(f"- The boundary against P, alpha* ~ P^k: {'; '.join(parts)}.")
     return lines + [""] * bool(lines)
+
+
+def _ntk_span(er: ExperimentReport, P: int) -> str:
+    """The smallest and the largest seed-mean NTK change at P, and where (empty where
+    the report has no data)."""
+    data = getattr(er, "data", None)
+    if data is None or "ntk_change" not in data:
+        return ""
+    mean = seed_mean(data, "ntk_change")["mean"].sel(P=P).compute()
+    if not np.isfinite(mean.values).any():
+        return ""
+
+    def at(i: dict) -> str:
+        cell = mean.isel(i)
+        return (
+            f"{float(cell):.3g} (alpha = {pow2_text(float(cell['alpha']))},"
+            f" T = {pow2_text(float(cell['T']))})"
+        )
+
+    low, high = mean.argmin(...), mean.argmax(...)
+    return f" (its seed mean runs from {at(low)} to {at(high)})"
 
 
 def optimal_T_reading(er: ExperimentReport) -> list[str]:

@@ -67,8 +67,12 @@ def test_the_reproduction_page_reads_the_boundary_at_the_extreme_temperatures():
     assert f"found at 6 of 6 T): alpha* = 2^{np.log2(table['alpha_star'].values[0]):.1f}" in line
     assert "at T = 2^-12" in line and "at T = 2^-2." in line and line.count("95 %") == 2
     flat = ntk_boundary(ds.assign(ntk_change=ds["ntk_change"] * 1e-6), n_boot=0).sel(P=1024)
-    (line, _) = ntk_reading(SimpleNamespace(results={"ntk_boundary": {1024: flat}}))
-    assert "does not cross 1 inside the alpha grid at any T" in line
+    lazy = ds.assign(ntk_change=ds["ntk_change"] * 1e-6)
+    (line, _) = ntk_reading(SimpleNamespace(data=lazy, results={"ntk_boundary": {1024: flat}}))
+    assert "does not cross 1 inside the alpha grid at any T (its seed mean runs from" in line
+    # the largest change: smallest alpha, largest T that converged there (2^-4 diverges)
+    high = lazy["ntk_change"].sel(alpha=2.0**-4, T=2.0**-6, P=1024).mean("seed")
+    assert line.endswith(f"to {float(high):.3g} (alpha = 2^-4, T = 2^-6)).")
     assert ntk_reading(SimpleNamespace(results={})) == []
     ds, _ = _with_ntk(P=(256, 512, 1024))
     table = ntk_boundary(ds, n_boot=0)
