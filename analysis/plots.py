@@ -281,7 +281,7 @@ def phase_diagrams(
     names = ("test_error", "rel_change", "t_star") + (("ntk_change",) * ntk)
     if boundary is None and ntk and ds.sizes.get("alpha", 1) >= 2:
         at = int(ds["P"].values.min()) if P is None else P
-        boundary = ntk_boundary(ds, include=include, n_boot=0).sel(P=at)
+        boundary = ntk_boundary(ds.sel(P=[at]), include=include, n_boot=0).sel(P=at)
     fig, axes = new_figure(1, len(names), size=(5.0, 4.6))
     for ax, var in zip(axes[0], names, strict=True):
         phase_diagram(ds, var, P, include=include, ax=ax, boundary=boundary)

@@ -610,11 +610,8 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     fall to the largest T), "hurts" a significant rise to the largest T. With fewer
     than 2 seeds converged at both ends of a change it does not count."""
     values = np.asarray(values, dtype=float)
-    n = np.isfinite(values).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, np.nansum(values, axis=1) / n, np.nan)
-        dev = np.nansum((values - mean[:, None]) ** 2, axis=1)
-        stderr = np.where(n >= 2, np.sqrt(dev / ((n - 1) * n)), np.nan)
+    stats = mean_stderr(xr.DataArray(values, dims=("T", "seed")))
+    mean, stderr = stats["mean"].values, stats["stderr"].values
     ok = np.flatnonzero(np.isfinite(mean))
     if len(ok) < 2:
         return None

@@ -589,7 +589,7 @@ def launch(
                     dashboard_address=dashboard_address,
                 )
                 completed = False
-                _open_launch(store, pending, record)
+                opened = _open_launch(store, pending, record)
                 try:
                     _execute(sweep, store, pending, cluster, task, progress, monitor, report)
                     completed = True
@@ -598,7 +598,7 @@ def launch(
                     raise
                 finally:
                     report.seconds = time.perf_counter() - t0
-                    _record_launch(store, report, {**record, "completed": completed})
+                    _record_launch(store, report, {**record, "completed": completed}, opened)
     report.seconds = time.perf_counter() - t0
     if progress and report.cells_pending:
         print(report.summary())
@@ -607,33 +607,36 @@ def launch(
     return tree
 
 
-def _open_launch(store: str | os.PathLike, pending: dict[str, list[Cell]], record: dict) -> None:
+def _open_launch(
+    store: str | os.PathLike, pending: dict[str, list[Cell]], record: dict
+) -> dict[str, int]:
     """Record the launch as running in every group it has cells of, with the cells done
     before it, so that a launch killed before it can close its records leaves a trace
-    (store lock held)."""
+    (store lock held). Returns those groups' cells done before it, by group."""
+    opened = {}
     for name, cells in pending.items():
         if cells:
-            before = len(cube.done_cells(store, name))
+            opened[name] = before = len(cube.done_cells(store, name))
             cube.append_launch(
                 store,
                 name,
                 {**record, "completed": None, "ended": RUNNING, "cells_done_before": before},
             )
+    return opened
 
 
-def _record_launch(store: str | os.PathLike, report: LaunchReport, record: dict) -> None:
-    """Close this launch's running records (``_open_launch``) with its numbers in every
-    group that got cells from it or had cells fail in it, and remove them from the others
-    (called after the cells are written, store lock held)."""
+def _record_launch(
+    store: str | os.PathLike, report: LaunchReport, record: dict, opened: dict[str, int]
+) -> None:
+    """Close this launch's running records (``opened``, from ``_open_launch``) with its
+    numbers in every group that got cells from it or had cells fail in it, and remove
+    them from the others (called after the cells are written, store lock held)."""
     devices = ", ".join(report.devices) or "unknown"  # known once a task started
-    for name in cube.experiment_names(store):
-        opened = [r for r in cube.launches(store, name) if r.get("id") == record["id"]]
-        if not opened:
-            continue
+    for name, before in opened.items():
         n, failed = report.trained.get(name, 0), report.failed.get(name, 0)
         final = {
             **record,
-            "cells_done_before": opened[0].get("cells_done_before"),
+            "cells_done_before": before,
             "wall_s": round(report.seconds, 3),
             "device": devices,
             "n_workers": report.n_workers,
