@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,26 +57,27 @@ def connect(
 ) -> Iterator[Client]:
     """A Client for the sweep; an embedded cluster is closed on exit, a given one is not.
     With a scheduler address, waits for its first worker (the plan depends on them)."""
-    if client is not None:
-        yield client
-        return
-    if scheduler is not None:
-        with _no_cancelled_reconnect_traceback(), _client(scheduler) as c:
-            if not worker_count(c):  # the plan is cut for the workers there are
-                print(f"waiting for a worker to join {scheduler}", file=sys.stderr, flush=True)
-                c.wait_for_workers(1)
+    with _known_dask_tracebacks_dropped():
+        if client is not None:
+            yield client
+            return
+        if scheduler is not None:
+            with _client(scheduler) as c:
+                if not worker_count(c):  # the plan is cut for the workers there are
+                    print(f"waiting for a worker to join {scheduler}", file=sys.stderr, flush=True)
+                    c.wait_for_workers(1)
+                yield c
+            return
+        with _workers_ignore_sigint():
+            cluster = LocalCluster(
+                n_workers=n_workers or default_workers(),
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=dashboard_address,
+            )
+        with cluster, Client(cluster) as c:
+            c.register_plugin(QuickExit())
             yield c
-        return
-    with _workers_ignore_sigint():
-        cluster = LocalCluster(
-            n_workers=n_workers or default_workers(),
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=dashboard_address,
-        )
-    with cluster, Client(cluster) as c:
-        c.register_plugin(QuickExit())
-        yield c
 
 
 class _CancelledReconnect(logging.Filter):
@@ -88,14 +90,36 @@ class _CancelledReconnect(logging.Filter):
         return not isinstance(exc, asyncio.CancelledError)
 
 
+class _InterruptBeforeSync(logging.Filter):
+    """Drops tornado's ERROR record of distributed's ``sync`` cancelling a coroutine that
+    had not started: a KeyboardInterrupt (Ctrl-C, or SIGTERM under the CLI) that lands
+    before the loop ran the call makes ``sync``'s ``cancel`` read its unassigned
+    ``future`` (distributed 2026.8: NameError, logged with a traceback). There was
+    nothing to cancel; the launch reports the interrupt in one line of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, NameError) or exc.__traceback__ is None:
+            return True
+        *_, last = traceback.extract_tb(exc.__traceback__)
+        return not (last.name == "cancel" and last.filename.endswith("distributed/utils.py"))
+
+
 @contextmanager
-def _no_cancelled_reconnect_traceback() -> Iterator[None]:
-    log, quiet = logging.getLogger("distributed.client"), _CancelledReconnect()
-    log.addFilter(quiet)
+def _known_dask_tracebacks_dropped() -> Iterator[None]:
+    """Filters for the two harmless tracebacks Dask logs when a launch is interrupted
+    or loses its scheduler (above), removed on exit."""
+    filters = [
+        (logging.getLogger("distributed.client"), _CancelledReconnect()),
+        (logging.getLogger("tornado.application"), _InterruptBeforeSync()),
+    ]
+    for log, f in filters:
+        log.addFilter(f)
     try:
         yield
     finally:
-        log.removeFilter(quiet)
+        for log, f in filters:
+            log.removeFilter(f)
 
 
 CONNECT_SECONDS = 60.0

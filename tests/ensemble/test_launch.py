@@ -263,6 +263,47 @@ def test_a_stopped_launch_writes_what_arrived(client, tmp_path, slow, data_root,
     assert_same_cube(reference, xr.open_zarr(store, group="tiny_fc").load())
 
 
+def _interrupt_before_the_loop_runs_sync(client: Client) -> None:
+    """Raise KeyboardInterrupt in this (main) thread while it waits in ``client.sync``
+    for a call the client's event loop has not started (the loop is held busy), as a
+    Ctrl-C or SIGTERM at that moment does; wait until the loop ran what it queued."""
+    old = signal.signal(signal.SIGUSR1, lambda *_: _raise(KeyboardInterrupt()))
+    try:
+        client.loop.add_callback(time.sleep, 1.0)  # holds the loop thread for 1 s
+        main = threading.main_thread().ident
+        threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1)).start()
+        with pytest.raises(KeyboardInterrupt):
+            client.sync(client.scheduler.identity)
+        time.sleep(2.0)  # the loop runs the call, then sync's cancel of it
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def test_interrupt_before_dask_runs_a_call_logs_no_traceback(client, caplog):
+    """An interrupt that lands before the event loop started a ``client.sync`` call
+    made distributed 2026.8 log a NameError traceback from ``sync``'s ``cancel``: what
+    failed test_a_stopped_launch_writes_what_arrived[SIGTERM] on CI once. Inside
+    ``connect`` (every launch) that record is dropped; outside it, it is what Dask logs."""
+    caplog.set_level(logging.ERROR, logger="tornado.application")
+
+    def name_errors() -> list[logging.LogRecord]:
+        records = [r for r in caplog.records if r.exc_info and r.exc_info[0] is NameError]
+        caplog.clear()
+        return records
+
+    with connect(client=client):
+        _interrupt_before_the_loop_runs_sync(client)
+    assert not name_errors()
+    _interrupt_before_the_loop_runs_sync(client)
+    if not name_errors():
+        pytest.skip("this distributed's sync no longer logs the NameError: drop the filter")
+    assert client.sync(client.scheduler.identity)["workers"]  # the client still works
+
+
 def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, slow):
     """The worker of a launch's only task is killed once a member is in the cube: Dask
     retries the task on a worker, which skips the members already published, and the
