@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
@@ -213,3 +214,42 @@ def seed_interval(
     """Two-sided ``level`` interval estimate +- t_(n-1) error (see the conventions)."""
     half = t_quantile(n_seeds, (1 + level) / 2) * np.asarray(error, dtype=float)
     return estimate - half, estimate + half
+
+
+@dataclass(frozen=True)
+class Change:
+    """A paired change of the test error between two temperatures i -> j.
+
+    diff      : mean over the seeds converged at both of err[j, seed] - err[i, seed]
+    t         : |diff| / its standard error (NaN with fewer than 2 such seeds)
+    threshold : the two-sided t quantile it must exceed (NaN with fewer than 2 seeds)
+    n         : seeds converged at both temperatures
+    """
+
+    diff: float
+    t: float
+    threshold: float
+    n: int
+
+    @property
+    def counts(self) -> bool:
+        return bool(self.t > self.threshold)  # False where either is NaN
+
+
+def paired_change(values: np.ndarray, i: int, j: int, comparisons: int = 1) -> Change:
+    """The change of ``values[T, seed]`` (NaN where a cell is left out) from T index i to
+    j, paired by seed: a seed fixes the initial weights, the training set and the batch
+    sequence at every T, so the per-seed differences carry none of the seed-to-seed
+    spread. It counts beyond Student's t_(n-1) at 1 - 0.025 / ``comparisons`` (two-sided
+    5 %, Bonferroni-corrected where i or j was picked among ``comparisons`` candidates)."""
+    d = values[j] - values[i]
+    d = d[np.isfinite(d)]
+    n = int(d.size)
+    if n == 0:
+        return Change(math.nan, math.nan, math.nan, 0)
+    diff = float(d.mean())
+    if n < 2:
+        return Change(diff, math.nan, math.nan, n)
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    t = abs(diff) / se if se > 0 else (math.inf if diff else 0.0)
+    return Change(diff, t, t_quantile(n, 1 - 0.025 / comparisons), n)

@@ -13,6 +13,15 @@ them). The minimum is classed by where it lies among the T with a finite mean:
 - ``large-T edge``: at the largest T of the grid, or next to a T with nothing but missing
   or unfinished cells: T_opt is a lower bound.
 
+Whether the minimum stands out of the noise is a paired t test by seed (one seed fixes
+init, data and batch order at every T; `analysis.aggregate.paired_change`), as the
+trends of the reproduction page: the fall of the error from the smallest T to the
+minimum (t_fall > 0 when it falls) and its rise from the minimum to the largest T (t_rise
+> 0 when it rises), each against Student's t at two-sided 5 %, Bonferroni-corrected for
+the m - 1 other temperatures the minimum was picked among. ``resolved``: the changes that
+make the class hold both pass (interior: fall and rise; stability and large-T edges: the
+fall; small-T edge: the rise). Fewer than 2 seeds converged at both ends: not resolved.
+
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the standard error of ln T_opt
 (`analysis.aggregate.bootstrap_std`), and the 68 % t interval of ln T_opt built on it
@@ -21,7 +30,7 @@ replicates have an optimum. At a stability edge the true edge lies anywhere betw
 last T that trains and the next grid T, so ln T_opt gets at least the standard deviation
 of a uniform spread over that step, ln(step) / sqrt(12).
 
-The fit T_opt ~ alpha^k uses the interior optima of the alphas in ``alpha_range``; with
+The fit T_opt ~ alpha^k uses the resolved interior optima of the alphas in ``alpha_range``; with
 ``classes=("interior", "stability edge")`` it also takes the stability edges, i.e. it fits
 the best T that still trains where the error falls all the way to the edge of stability.
 """
@@ -41,6 +50,7 @@ from analysis.aggregate import (
     effective_outcome,
     masked,
     mean_stderr,
+    paired_change,
     seed_interval,
     seeds_with_values,
 )
@@ -74,6 +84,24 @@ def _argmin_refined(T: np.ndarray, err: np.ndarray, diverged: np.ndarray) -> tup
     return float(2.0 ** np.clip(vertex, x0, x2)), i, 0
 
 
+def _paired_t(values: np.ndarray, i: int, j: int, comparisons: int) -> tuple[float, float]:
+    """(signed t of the change values[j] - values[i], its threshold): (NaN, NaN) where
+    i == j, (NaN, inf) where fewer than 2 seeds are paired (a change not judged)."""
+    if i == j:
+        return math.nan, math.nan
+    c = paired_change(values, i, j, comparisons)
+    if c.n < 2:
+        return math.nan, math.inf
+    return math.copysign(c.t, c.diff), c.threshold
+
+
+def _resolved(code: int, fall: tuple[float, float], rise: tuple[float, float]) -> bool:
+    """Whether the changes that make class ``code`` hold pass their t tests (fall: signed
+    t of the fall to the minimum, positive when the error falls; rise: likewise up)."""
+    falls, rises = fall[0] > fall[1], rise[0] > rise[1]  # False where either is NaN
+    return {0: falls and rises, 1: falls, 2: rises, 3: falls}.get(code, False)
+
+
 def optimal_temperature(
     ds: xr.Dataset,
     *,
@@ -86,7 +114,11 @@ def optimal_temperature(
     Returns a computed Dataset with dims (alpha, P): ``T_opt``, ``T_lo`` / ``T_hi`` (68 %
     interval), ``log_T_err`` (standard error of ln T_opt), ``error_min`` and
     ``error_min_stderr`` (seed-mean test error at the grid minimum), ``where`` (class code,
-    `CLASSES`; -1 where no T trained), and attrs ``classes``.
+    `CLASSES`; -1 where no T trained), ``t_fall`` / ``t_fall_crit`` and ``t_rise`` /
+    ``t_rise_crit`` (paired t of the fall from the smallest T to the minimum and of the
+    rise from it to the largest T, with their thresholds: NaN where there is no such
+    change, inf where fewer than 2 seeds are paired), ``resolved``, and attrs
+    ``classes``.
     """
     if ds.sizes.get("T", 1) < 3:
         raise InsufficientData(f"the optimal T needs at least 3 T, got {ds.sizes.get('T', 1)}")
@@ -100,7 +132,11 @@ def optimal_temperature(
     out = {k: np.full((n_a, n_P), np.nan) for k in ("T_opt", "T_lo", "T_hi", "log_T_err")}
     out["error_min"] = np.full((n_a, n_P), np.nan)
     out["error_min_stderr"] = np.full((n_a, n_P), np.nan)
+    for k in ("t_fall", "t_fall_crit", "t_rise", "t_rise_crit"):
+        out[k] = np.full((n_a, n_P), np.nan)
     where = np.full((n_a, n_P), -1, dtype=np.int8)
+    resolved = np.zeros((n_a, n_P), dtype=bool)
+    per_seed = values.transpose("alpha", "P", "T", "seed").values
     mean, se = stats["mean"].values, stats["stderr"].values
     n_seeds = seeds_with_values(values, ["alpha", "P"]).transpose("alpha", "P").values
     for a in range(n_a):
@@ -110,6 +146,13 @@ def optimal_temperature(
                 continue
             reps = np.array([_argmin_refined(T, b, diverged[a, p])[0] for b in boot[:, a, p]])
             out["T_opt"][a, p], where[a, p] = t_opt, code
+            ok = np.flatnonzero(np.isfinite(mean[a, p]))
+            picked = max(len(ok) - 1, 1)
+            fall = _paired_t(per_seed[a, p], int(ok[0]), i, picked)
+            rise = _paired_t(per_seed[a, p], i, int(ok[-1]), picked)
+            out["t_fall"][a, p], out["t_fall_crit"][a, p] = -fall[0], fall[1]
+            out["t_rise"][a, p], out["t_rise_crit"][a, p] = rise
+            resolved[a, p] = _resolved(code, (-fall[0], fall[1]), rise)
             out["error_min"][a, p], out["error_min_stderr"][a, p] = mean[a, p, i], se[a, p, i]
             if n_boot and np.isfinite(reps).sum() >= MIN_VALID_SHARE * n_boot:
                 out["log_T_err"][a, p] = bootstrap_std(np.log(reps), int(n_seeds[a, p]))
@@ -132,6 +175,11 @@ def optimal_temperature(
             "error_min": (dims, out["error_min"], units | {"long_name": "lowest test error"}),
             "error_min_stderr": (dims, out["error_min_stderr"], units),
             "where": (dims, where, {"long_name": "class of the minimum, see attrs classes"}),
+            "t_fall": (dims, out["t_fall"], units | {"long_name": "paired t, fall to T_opt"}),
+            "t_fall_crit": (dims, out["t_fall_crit"], units),
+            "t_rise": (dims, out["t_rise"], units | {"long_name": "paired t, rise from T_opt"}),
+            "t_rise_crit": (dims, out["t_rise_crit"], units),
+            "resolved": (dims, resolved, {"long_name": "the class's changes pass their t tests"}),
         },
         coords=coords,
         attrs={"classes": list(CLASSES), "n_boot": n_boot},
@@ -145,15 +193,15 @@ def fit_optimal_temperature(
     classes: tuple[str, ...] = ("interior",),
 ) -> PowerLawFit:
     """Fit T_opt ~ A alpha^k at one P (default: the largest) over the alphas in
-    ``alpha_range`` (inclusive; None = all) whose optimum is of one of ``classes``
-    (`CLASSES`), weighted by ``log_T_err``.
+    ``alpha_range`` (inclusive; None = all) whose optimum is resolved and of one of
+    ``classes`` (`CLASSES`), weighted by ``log_T_err``.
 
     Raises `InsufficientData` with fewer than 3 such alphas."""
     unknown = set(classes) - set(CLASSES)
     if unknown:
         raise ValueError(f"classes must be among {CLASSES}, got {sorted(unknown)}")
     sel = table.sel(P=P if P is not None else int(table["P"].max()))
-    use = sel["where"].isin([CLASSES.index(c) for c in classes])
+    use = sel["where"].isin([CLASSES.index(c) for c in classes]) & sel["resolved"]
     if alpha_range is not None:
         lo, hi = alpha_range
         if lo is not None:
@@ -163,7 +211,7 @@ def fit_optimal_temperature(
     n = int(use.sum())
     if n < 3:
         raise InsufficientData(
-            f"T_opt ~ alpha^k needs at least 3 alphas with an optimum of class"
+            f"T_opt ~ alpha^k needs at least 3 alphas with a resolved optimum of class"
             f" {' or '.join(classes)}, got {n} (classes: {_class_counts(sel)})"
         )
     T_opt = sel["T_opt"].rename("T_opt")
@@ -174,10 +222,16 @@ def fit_optimal_temperature(
         where=use,
         symbols={"alpha": "k"},
         quantity="T_opt",
-        range_note=" + ".join(classes) + (f", alpha in {alpha_range}" if alpha_range else ""),
+        range_note="resolved "
+        + " + ".join(classes)
+        + (f", alpha in {alpha_range}" if alpha_range else ""),
     )
 
 
 def _class_counts(sel: xr.Dataset) -> str:
-    codes = sel["where"].values.ravel()
-    return ", ".join(f"{name} {int((codes == i).sum())}" for i, name in enumerate(CLASSES))
+    """'interior 4 (2 resolved), ...' over the alphas of one P."""
+    codes, resolved = sel["where"].values.ravel(), sel["resolved"].values.ravel()
+    return ", ".join(
+        f"{name} {int((codes == i).sum())} ({int((resolved & (codes == i)).sum())} resolved)"
+        for i, name in enumerate(CLASSES)
+    )

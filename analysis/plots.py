@@ -651,7 +651,8 @@ def optimal_temperature_figure(
     """Left: seed-mean test error against T for each alpha, with T_opt (star) and its 68 %
     bootstrap interval. Right: T_opt against alpha; filled circles are interior optima,
     triangles edges (up: stability edge; down: small-T edge, an upper bound; right:
-    large-T edge, a lower bound); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines.
+    large-T edge, a lower bound), grey where the paired t tests do not resolve them
+    (``resolved``); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines.
 
     table : `analysis.optimal.optimal_temperature` of ``ds``
     """
@@ -688,16 +689,19 @@ def optimal_temperature_figure(
         2: ("v", "small-T edge (upper bound)"),
         3: (">", "large-T edge (lower bound)"),
     }
+    resolved = tab["resolved"].values
+    shades = ((True, colormaps[CMAP](0.3), ""), (False, "0.7", ", within noise"))
     for code, (marker, name) in markers.items():
-        sel = tab["where"].values == code
-        if not sel.any():
-            continue
-        t_opt = tab["T_opt"].values[sel]
-        lo, hi = tab["T_lo"].values[sel], tab["T_hi"].values[sel]
-        yerr = np.nan_to_num([np.maximum(t_opt - lo, 0), np.maximum(hi - t_opt, 0)])
-        ax_opt.errorbar(tab["alpha"].values[sel], t_opt, yerr=yerr, marker=marker, ls="none",
-                        capsize=3, color=colormaps[CMAP](0.3), mfc="white" if code else None,
-                        label=name)  # fmt: skip
+        for ok, colour, suffix in shades:
+            sel = (tab["where"].values == code) & (resolved == ok)
+            if not sel.any():
+                continue
+            t_opt = tab["T_opt"].values[sel]
+            lo, hi = tab["T_lo"].values[sel], tab["T_hi"].values[sel]
+            yerr = np.nan_to_num([np.maximum(t_opt - lo, 0), np.maximum(hi - t_opt, 0)])
+            ax_opt.errorbar(tab["alpha"].values[sel], t_opt, yerr=yerr, marker=marker, ls="none",
+                            capsize=3, color=colour, mfc="white" if code else None,
+                            label=name + suffix)  # fmt: skip
     for (name, fit), style in zip((fits or {}).items(), ("--", ":", "-."), strict=False):
         a_fit = fit.used["alpha"].values[fit.used.values]
         grid = np.geomspace(a_fit.min(), a_fit.max(), 50)

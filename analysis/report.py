@@ -377,7 +377,11 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
         " interior (a true optimum), stability edge (the largest T that"
         " trains, the next one diverged), small-T edge (the smallest T: an upper bound),"
         " large-T edge (the largest T of the grid, or next to missing or unfinished cells:"
-        " a lower bound).",
+        " a lower bound). Paired t: the fall of the error from the smallest T to the minimum"
+        " and its rise from there to the largest T, paired by seed, against Student's t at"
+        " two-sided 5 % corrected for the T the minimum was picked among; a class is"
+        " resolved where the changes that make it pass (interior: both). Fits take resolved"
+        " optima only.",
         "",
     )
     fits = {}
@@ -387,13 +391,15 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
         for i, a in enumerate(tab["alpha"].values):
             code = int(tab["where"].values[i])
             if code < 0:
-                rows.append([plots.pow2_text(a), "n/a", "", "no T trained", ""])
+                rows.append([plots.pow2_text(a), "n/a", "", "no T trained", "", ""])
                 continue
             lo, hi = tab["T_lo"].values[i], tab["T_hi"].values[i]
             t_opt = tab["T_opt"].values[i]
+            resolved = "resolved" if tab["resolved"].values[i] else "within noise"
             rows.append(
                 [plots.pow2_text(a), f"{t_opt:.3g} (2^{np.log2(t_opt):.2f})"]
-                + [f"{lo:.3g} - {hi:.3g}" if np.isfinite(lo) else "n/a", CLASSES[code]]
+                + [f"{lo:.3g} - {hi:.3g}" if np.isfinite(lo) else "n/a"]
+                + [f"{CLASSES[code]}, {resolved}", _optimum_t_text(tab.isel(alpha=i))]
                 + [
                     _num(tab["error_min"].values[i])
                     + " ± "
@@ -401,7 +407,8 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
                 ]
             )
         section.add(f"P = {int(P)}:", "")
-        section.table(["alpha", "T_opt", "68 % interval", "class", "lowest test error"], rows)
+        head = ["alpha", "T_opt", "68 % interval", "class", "paired t: fall, rise"]
+        section.table([*head, "lowest test error"], rows)
         fits[int(P)] = {}
         for key, classes in OPTIMUM_FITS.items():
             fit = section.attempt(
@@ -414,7 +421,7 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
                 fits[int(P)][key] = fit
                 section.add(
                     f"- T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} whose"
-                    f" optimum is {' or '.join(classes)} ({key}): k = {fit['k']}"
+                    f" optimum is resolved and {' or '.join(classes)} ({key}): k = {fit['k']}"
                     f" (chi2_red {fit.chi2_red:.2f}).",
                     "",
                 )
@@ -427,6 +434,23 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
             ),
         )
     section.results["optimal_T_fits"] = fits
+
+
+def _optimum_t_text(cell: xr.Dataset) -> str:
+    """'9.1 > 7.94, 5.2 > 7.94': the paired t of the fall to T_opt and of the rise after
+    it against their thresholds ('-' where there is no such change, 'n < 2' where fewer
+    than 2 seeds are paired)."""
+
+    def one(t: float, crit: float) -> str:
+        if np.isnan(crit):
+            return "-"
+        if np.isinf(crit):
+            return "n < 2"
+        return f"{t:.1f} {'>' if t > crit else '<='} {crit:.2f}"
+
+    fall = one(float(cell["t_fall"]), float(cell["t_fall_crit"]))
+    rise = one(float(cell["t_rise"]), float(cell["t_rise_crit"]))
+    return f"{fall}, {rise}"
 
 
 def _finite_d_rows(report: Report) -> list[dict[str, object]]:

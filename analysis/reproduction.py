@@ -51,12 +51,13 @@ except ModuleNotFoundError:  # pragma: no cover - python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from analysis.aggregate import (
+    Change,
     effective_outcome,
     masked,
     mean_stderr,
     outcome_counts,
+    paired_change,
     seed_mean,
-    t_quantile,
 )
 from analysis.fits import Estimate, ratio
 from analysis.load import experiment_names
@@ -551,45 +552,6 @@ class Trend:
     text: str
 
 
-@dataclass(frozen=True)
-class Change:
-    """A paired change of the test error between two temperatures i -> j.
-
-    diff      : mean over the seeds converged at both of err[j, seed] - err[i, seed]
-    t         : |diff| / its standard error (NaN with fewer than 2 such seeds)
-    threshold : the two-sided t quantile it must exceed (NaN with fewer than 2 seeds)
-    n         : seeds converged at both temperatures
-    """
-
-    diff: float
-    t: float
-    threshold: float
-    n: int
-
-    @property
-    def counts(self) -> bool:
-        return bool(self.t > self.threshold)  # False where either is NaN
-
-
-def paired_change(values: np.ndarray, i: int, j: int, comparisons: int = 1) -> Change:
-    """The change of ``values[T, seed]`` (NaN where a cell is left out) from T index i to
-    j, paired by seed: a seed fixes the initial weights, the training set and the batch
-    sequence at every T, so the per-seed differences carry none of the seed-to-seed
-    spread. It counts beyond Student's t_(n-1) at 1 - 0.025 / ``comparisons`` (two-sided
-    5 %, Bonferroni-corrected where i or j was picked among ``comparisons`` candidates)."""
-    d = values[j] - values[i]
-    d = d[np.isfinite(d)]
-    n = int(d.size)
-    if n == 0:
-        return Change(math.nan, math.nan, math.nan, 0)
-    diff = float(d.mean())
-    if n < 2:
-        return Change(diff, math.nan, math.nan, n)
-    se = float(d.std(ddof=1)) / math.sqrt(n)
-    t = abs(diff) / se if se > 0 else (math.inf if diff else 0.0)
-    return Change(diff, t, t_quantile(n, 1 - 0.025 / comparisons), n)
-
-
 def rankable_means(mean: np.ndarray, stderr: np.ndarray) -> np.ndarray:
     """Mask of the seed means to rank for a lowest error: the finite means with a standard
     error (2 seeds or more) where there are any, else every finite mean. One seed left
@@ -748,8 +710,9 @@ def _ntk_span(er: ExperimentReport, P: int) -> str:
 
 
 def optimal_T_reading(er: ExperimentReport) -> list[str]:
-    """Where the optimal temperature lies per alpha (interior or at an edge) and the fit
-    T_opt ~ alpha^k on the feature side, from the report's results."""
+    """Where the optimal temperature lies per alpha (interior or at an edge; "within
+    noise" where its paired t tests do not resolve it) and the fit T_opt ~ alpha^k on the
+    feature side, from the report's results."""
     table = er.results.get("optimal_T")
     if table is None:
         return []
@@ -758,11 +721,16 @@ def optimal_T_reading(er: ExperimentReport) -> list[str]:
     for P in table["P"].values:
         tab = table.sel(P=P)
         by_class: dict[str, list[str]] = {}
-        for a, code, t in zip(
-            tab["alpha"].values, tab["where"].values, tab["T_opt"].values, strict=True
+        for a, code, t, ok in zip(
+            tab["alpha"].values,
+            tab["where"].values,
+            tab["T_opt"].values,
+            tab["resolved"].values,
+            strict=True,
         ):
             if code >= 0:
-                text = f"{pow2_text(a)} (T_opt = 2^{math.log2(t):.1f})"
+                noise = "" if ok else ", within noise"
+                text = f"{pow2_text(a)} (T_opt = 2^{math.log2(t):.1f}{noise})"
                 by_class.setdefault(CLASSES[int(code)], []).append(text)
         parts = [f"{name} at alpha = {', '.join(v)}" for name, v in by_class.items()]
         texts = []
@@ -770,10 +738,10 @@ def optimal_T_reading(er: ExperimentReport) -> list[str]:
             fit = fits.get(int(P), {}).get(key)
             texts.append(
                 f"T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} with"
-                f" {' or '.join(classes)} optima ({key}): k = {fit['k']}"
+                f" resolved {' or '.join(classes)} optima ({key}): k = {fit['k']}"
                 if fit is not None
                 else f"T_opt ~ alpha^k ({key}) not fitted: fewer than 3 alphas <="
-                f" {FEATURE_SIDE:g} with {' or '.join(classes)} optima"
+                f" {FEATURE_SIDE:g} with resolved {' or '.join(classes)} optima"
             )
         fit_text = "; ".join(texts)
         lines.append(f"- Optimal temperature at P = {int(P)}: {'; '.join(parts)}. {fit_text}.")

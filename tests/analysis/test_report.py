@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,21 @@ def test_report_tables(report_dir):
         assert row[-1].startswith("yes (abs z < ")  # consistent with gamma / delta
     assert "| P | T_c (a) | 95 % interval (a) | T_c (b) | 95 % interval (b) |" in text
     assert "T-sweep figure, fits and T_c(P) skipped: they need at least 2 P" in text  # phase
+    # the phase diagram's error rises with T at every alpha: optima at the small-T edge (or
+    # the smallest T that trained), resolved where the rise passes its paired t test
+    head = "| alpha | T_opt | 68 % interval | class | paired t: fall, rise | lowest test error |"
+    optima = text.split(head)[1].split("\n\n")[0].splitlines()[2:]
+    assert len(optima) == 7, optima
+    resolved = 0
+    for line in optima:
+        where, t = (cell.strip() for cell in line.split("|")[4:6])
+        edge = re.fullmatch(r"(small-T|stability) edge, (resolved|within noise)", where)
+        rise = re.fullmatch(r"(-|n < 2|\d+\.\d (>|<=) \d+\.\d\d), (\d+\.\d (>|<=) \d+\.\d\d)", t)
+        assert edge and rise, line
+        resolved += edge[2] == "resolved"
+        if edge[1] == "small-T":  # resolved by the rise alone
+            assert (edge[2] == "resolved") == (rise[4] == ">"), line
+    assert resolved >= 5, optima  # 5 % seed noise against a rise of 0.01 per octave of T
     assert " failed: " not in text  # no report step failed (`_Section.attempt`)
     for link in ("figures/fc_mnist_tsweep_tsweep.png", "figures/fc_mnist_phase_phase_P1024.svg"):
         assert f"({link})" in text
@@ -126,6 +142,15 @@ def test_degenerate_cubes_are_explained_not_fatal(cube_path, tmp_path, rng):
         },
     )
     text = write_report(path, tmp_path / "out", n_boot=10, formats=("png",)).read_text()
+    # the phase diagram's error rises with T at every alpha: optima at the small-T edge (or
+    # the smallest T that trained), the rise to the largest T resolved by its paired t
+    head = "| alpha | T_opt | 68 % interval | class | paired t: fall, rise | lowest test error |"
+    optima = text.split(head)[1].split("\n\n")[0].splitlines()[2:]
+    assert len(optima) == 7, optima
+    for row in (cell.strip() for line in optima for cell in line.split("|")[4:6]):
+        assert row in ("small-T edge, resolved", "stability edge, resolved") or re.fullmatch(
+            r"-, \d+\.\d > \d+\.\d\d|\d+\.\d > \d+\.\d\d, -", row
+        ), optima
     assert " failed: " not in text  # no report step failed (`_Section.attempt`)
     assert table_row(text, "all") == ["all", "0", "0", "160", "0", "160"]
     assert "figures and fits skipped: no cell converged" in text
@@ -189,6 +214,15 @@ def test_finite_d_figure_when_a_chi_has_several_d(tmp_path, rng):
     path = write_cube(tmp_path / "d.zarr", groups)
     report = build_report(path, tmp_path / "out", n_boot=100, formats=("png",))
     text = report.path.read_text()
+    # the phase diagram's error rises with T at every alpha: optima at the small-T edge (or
+    # the smallest T that trained), the rise to the largest T resolved by its paired t
+    head = "| alpha | T_opt | 68 % interval | class | paired t: fall, rise | lowest test error |"
+    optima = text.split(head)[1].split("\n\n")[0].splitlines()[2:]
+    assert len(optima) == 7, optima
+    for row in (cell.strip() for line in optima for cell in line.split("|")[4:6]):
+        assert row in ("small-T edge, resolved", "stability edge, resolved") or re.fullmatch(
+            r"-, \d+\.\d > \d+\.\d\d|\d+\.\d > \d+\.\d\d, -", row
+        ), optima
     assert " failed: " not in text  # no report step failed (`_Section.attempt`)
     assert [f.stem for f in report.summary_figures] == ["perceptron_summary", "perceptron_finite_d"]
     # one point per (chi, d, quantity): the group reaching the largest P

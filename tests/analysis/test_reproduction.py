@@ -195,10 +195,13 @@ def test_optimal_temperature_reading(tmp_path):
     assert "stability edge at alpha = 2^-10 (T_opt = 2^-14.0)" in line
     assert "small-T edge at alpha = 2^8 (T_opt = 2^-16.0)" in line
     k = re.search(
-        r"the 4 alphas <= 1 with interior optima \(interior\): k = (\d+\.\d+) ± (\d+\.\d+)", line
+        r"the 4 alphas <= 1 with resolved interior optima \(interior\): k = (\d+\.\d+)"
+        r" ± (\d+\.\d+)",
+        line,
     )
     assert k and abs(float(k.group(1)) - 0.5) < max(3 * float(k.group(2)), 0.05), line
-    assert "the 5 alphas <= 1 with interior or stability edge optima (best trainable T)" in line
+    both = "the 5 alphas <= 1 with resolved interior or stability edge optima (best trainable T)"
+    assert both in line and "within noise" not in line
     assert "reproduction/f/figures/feature_optimal_T_P256.png" in image_links(page)
 
 
