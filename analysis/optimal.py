@@ -30,7 +30,7 @@ replicates have an optimum. At a stability edge the true edge lies anywhere betw
 last T that trains and the next grid T, so ln T_opt gets at least the standard deviation
 of a uniform spread over that step, ln(step) / sqrt(12).
 
-The fit T_opt ~ alpha^k uses the resolved interior optima of the alphas in ``alpha_range``; with
+The fit T_opt ~ alpha^k uses the interior optima of the alphas in ``alpha_range``; with
 ``classes=("interior", "stability edge")`` it also takes the stability edges, i.e. it fits
 the best T that still trains where the error falls all the way to the edge of stability.
 """
@@ -193,15 +193,16 @@ def fit_optimal_temperature(
     classes: tuple[str, ...] = ("interior",),
 ) -> PowerLawFit:
     """Fit T_opt ~ A alpha^k at one P (default: the largest) over the alphas in
-    ``alpha_range`` (inclusive; None = all) whose optimum is resolved and of one of
-    ``classes`` (`CLASSES`), weighted by ``log_T_err``.
+    ``alpha_range`` (inclusive; None = all) whose optimum is of one of ``classes``
+    (`CLASSES`), weighted by ``log_T_err``; its ``range_note`` says how many of them are
+    resolved (a power law through optima none of which is resolved is a guide only).
 
     Raises `InsufficientData` with fewer than 3 such alphas."""
     unknown = set(classes) - set(CLASSES)
     if unknown:
         raise ValueError(f"classes must be among {CLASSES}, got {sorted(unknown)}")
     sel = table.sel(P=P if P is not None else int(table["P"].max()))
-    use = sel["where"].isin([CLASSES.index(c) for c in classes]) & sel["resolved"]
+    use = sel["where"].isin([CLASSES.index(c) for c in classes])
     if alpha_range is not None:
         lo, hi = alpha_range
         if lo is not None:
@@ -211,7 +212,7 @@ def fit_optimal_temperature(
     n = int(use.sum())
     if n < 3:
         raise InsufficientData(
-            f"T_opt ~ alpha^k needs at least 3 alphas with a resolved optimum of class"
+            f"T_opt ~ alpha^k needs at least 3 alphas with an optimum of class"
             f" {' or '.join(classes)}, got {n} (classes: {_class_counts(sel)})"
         )
     T_opt = sel["T_opt"].rename("T_opt")
@@ -222,9 +223,9 @@ def fit_optimal_temperature(
         where=use,
         symbols={"alpha": "k"},
         quantity="T_opt",
-        range_note="resolved "
-        + " + ".join(classes)
-        + (f", alpha in {alpha_range}" if alpha_range else ""),
+        range_note=" + ".join(classes)
+        + (f", alpha in {alpha_range}" if alpha_range else "")
+        + f"; {int((use & sel['resolved']).sum())} of {n} resolved",
     )
 
 

@@ -12,14 +12,19 @@ resamples of the seeds (the same seeds in every cell): the standard error of ln 
 and its t interval, only where alpha* is found and enough replicates find one.
 ``fit_ntk_boundary`` fits alpha* ~ P^k at one T over the P of the sweep, or alpha* ~ T^s
 at one P over its T: the slope of the boundary line in the (alpha, T) phase diagram.
+
+``lazy_side`` says whether one alpha (the grid's largest, where the T-sweep laws are
+fitted) is lazy by the same measure: its seed-mean change below ``level`` at every T and P.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import Include, masked
+from analysis.aggregate import Include, at_alpha, masked, seed_mean
 from analysis.crossing import crossing_table, fit_crossing
 from analysis.fits import InsufficientData, PowerLawFit, Range
 from analysis.interpolate import first_crossing
@@ -81,3 +86,42 @@ def fit_ntk_boundary(
     else:
         line, over, symbol, note = table.sel(P=P), "T", "s", f"{level} at P = {P:g}"
     return fit_crossing(line, "alpha_star", symbol, over, fit_range, note=note)
+
+
+@dataclass(frozen=True)
+class LazySide:
+    """The NTK change at one alpha: its largest seed mean over the (T, P) cells with one,
+    where it is, and whether it stays below ``level`` (lazy by the boundary's measure)."""
+
+    alpha: float
+    level: float
+    largest: float
+    T: float
+    P: int
+    cells: int
+
+    @property
+    def lazy(self) -> bool:
+        return self.largest < self.level
+
+
+def lazy_side(
+    ds: xr.Dataset,
+    alpha: float | None = None,
+    level: float = 1.0,
+    *,
+    include: Include = ("converged",),
+) -> LazySide:
+    """Whether ``alpha`` (default: the grid's largest) is on the lazy side of the NTK
+    boundary at every T and P. Raises InsufficientData without an ``ntk_change`` variable
+    or where no cell at that alpha has a seed mean."""
+    if "ntk_change" not in ds:
+        raise InsufficientData("no ntk_change in this experiment: its sweep did not set ntk_points")
+    cells = at_alpha(ds, alpha)
+    mean = seed_mean(cells, "ntk_change", include)["mean"].compute()
+    n = int(np.isfinite(mean.values).sum())
+    if not n:
+        raise InsufficientData(f"no NTK change converged at alpha = {float(cells['alpha']):g}")
+    top = mean.fillna(-np.inf).argmax(...)
+    at = mean.isel(top)
+    return LazySide(float(cells["alpha"]), level, float(at), float(at["T"]), int(at["P"]), n)

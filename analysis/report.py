@@ -52,7 +52,7 @@ from analysis.perceptron import (
     local_exponent_pairs,
     local_P_exponents,
 )
-from analysis.regimes import fit_ntk_boundary, ntk_boundary
+from analysis.regimes import fit_ntk_boundary, lazy_side, ntk_boundary
 from ensemble.provenance import git_commit
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS, launch_end
 from ensemble.spec import setting_applies
@@ -380,8 +380,8 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
         " a lower bound). Paired t: the fall of the error from the smallest T to the minimum"
         " and its rise from there to the largest T, paired by seed, against Student's t at"
         " two-sided 5 % corrected for the T the minimum was picked among; a class is"
-        " resolved where the changes that make it pass (interior: both). Fits take resolved"
-        " optima only.",
+        " resolved where the changes that make it pass (interior: both); a fit through"
+        " optima none of which is resolved is a guide only.",
         "",
     )
     fits = {}
@@ -419,12 +419,7 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
             )
             if fit is not None:
                 fits[int(P)][key] = fit
-                section.add(
-                    f"- T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} whose"
-                    f" optimum is resolved and {' or '.join(classes)} ({key}): k = {fit['k']}"
-                    f" (chi2_red {fit.chi2_red:.2f}).",
-                    "",
-                )
+                section.add(f"- {optimum_fit_text(key, fit, tab)}.", "")
         section.attempt(
             f"optimal-T figure at P = {int(P)}",
             lambda P=P: section.figure(
@@ -434,6 +429,19 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
             ),
         )
     section.results["optimal_T_fits"] = fits
+
+
+def optimum_fit_text(key: str, fit: PowerLawFit, tab: xr.Dataset) -> str:
+    """The fit T_opt ~ alpha^k of `OPTIMUM_FITS` ``key`` in words, with how many of its
+    optima are resolved (``tab``: the `optimal_temperature` table at the fit's P)."""
+    classes = " or ".join(OPTIMUM_FITS[key])
+    used = fit.used.values
+    resolved = int((tab["resolved"].sel(alpha=fit.used["alpha"]).values & used).sum())
+    return (
+        f"T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} with {classes}"
+        f" optima ({key}): k = {fit['k']} (chi2_red {fit.chi2_red:.2f}; {resolved} of the"
+        f" {fit.n_points} optima resolved by their paired t tests)"
+    )
 
 
 def _optimum_t_text(cell: xr.Dataset) -> str:
@@ -587,11 +595,30 @@ def _outcomes(section: _Section, ds: xr.Dataset) -> int:
 LAWS = {"rel_change": "T^delta P^gamma", "t_star": "T^c P^b"}
 
 
+def lazy_text(ds: xr.Dataset) -> str:
+    """Whether the largest alpha is lazy, measured by its NTK change where the sweep has
+    one (`analysis.regimes.lazy_side`), else taken as lazy (the laws' assumption)."""
+    try:
+        side = lazy_side(ds)
+    except InsufficientData:
+        return "taken as the lazy regime (no NTK change measured)"
+    where = f"T = {plots.pow2_text(side.T)}, P = {side.P}"
+    if side.lazy:
+        return (
+            f"lazy by the NTK change, below {side.level:g} in all {side.cells} (T, P) cells"
+            f" (at most {side.largest:.3g}, at {where})"
+        )
+    return (
+        f"not lazy at every T: its NTK change reaches {side.largest:.3g} at {where}"
+        f" (the boundary's level is {side.level:g}), so the fits mix regimes"
+    )
+
+
 def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
     section.add("### Temperature sweeps and scaling laws", "")
     if "alpha" in ds.dims and ds.sizes["alpha"] > 1:
         alpha = float(at_alpha(ds)["alpha"])
-        section.add(f"Fits and T-sweeps at the largest alpha = {alpha:g} (lazy regime).", "")
+        section.add(f"Fits and T-sweeps at the largest alpha = {alpha:g}: {lazy_text(ds)}.", "")
     fits: dict[str, PowerLawFit] = {}
     for var, fitter in (("rel_change", fit_rel_change), ("t_star", fit_t_star)):
         fit = section.attempt(f"fit of {var}", lambda f=fitter: f(ds, n_boot=n_boot, seed=seed))

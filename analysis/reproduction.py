@@ -72,6 +72,8 @@ from analysis.report import (
     analysis_commit,
     build_report,
     check_formats,
+    lazy_text,
+    optimum_fit_text,
 )
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
 
@@ -737,11 +739,10 @@ def optimal_T_reading(er: ExperimentReport) -> list[str]:
         for key, classes in OPTIMUM_FITS.items():
             fit = fits.get(int(P), {}).get(key)
             texts.append(
-                f"T_opt ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} with"
-                f" resolved {' or '.join(classes)} optima ({key}): k = {fit['k']}"
+                optimum_fit_text(key, fit, tab)
                 if fit is not None
                 else f"T_opt ~ alpha^k ({key}) not fitted: fewer than 3 alphas <="
-                f" {FEATURE_SIDE:g} with resolved {' or '.join(classes)} optima"
+                f" {FEATURE_SIDE:g} with {' or '.join(classes)} optima"
             )
         fit_text = "; ".join(texts)
         lines.append(f"- Optimal temperature at P = {int(P)}: {'; '.join(parts)}. {fit_text}.")
@@ -871,7 +872,8 @@ def tsweep_reading(er: ExperimentReport) -> list[str]:
     if "rel_change" in fits:
         gd = ratio(fits["rel_change"], "gamma", "delta")
         rows.append(["gamma/delta", "from the rel. change fit", _est(gd), "", ""])
-    lines = [f"Lazy T-sweep at alpha = {pow2_text(alpha)} (fits in the lazy range):", ""]
+    lazy = lazy_text(er.data) if math.isfinite(alpha) else "taken as lazy"
+    lines = [f"T-sweep at the largest alpha = {pow2_text(alpha)}, {lazy}:", ""]
     lines += _table(["exponent", "law", "value ± error", "points", "chi2_red"], rows)
     for key, check in checks.items():
         word = "consistent" if check.consistent else "inconsistent"

@@ -7,7 +7,7 @@ import pytest
 from synthetic_cube import NTK_LAW, ntk_phase_dataset, phase_dataset
 
 from analysis.fits import InsufficientData
-from analysis.regimes import fit_ntk_boundary, ntk_boundary
+from analysis.regimes import fit_ntk_boundary, lazy_side, ntk_boundary
 
 ALPHA_0, SLOPE, K = NTK_LAW  # alpha* = ALPHA_0 (T / 2^-8)^SLOPE (P / 1024)^K
 
@@ -125,3 +125,19 @@ def test_the_boundary_line_recovers_its_T_exponent():
     for bad in ({}, {"T": 2.0**-8, "P": 1024}):
         with pytest.raises(ValueError, match="exactly one of T"):
             fit_ntk_boundary(table, **bad)
+
+
+def test_lazy_side_measures_the_largest_alpha():
+    """alpha = 2^8 sits above alpha* at every T (change (alpha* / alpha)^2 < 1): lazy, its
+    largest change at the largest T that has one; scaled up 10^4 it is not lazy."""
+    ds, star = _with_ntk()
+    side = lazy_side(ds)
+    assert side.alpha == 2.0**8 and side.lazy and side.cells == 5  # the 6th cell is missing
+    T = ds["T"].values[-2]
+    assert side.T == T and side.P == 1024
+    assert side.largest == pytest.approx(float(star[-2, 0] / 2.0**8) ** 2, rel=1e-9)
+    moved = lazy_side(ds.assign(ntk_change=ds["ntk_change"] * 1e4))
+    assert not moved.lazy and moved.largest > 1
+    assert lazy_side(ds, alpha=2.0**-4, level=1.0).lazy is False  # the feature end
+    with pytest.raises(InsufficientData, match="did not set ntk_points"):
+        lazy_side(phase_dataset(np.random.default_rng(0)))
