@@ -18,9 +18,10 @@ init, data and batch order at every T; `analysis.aggregate.paired_change`), as t
 trends of the reproduction page: the fall of the error from the smallest T to the
 minimum (t_fall > 0 when it falls) and its rise from the minimum to the largest T (t_rise
 > 0 when it rises), each against Student's t at two-sided 5 %, Bonferroni-corrected for
-the m - 1 other temperatures the minimum was picked among. ``resolved``: the changes that
-make the class hold both pass (interior: fall and rise; stability and large-T edges: the
-fall; small-T edge: the rise). Fewer than 2 seeds converged at both ends: not resolved.
+the m - 1 other temperatures the minimum was picked among where it lies inside (at either
+end the change is the smallest T against the largest, chosen in advance). ``resolved``:
+the changes that make the class hold pass (interior: fall and rise; stability and large-T
+edges: the fall; small-T edge: the rise). Fewer than 2 seeds at both ends: not resolved.
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the standard error of ln T_opt
@@ -147,9 +148,12 @@ def optimal_temperature(
             reps = np.array([_argmin_refined(T, b, diverged[a, p])[0] for b in boot[:, a, p]])
             out["T_opt"][a, p], where[a, p] = t_opt, code
             ok = np.flatnonzero(np.isfinite(mean[a, p]))
-            picked = max(len(ok) - 1, 1)
-            fall = _paired_t(per_seed[a, p], int(ok[0]), i, picked)
-            rise = _paired_t(per_seed[a, p], i, int(ok[-1]), picked)
+            i0, il = int(ok[0]), int(ok[-1])
+            # smallest -> largest T is a change chosen in advance; one to or from the
+            # minimum picks it among the m temperatures
+            picked = 1 if i in (i0, il) else max(len(ok) - 1, 1)
+            fall = _paired_t(per_seed[a, p], i0, i, picked)
+            rise = _paired_t(per_seed[a, p], i, il, picked)
             out["t_fall"][a, p], out["t_fall_crit"][a, p] = -fall[0], fall[1]
             out["t_rise"][a, p], out["t_rise_crit"][a, p] = rise
             resolved[a, p] = _resolved(code, (-fall[0], fall[1]), rise)
