@@ -198,8 +198,8 @@ def fit_optimal_temperature(
 ) -> PowerLawFit:
     """Fit T_opt ~ A alpha^k at one P (default: the largest) over the alphas in
     ``alpha_range`` (inclusive; None = all) whose optimum is of one of ``classes``
-    (`CLASSES`), weighted by ``log_T_err``; its ``range_note`` says how many of them are
-    resolved (a power law through optima none of which is resolved is a guide only).
+    (`CLASSES`), weighted by ``log_T_err``, resolved or not (``table["resolved"]`` says
+    which: a power law through optima none of which is resolved is a guide only).
 
     Raises `InsufficientData` with fewer than 3 such alphas."""
     unknown = set(classes) - set(CLASSES)
@@ -227,9 +227,7 @@ def fit_optimal_temperature(
         where=use,
         symbols={"alpha": "k"},
         quantity="T_opt",
-        range_note=" + ".join(classes)
-        + (f", alpha in {alpha_range}" if alpha_range else "")
-        + f"; {int((use & sel['resolved']).sum())} of {n} resolved",
+        range_note=" + ".join(classes) + (f", alpha in {alpha_range}" if alpha_range else ""),
     )
 
 

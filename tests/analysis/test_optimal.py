@@ -111,11 +111,9 @@ def noise_dataset(rng: np.random.Generator, n_seed: int, n_alpha: int = 40) -> x
 def test_minima_of_noise_are_rarely_resolved(n_seed):
     """Where T changes nothing, the lowest seed mean of 13 T falls inside the grid at most
     of 40 alphas (an "interior" minimum of noise): the paired tests resolve few of them
-    (the untested classes were taken as they came), and the fit's note says so."""
+    (the untested classes were taken as they came)."""
     table = optimal_temperature(noise_dataset(np.random.default_rng(n_seed), n_seed), n_boot=0)
     interior = table["where"].values == 0
     assert interior.mean() >= 0.5
     assert table["resolved"].values.mean() <= 0.1
-    fit = fit_optimal_temperature(table)  # a power law through noise: none resolved
-    assert fit.range_note.endswith(f"; {int(table['resolved'].values[interior].sum())} of"
-                                   f" {int(interior.sum())} resolved")  # fmt: skip
+    assert table["resolved"].values[interior].mean() <= 0.1
