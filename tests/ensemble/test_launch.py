@@ -269,12 +269,12 @@ def _interrupt_before_the_loop_runs_sync(client: Client) -> None:
     Ctrl-C or SIGTERM at that moment does; wait until the loop ran what it queued."""
     old = signal.signal(signal.SIGUSR1, lambda *_: _raise(KeyboardInterrupt()))
     try:
-        client.loop.add_callback(time.sleep, 1.0)  # holds the loop thread for 1 s
+        client.loop.add_callback(time.sleep, 3.0)  # holds the loop thread 3 s: slack for load
         main = threading.main_thread().ident
         threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1)).start()
         with pytest.raises(KeyboardInterrupt):
             client.sync(client.scheduler.identity)
-        time.sleep(2.0)  # the loop runs the call, then sync's cancel of it
+        time.sleep(3.5)  # the loop wakes, runs the call, then sync's cancel of it
     finally:
         signal.signal(signal.SIGUSR1, old)
 
