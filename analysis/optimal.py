@@ -86,8 +86,8 @@ def _argmin_refined(T: np.ndarray, err: np.ndarray, diverged: np.ndarray) -> tup
 
 
 def _paired_t(values: np.ndarray, i: int, j: int, comparisons: int) -> tuple[float, float]:
-    """(signed t of the change values[j] - values[i], its threshold): (NaN, NaN) where
-    i == j, (NaN, inf) where fewer than 2 seeds are paired (a change not judged)."""
+    """(t of values[j] - values[i], signed as the change, and its threshold): (NaN, NaN)
+    where i == j, (NaN, inf) where fewer than 2 seeds are paired (a change not judged)."""
     if i == j:
         return math.nan, math.nan
     c = paired_change(values, i, j, comparisons)
@@ -97,8 +97,8 @@ def _paired_t(values: np.ndarray, i: int, j: int, comparisons: int) -> tuple[flo
 
 
 def _resolved(code: int, fall: tuple[float, float], rise: tuple[float, float]) -> bool:
-    """Whether the changes that make class ``code`` hold pass their t tests (fall: signed
-    t of the fall to the minimum, positive when the error falls; rise: likewise up)."""
+    """Whether the changes that make class ``code`` hold pass their t tests ((t, threshold)
+    of the fall to the minimum and of the rise after it, each positive in its direction)."""
     falls, rises = fall[0] > fall[1], rise[0] > rise[1]  # False where either is NaN
     return {0: falls and rises, 1: falls, 2: rises, 3: falls}.get(code, False)
 
@@ -152,11 +152,11 @@ def optimal_temperature(
             # smallest -> largest T is a change chosen in advance; one to or from the
             # minimum picks it among the m temperatures
             picked = 1 if i in (i0, il) else max(len(ok) - 1, 1)
-            fall = _paired_t(per_seed[a, p], i0, i, picked)
+            fall = _paired_t(per_seed[a, p], i, i0, picked)  # err(T_0) - err(T_min)
             rise = _paired_t(per_seed[a, p], i, il, picked)
-            out["t_fall"][a, p], out["t_fall_crit"][a, p] = -fall[0], fall[1]
+            out["t_fall"][a, p], out["t_fall_crit"][a, p] = fall
             out["t_rise"][a, p], out["t_rise_crit"][a, p] = rise
-            resolved[a, p] = _resolved(code, (-fall[0], fall[1]), rise)
+            resolved[a, p] = _resolved(code, fall, rise)
             out["error_min"][a, p], out["error_min_stderr"][a, p] = mean[a, p, i], se[a, p, i]
             if n_boot and np.isfinite(reps).sum() >= MIN_VALID_SHARE * n_boot:
                 out["log_T_err"][a, p] = bootstrap_std(np.log(reps), int(n_seeds[a, p]))

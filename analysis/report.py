@@ -595,7 +595,7 @@ def _outcomes(section: _Section, ds: xr.Dataset) -> int:
 LAWS = {"rel_change": "T^delta P^gamma", "t_star": "T^c P^b"}
 
 
-def lazy_text(ds: xr.Dataset) -> str:
+def _lazy_text(ds: xr.Dataset) -> str:
     """Whether the largest alpha is lazy, measured by its NTK change where the sweep has
     one (`analysis.regimes.lazy_side`), else taken as lazy (the laws' assumption)."""
     try:
@@ -616,9 +616,10 @@ def lazy_text(ds: xr.Dataset) -> str:
 
 def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
     section.add("### Temperature sweeps and scaling laws", "")
+    section.results["lazy"] = lazy = _lazy_text(ds)
     if "alpha" in ds.dims and ds.sizes["alpha"] > 1:
         alpha = float(at_alpha(ds)["alpha"])
-        section.add(f"Fits and T-sweeps at the largest alpha = {alpha:g}: {lazy_text(ds)}.", "")
+        section.add(f"Fits and T-sweeps at the largest alpha = {alpha:g}: {lazy}.", "")
     fits: dict[str, PowerLawFit] = {}
     for var, fitter in (("rel_change", fit_rel_change), ("t_star", fit_t_star)):
         fit = section.attempt(f"fit of {var}", lambda f=fitter: f(ds, n_boot=n_boot, seed=seed))

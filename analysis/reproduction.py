@@ -72,7 +72,6 @@ from analysis.report import (
     analysis_commit,
     build_report,
     check_formats,
-    lazy_text,
     optimum_fit_text,
 )
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
@@ -872,7 +871,7 @@ def tsweep_reading(er: ExperimentReport) -> list[str]:
     if "rel_change" in fits:
         gd = ratio(fits["rel_change"], "gamma", "delta")
         rows.append(["gamma/delta", "from the rel. change fit", _est(gd), "", ""])
-    lazy = lazy_text(er.data) if math.isfinite(alpha) else "taken as lazy"
+    lazy = res.get("lazy", "taken as the lazy regime")  # the report's `_lazy_text`
     lines = [f"T-sweep at the largest alpha = {pow2_text(alpha)}, {lazy}:", ""]
     lines += _table(["exponent", "law", "value ± error", "points", "chi2_red"], rows)
     for key, check in checks.items():

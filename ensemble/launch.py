@@ -658,13 +658,13 @@ def settle_launches(store: str | os.PathLike) -> None:
     except FileNotFoundError:  # a new store
         return
     for name in names:
-        for r in cube.launches(store, name):
-            if r.get("ended") == RUNNING:
-                done = len(cube.done_cells(store, name))
-                trained = max(done - int(r.get("cells_done_before") or 0), 0)
-                settled = {**r, "completed": False, "ended": KILLED, "wall_s": None}
-                settled |= {"cells_trained": trained}
-                cube.replace_launch(store, name, r["id"], settled)
+        running = [r for r in cube.launches(store, name) if r.get("ended") == RUNNING]
+        done = len(cube.done_cells(store, name)) if running else 0
+        for r in running:
+            trained = max(done - int(r.get("cells_done_before") or 0), 0)
+            settled = {**r, "completed": False, "ended": KILLED, "wall_s": None}
+            settled |= {"cells_trained": trained}
+            cube.replace_launch(store, name, r["id"], settled)
 
 
 @dataclasses.dataclass(frozen=True)
