@@ -98,8 +98,17 @@ def crossover_test_error(
 
     Returns the Dataset described in `crossover_table`, plus ``plateau`` (over P, the
     seed-mean test error on the plateau) and ``below_grid`` (over P: the seed-mean test
-    error departs on the plateau points already, so T_c is below the grid and NaN).
+    error departs on the plateau points already, so T_c is below the grid and NaN) and
+    ``direction`` (over P: +1 where the seed-mean test error rises past T_c, -1 where it
+    falls, 0 where there is no T_c). InsufficientData where the grid has fewer than
+    ``n_plateau`` + 1 T.
     """
+    n_T = ds.sizes.get("T", 1)
+    if n_T < n_plateau + 1:
+        raise InsufficientData(
+            f"definition (b) needs at least {n_plateau + 1} T ({n_plateau} on the small-T"
+            f" plateau and one to depart from it), the grid has {n_T}"
+        )
     sel = at_alpha(ds, alpha)
     values = masked(sel, "test_error", include).compute()  # one read; the rest in memory
     means = mean_stderr(values)["mean"].transpose("T", "P")
@@ -125,6 +134,17 @@ def crossover_test_error(
         "P",
         [t == 0.0 for t in T_low],
         {"long_name": "test error departs on the plateau points (T_c below the grid)"},
+    )
+    # the first grid T at or beyond T_c is the first point past the threshold
+    direction = []
+    for j, T_c in enumerate(table["T_c"].values):
+        past = np.flatnonzero(np.isfinite(means.values[:, j]) & (T >= T_c))
+        y = means.values[past[0], j] if past.size else math.nan
+        direction.append(int(np.sign(y - plateau[j])) if math.isfinite(y) else 0)
+    table["direction"] = (
+        "P",
+        direction,
+        {"long_name": "the test error rises (+1) or falls (-1) past T_c; 0 where no T_c"},
     )
     amount = (
         f"{abs_departure:g} (absolute)" if abs_departure is not None else f"{rel_departure:.0%}"

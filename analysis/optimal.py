@@ -21,7 +21,9 @@ minimum (t_fall > 0 when it falls) and its rise from the minimum to the largest 
 the m - 1 other temperatures the minimum was picked among where it lies inside (at either
 end the change is the smallest T against the largest, chosen in advance). ``resolved``:
 the changes that make the class hold pass (interior: fall and rise; stability and large-T
-edges: the fall; small-T edge: the rise). Fewer than 2 seeds at both ends: not resolved.
+edges: the fall; small-T edge: the rise). The smallest and the largest T are those with 2
+or more converged seeds (where there are 2 such T): one seed left where the others
+diverged pairs nothing. Fewer than 2 seeds at both ends of a change: not resolved.
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the standard error of ln T_opt
@@ -148,7 +150,9 @@ def optimal_temperature(
             reps = np.array([_argmin_refined(T, b, diverged[a, p])[0] for b in boot[:, a, p]])
             out["T_opt"][a, p], where[a, p] = t_opt, code
             ok = np.flatnonzero(np.isfinite(mean[a, p]))
-            i0, il = int(ok[0]), int(ok[-1])
+            several = np.flatnonzero(np.isfinite(se[a, p]))  # 2 seeds or more
+            ends = several if len(several) >= 2 else ok  # as `reproduction.error_trend`
+            i0, il = int(ends[0]), int(ends[-1])
             # smallest -> largest T is a change chosen in advance; one to or from the
             # minimum picks it among the m temperatures
             picked = 1 if i in (i0, il) else max(len(ok) - 1, 1)

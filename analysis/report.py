@@ -76,6 +76,7 @@ class _Section:
         self.lines: list[str] = []
         self.figures: list[Path] = []
         self.results: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}  # what -> why, for the steps `attempt` skipped
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -103,6 +104,7 @@ class _Section:
         try:
             return step()
         except InsufficientData as err:
+            self.skipped[what] = str(err)
             self.add(f"- {what} skipped: {err}", "")
         except Exception as err:  # noqa: BLE001 -- one failed step must not stop the report
             warnings.warn(f"{what} failed: {traceback.format_exc()}", RuntimeWarning, stacklevel=2)
@@ -118,7 +120,8 @@ class ExperimentReport:
     figures : every figure file written for it (all formats)
     results : the numbers behind its tables, by key: ``fits`` ({"rel_change", "t_star"}:
               PowerLawFit), ``crossover_tables`` / ``crossover_fits`` / ``ratio_checks``
-              (by T_c definition "a", "b"), ``perceptron_fits``, ``exponent_table``
+              (by T_c definition "a", "b"), ``crossover_skipped`` (by T_c definition:
+              why it was not measured), ``perceptron_fits``, ``exponent_table``
               (`analysis.perceptron.exponent_table` rows), ``local_signal``
               (`analysis.perceptron.local_P_exponents`), ``ntk_boundary`` (by P: the
               `analysis.regimes.ntk_boundary` table over T), ``ntk_boundary_T_fits`` (by
@@ -646,6 +649,11 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
         table = section.attempt(f"T_c definition ({key})", fn)
         if table is not None:
             tables[key] = table
+    section.results["crossover_skipped"] = {
+        key: section.skipped[f"T_c definition ({key})"]
+        for key in ("a", "b")
+        if f"T_c definition ({key})" in section.skipped
+    }
     crossover_fits = {}
     for key, table in tables.items():
         fit = section.attempt(
@@ -729,13 +737,18 @@ def _rescaling_exponent(crossover_fits: dict, fits: dict) -> float | None:
     return None
 
 
+_DIRECTION = {1: "rises", -1: "falls", 0: "n/a"}
+"""Words for `analysis.crossover.crossover_test_error`'s ``direction``."""
+
+
 def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
     for key, table in tables.items():
         section.add(f"- T_c {table.attrs.get('definition', f'({key})')}.")
     section.add("")
     header = ["P"]
-    for key in tables:
+    for key, table in tables.items():
         header += [f"T_c ({key})", f"95 % interval ({key})"]
+        header += [f"past T_c ({key}), the test error"] if "direction" in table else []
     rows = []
     for P in next(iter(tables.values()))["P"].values:
         row = [P]
@@ -750,6 +763,8 @@ def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
             else:
                 interval = "n/a"
             row += ["below the grid" if below else _num(T_c, "{:.4g}"), interval]
+            if "direction" in table:
+                row += [_DIRECTION[int(table["direction"].sel(P=P))]]
         rows.append(row)
     section.table(header, rows)
     for key, table in tables.items():

@@ -52,6 +52,7 @@ except ModuleNotFoundError:  # pragma: no cover - python 3.10
 
 from analysis.aggregate import (
     Change,
+    at_alpha,
     effective_outcome,
     masked,
     mean_stderr,
@@ -566,20 +567,23 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     """Classify the test error ``values[T, seed]`` (NaN where a cell did not converge)
     against T; None when fewer than 2 T have a mean.
 
-    Changes are paired by seed (`paired_change`): smallest T -> largest T at 5 %; the
-    lowest mean is picked among the m temperatures with a standard error (where there
-    are any), so smallest T -> lowest and lowest -> largest T are corrected for m - 1
-    comparisons. "optimum" needs both of those, "helps" the first (or a significant
-    fall to the largest T), "hurts" a significant rise to the largest T. With fewer
-    than 2 seeds converged at both ends of a change it does not count."""
+    The smallest and the largest T are those with a standard error (2 seeds converged or
+    more) where there are 2 such T, else those with a mean: the T where one seed of many
+    converged pairs nothing. Changes are paired by seed (`paired_change`): smallest T ->
+    largest T at 5 %; the lowest mean is picked among the m temperatures with a standard
+    error (where there are any), so smallest T -> lowest and lowest -> largest T are
+    corrected for m - 1 comparisons. "optimum" needs both of those, "helps" the first
+    (or a significant fall to the largest T), "hurts" a significant rise to the largest
+    T. With fewer than 2 seeds converged at both ends of a change it does not count."""
     values = np.asarray(values, dtype=float)
     stats = mean_stderr(xr.DataArray(values, dims=("T", "seed")))
     mean, stderr = stats["mean"].values, stats["stderr"].values
     ok = np.flatnonzero(np.isfinite(mean))
     if len(ok) < 2:
         return None
-    i0, il = int(ok[0]), int(ok[-1])
     rankable = np.flatnonzero(rankable_means(mean, stderr))
+    ends = rankable if len(rankable) >= 2 else ok  # one seed left at an end pairs nothing
+    i0, il = int(ends[0]), int(ends[-1])
     ib = int(rankable[np.argmin(mean[rankable])])
     point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
     picked = max(len(rankable) - 1, 1)
@@ -635,8 +639,8 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
             rows.append(_phase_row(float(alpha), trend, r.sel(alpha=alpha), f.sel(alpha=alpha)))
         lines += [
             f"Phase diagram at P = {int(P)}: seed means ± stderr; smallest and largest T are"
-            " the extreme temperatures with a converged cell; the relative weight change"
-            " ||w - w0|| / ||w0|| is at the smallest.",
+            " the extreme temperatures with 2 or more converged seeds; the relative weight"
+            " change ||w - w0|| / ||w0|| is at the smallest.",
             "",
         ]
         lines += _table(
@@ -868,6 +872,8 @@ def tsweep_reading(er: ExperimentReport) -> list[str]:
         law = f"T_c ~ P^-a, T_c {table.attrs.get('short_name', key)}"
         value = _est(cf.a) if cf else f"not fitted (T_c found for {found} of {table.sizes['P']} P)"
         rows.append([f"a ({key})", law, value, cf.fit.n_points if cf else found, ""])
+    for key, why in res.get("crossover_skipped", {}).items():
+        rows.append([f"a ({key})", "T_c ~ P^-a", f"not measured: {why}", 0, ""])
     if "rel_change" in fits:
         gd = ratio(fits["rel_change"], "gamma", "delta")
         rows.append(["gamma/delta", "from the rel. change fit", _est(gd), "", ""])
@@ -883,7 +889,56 @@ def tsweep_reading(er: ExperimentReport) -> list[str]:
         )
     if not checks:
         lines.append("- a = gamma/delta not checked: a fit it needs is missing (see the report).")
-    return lines + [""]
+    return lines + [""] + _tsweep_error_table(er.data, tables.get("b"))
+
+
+def _tsweep_error_table(ds: xr.Dataset, crossover: xr.Dataset | None) -> list[str]:
+    """Per P at the largest alpha: the test error against T (`error_trend`, paired by
+    seed) and T_c (b) with the direction the error takes past it."""
+    sel = at_alpha(ds)
+    values = masked(sel, "test_error").transpose("P", "T", "seed").compute()
+    T = values["T"].values
+    rows = []
+    for j, P in enumerate(values["P"].values):
+        trend = error_trend(T, values.values[j])
+        if trend is None:
+            rows.append([int(P), "n/a", "n/a", "n/a", "under 2 T converged", "n/a"])
+            continue
+        tc = "not measured"
+        if crossover is not None:
+            T_c, lo, hi = (float(crossover[v].sel(P=P)) for v in ("T_c", "T_c_low", "T_c_high"))
+            if bool(crossover["below_grid"].sel(P=P)):
+                tc = "below the grid"
+            elif math.isfinite(T_c):
+                span = (
+                    f" (95 %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})"
+                    if math.isfinite(lo) and math.isfinite(hi)
+                    else ""
+                )
+                word = {1: "rises", -1: "falls"}.get(int(crossover["direction"].sel(P=P)), "")
+                tc = f"2^{math.log2(T_c):.1f}{span}, {word} past it"
+            else:
+                tc = "not reached on the grid"
+        rows.append(
+            [int(P)]
+            + [
+                f"{_pm(*pt[1:])} (T = {pow2_text(pt[0])})"
+                for pt in (trend.first, trend.best, trend.last)
+            ]
+            + [trend.text, tc]
+        )
+    lines = [
+        f"Test error against T at alpha = {pow2_text(float(sel['alpha']))}: seed means ±"
+        " stderr; smallest and largest T are the extreme temperatures with 2 or more converged"
+        " seeds;"
+        " T_c (b) where the seed mean departs from its plateau.",
+        "",
+    ]
+    return lines + _table(
+        ["P", "test error at smallest T", "lowest", "at largest T", "test error against T"]
+        + ["T_c (b)"],
+        rows,
+    )
 
 
 # ---------------------------------------------------------------------------- perceptron

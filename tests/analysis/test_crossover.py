@@ -108,6 +108,18 @@ def test_definition_b_recovers_the_known_crossover(tsweep):
     expected_plateau = LAWS.err0 * (table["P"].values / 1024.0) ** -0.3
     np.testing.assert_allclose(table["plateau"].values, expected_plateau, rtol=0.03)
     assert not table["below_grid"].any()
+    assert (table["direction"] == 1).all()  # noise hurts past T_c in these laws
+
+
+def test_definition_b_finds_a_fall_as_well_as_a_rise(tsweep):
+    """The test error mirrored about its plateau (noise helps past T_c): the same T_c,
+    with direction -1."""
+    rising = crossover_test_error(tsweep, n_boot=0)
+    plateau = rising["plateau"].broadcast_like(tsweep["test_error"])
+    mirrored = tsweep.assign(test_error=2 * plateau - tsweep["test_error"])
+    falling = crossover_test_error(mirrored, n_boot=0)
+    np.testing.assert_allclose(falling["T_c"].values, rising["T_c"].values, rtol=1e-9)
+    assert (falling["direction"] == -1).all()
 
 
 def test_definition_b_says_where_the_crossover_is_below_the_grid():

@@ -12,7 +12,7 @@ from synthetic_cube import cube_dataset, group_attrs, lognormal, optimum_dataset
 
 from analysis.fits import InsufficientData
 from analysis.optimal import CLASSES, fit_optimal_temperature, optimal_temperature
-from ensemble.schema import CONVERGED
+from ensemble.schema import CONVERGED, DIVERGED
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,19 @@ def test_clear_optima_are_resolved_by_paired_t(table):
     assert (tab["t_rise"].values[interior] > tab["t_rise_crit"].values[interior]).all()
     assert float(tab["t_fall_crit"].values[1]) == pytest.approx(stats.t.ppf(1 - 0.025 / 12, 3))
     assert math.isnan(tab["t_fall"].values[-1])  # small-T edge: no fall to test
+
+
+def test_the_rise_ends_at_the_largest_T_with_several_seeds():
+    """At alpha = 2^-6 three of the four seeds diverge at the largest T: the rise after
+    the optimum is tested against the T below (4 seeds), not the lone seed."""
+    ds = optimum_dataset(np.random.default_rng(3), k=0.5)
+    outcome = ds["outcome"].transpose("alpha", "T", "P", "seed").values.copy()
+    outcome[1, -1, 0, 1:] = DIVERGED
+    ds["outcome"] = (("alpha", "T", "P", "seed"), outcome)
+    cell = optimal_temperature(ds, n_boot=0).isel(alpha=1, P=0)
+    assert CLASSES[int(cell["where"])] == "interior"
+    assert np.isfinite(cell["t_rise_crit"]) and cell["t_rise"] > cell["t_rise_crit"]
+    assert bool(cell["resolved"])
 
 
 def noise_dataset(rng: np.random.Generator, n_seed: int, n_alpha: int = 40) -> xr.Dataset:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from synthetic_cube import optimum_dataset, perceptron_dataset, write_cube
+from synthetic_cube import optimum_dataset, perceptron_dataset, tsweep_dataset, write_cube
 
 from analysis.cli import main
 from analysis.report import analysis_commit
@@ -172,6 +172,11 @@ def test_tsweep_reading_recovers_the_synthetic_laws(synthetic_page):
         synthetic_page,
         re.M,
     )
+    # the test error per P: it rises past T_c (b) in these laws, by a paired t test
+    assert "Test error against T at alpha = 2^15: seed means ± stderr" in synthetic_page
+    for P in (1024, 2048, 4096, 8192, 16384):
+        row = table_row(synthetic_page, str(P))
+        assert row[4].endswith("noise hurts") and row[5].endswith(", rises past it"), row
 
 
 def test_phase_reading_of_the_synthetic_diagram(synthetic_page):
@@ -209,6 +214,22 @@ def test_optimal_temperature_reading(tmp_path):
     both = "the 5 alphas <= 1 with interior or stability edge optima (best trainable T)"
     assert both in line and "within noise" not in line
     assert "reproduction/f/figures/feature_optimal_T_P256.png" in image_links(page)
+
+
+def test_tsweep_on_too_few_T_says_why_definition_b_is_not_measured(tmp_path):
+    """Two T: T_c (a) still interpolates between them, but the test error's departure
+    from a 3-point plateau cannot be measured; the report and the page say so instead of
+    "T_c found for 0 of N P"."""
+    ds = tsweep_dataset(np.random.default_rng(2), T=np.array([2.0**-12, 2.0**-6]), n_spoiled=0)
+    write_cube(tmp_path / "t.zarr", {"two_T": ds})
+    m = manifest(tmp_path / "m.toml", {"key": "t", "title": "T", "store": str(tmp_path / "t.zarr")})
+    page = reproduce(m, tmp_path / "out", n_boot=20).read_text()
+    why = "needs at least 4 T (3 on the small-T plateau and one to depart from it), the grid has 2"
+    row = table_row(page, "a (b)")
+    assert row[2] == f"not measured: definition (b) {why}" and row[3] == "0"
+    assert "±" in table_row(page, "a (a)")[2]  # (a) interpolates between the 2 T
+    report = (tmp_path / "out" / "reproduction" / "t" / "report.md").read_text()
+    assert f"- T_c definition (b) skipped: definition (b) {why}" in report
 
 
 def test_lowest_error_is_a_mean_of_several_seeds():
@@ -260,6 +281,13 @@ def test_error_trend_classes():
     # one seed at both ends of every change: nothing is judged
     single = error_trend(T, _seeds([0.2, 0.15, 0.1, 0.05], spread=(0.0,)))
     assert single.kind == "flat" and "1 seed at both: not judged" in single.text
+    # the largest T where one seed of three converged is not an end: the rise to the
+    # T before it is judged (it would not be, 1 seed at both ends of the change)
+    edge = _seeds([0.1, 0.11, 0.12, 0.3]) + jitter
+    edge[3, 1:] = np.nan
+    trend = error_trend(T, edge)
+    assert trend.last[0] == T[2] and trend.kind == "hurts", trend.text
+    assert "from T = 2^-4 to 2^-2: noise hurts" in trend.text
 
 
 def test_error_trend_pairs_seeds():
