@@ -729,9 +729,12 @@ def _a_table(section: _Section, crossover_fits: dict, rel_fit: PowerLawFit | Non
 
 
 def _rescaling_exponent(crossover_fits: dict, fits: dict) -> float | None:
+    """The a of the collapse T P^a: T_c (b)'s, else T_c (a)'s, the first that is resolved
+    (|a| over twice its error), else gamma / delta; None where none is fitted."""
     for key in ("b", "a"):
-        if key in crossover_fits and math.isfinite(crossover_fits[key].a.value):
-            return crossover_fits[key].a.value
+        a = crossover_fits[key].a if key in crossover_fits else None
+        if a is not None and math.isfinite(a.value) and abs(a.value) > 2 * a.error:
+            return a.value
     if "rel_change" in fits:
         return fits["rel_change"]["gamma"].value / fits["rel_change"]["delta"].value
     return None
