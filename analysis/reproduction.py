@@ -336,7 +336,8 @@ def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
         " seed (a seed fixes init, training set and batches at every T) and count where"
         " the mean per-seed change exceeds Student's t_(n-1) at two-sided 5 % times its"
         " standard error, Bonferroni-corrected for the T the lowest error was picked"
-        " among. Exponent verdicts: `agrees within"
+        " among; they run between the smallest and largest T where 2 or more seeds"
+        " converged. Exponent verdicts: `agrees within"
         f" {TOLERANCE:g}` when |fitted - predicted| <= {TOLERANCE:g}, else `agrees within 1"
         " sigma` when |fitted - predicted| <= its standard error, else `differs by X sigma`.",
         "",
