@@ -188,6 +188,20 @@ def seeds_with_values(values: xr.DataArray, keep: Sequence[str] = ()) -> xr.Data
     return values.notnull().any(reduce).sum("seed")
 
 
+def compared_T(values: np.ndarray) -> np.ndarray:
+    """Indices of the temperatures between which changes of ``values[T, seed]`` (NaN where
+    a cell is left out) are read: those where at least half as many seeds have a value as
+    at the best-covered T, and 2 or more. Near an edge of stability the few seeds that
+    still train are a selected few that pair with little. Where fewer than 2 T qualify,
+    those with 2 seeds or more, else every T with a value."""
+    counts = np.isfinite(np.asarray(values, dtype=float)).sum(-1)
+    for need in (max(2, math.ceil(counts.max(initial=0) / 2)), 2):
+        idx = np.flatnonzero(counts >= need)
+        if len(idx) >= 2:
+            return idx
+    return np.flatnonzero(counts >= 1)
+
+
 def bootstrap_std(reps: np.ndarray, n_seeds: int, axis: int = 0) -> np.ndarray:
     """Standard error from bootstrap replicates of an estimate over ``n_seeds`` seeds:
     their standard deviation along ``axis`` (non-finite replicates skipped) times

@@ -21,9 +21,10 @@ minimum (t_fall > 0 when it falls) and its rise from the minimum to the largest 
 the m - 1 other temperatures the minimum was picked among where it lies inside (at either
 end the change is the smallest T against the largest, chosen in advance). ``resolved``:
 the changes that make the class hold pass (interior: fall and rise; stability and large-T
-edges: the fall; small-T edge: the rise). The smallest and the largest T are those with 2
-or more converged seeds (where there are 2 such T): one seed left where the others
-diverged pairs nothing. Fewer than 2 seeds at both ends of a change: not resolved.
+edges: the fall; small-T edge: the rise). The smallest and the largest T are those of
+`analysis.aggregate.compared_T` (where at least half as many seeds converged as
+at the best-covered T): near an edge of stability the few seeds that still train pair
+with little. Fewer than 2 seeds at both ends of a change: not resolved.
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the standard error of ln T_opt
@@ -50,6 +51,7 @@ from analysis.aggregate import (
     Include,
     bootstrap_mean,
     bootstrap_std,
+    compared_T,
     effective_outcome,
     masked,
     mean_stderr,
@@ -149,15 +151,16 @@ def optimal_temperature(
                 continue
             reps = np.array([_argmin_refined(T, b, diverged[a, p])[0] for b in boot[:, a, p]])
             out["T_opt"][a, p], where[a, p] = t_opt, code
-            ok = np.flatnonzero(np.isfinite(mean[a, p]))
-            several = np.flatnonzero(np.isfinite(se[a, p]))  # 2 seeds or more
-            ends = several if len(several) >= 2 else ok  # as `reproduction.error_trend`
-            i0, il = int(ends[0]), int(ends[-1])
+            compared = compared_T(per_seed[a, p])
+            i0, il = int(compared[0]), int(compared[-1])
             # smallest -> largest T is a change chosen in advance; one to or from the
             # minimum picks it among the m temperatures
+            ok = np.flatnonzero(np.isfinite(mean[a, p]))  # the T the minimum was picked among
             picked = 1 if i in (i0, il) else max(len(ok) - 1, 1)
-            fall = _paired_t(per_seed[a, p], i, i0, picked)  # err(T_0) - err(T_min)
-            rise = _paired_t(per_seed[a, p], i, il, picked)
+            # a minimum outside [T_0, T_l] (where few seeds trained) has no change to test
+            outside = (math.nan, math.inf)
+            fall = _paired_t(per_seed[a, p], i, i0, picked) if i >= i0 else outside
+            rise = _paired_t(per_seed[a, p], i, il, picked) if i <= il else outside
             out["t_fall"][a, p], out["t_fall_crit"][a, p] = fall
             out["t_rise"][a, p], out["t_rise_crit"][a, p] = rise
             resolved[a, p] = _resolved(code, fall, rise)

@@ -53,6 +53,7 @@ except ModuleNotFoundError:  # pragma: no cover - python 3.10
 from analysis.aggregate import (
     Change,
     at_alpha,
+    compared_T,
     effective_outcome,
     masked,
     mean_stderr,
@@ -336,8 +337,8 @@ def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
         " seed (a seed fixes init, training set and batches at every T) and count where"
         " the mean per-seed change exceeds Student's t_(n-1) at two-sided 5 % times its"
         " standard error, Bonferroni-corrected for the T the lowest error was picked"
-        " among; they run between the smallest and largest T where 2 or more seeds"
-        " converged. Exponent verdicts: `agrees within"
+        " among; they run between the smallest and largest T where at least half as many"
+        " seeds converged as at the best-covered T. Exponent verdicts: `agrees within"
         f" {TOLERANCE:g}` when |fitted - predicted| <= {TOLERANCE:g}, else `agrees within 1"
         " sigma` when |fitted - predicted| <= its standard error, else `differs by X sigma`.",
         "",
@@ -568,12 +569,12 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     """Classify the test error ``values[T, seed]`` (NaN where a cell did not converge)
     against T; None when fewer than 2 T have a mean.
 
-    The smallest and the largest T are those with a standard error (2 seeds converged or
-    more) where there are 2 such T, else those with a mean: the T where one seed of many
-    converged pairs nothing. Changes are paired by seed (`paired_change`): smallest T ->
-    largest T at 5 %; the lowest mean is picked among the m temperatures with a standard
-    error (where there are any), so smallest T -> lowest and lowest -> largest T are
-    corrected for m - 1 comparisons. "optimum" needs both of those, "helps" the first
+    The smallest T, the largest and the lowest mean are taken among the m temperatures
+    of `analysis.aggregate.compared_T` (where at least half as many seeds converged as at
+    the best-covered T): near an edge of stability the few seeds that still train pair
+    with little. Changes are paired by seed (`paired_change`): smallest T -> largest T
+    at 5 %; smallest T -> lowest and lowest -> largest T are corrected for the m - 1
+    other T the lowest was picked among. "optimum" needs both of those, "helps" the first
     (or a significant fall to the largest T), "hurts" a significant rise to the largest
     T. With fewer than 2 seeds converged at both ends of a change it does not count."""
     values = np.asarray(values, dtype=float)
@@ -582,12 +583,11 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     ok = np.flatnonzero(np.isfinite(mean))
     if len(ok) < 2:
         return None
-    rankable = np.flatnonzero(rankable_means(mean, stderr))
-    ends = rankable if len(rankable) >= 2 else ok  # one seed left at an end pairs nothing
-    i0, il = int(ends[0]), int(ends[-1])
-    ib = int(rankable[np.argmin(mean[rankable])])
+    compared = compared_T(values)
+    i0, il = int(compared[0]), int(compared[-1])
+    ib = int(compared[np.argmin(mean[compared])])
     point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
-    picked = max(len(rankable) - 1, 1)
+    picked = max(len(compared) - 1, 1)
 
     def change(i: int, j: int, comparisons: int = 1) -> tuple[Change, str]:
         """The paired change from T[i] to T[j], and in words."""
@@ -640,8 +640,9 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
             rows.append(_phase_row(float(alpha), trend, r.sel(alpha=alpha), f.sel(alpha=alpha)))
         lines += [
             f"Phase diagram at P = {int(P)}: seed means ± stderr; smallest and largest T are"
-            " the extreme temperatures with 2 or more converged seeds; the relative weight"
-            " change ||w - w0|| / ||w0|| is at the smallest.",
+            " the extreme temperatures where at least half as many seeds converged as at the"
+            " best-covered T (2 or more); the relative weight change ||w - w0|| / ||w0|| is at"
+            " the smallest.",
             "",
         ]
         lines += _table(
@@ -930,8 +931,8 @@ def _tsweep_error_table(ds: xr.Dataset, crossover: xr.Dataset | None) -> list[st
         )
     lines = [
         f"Test error against T at alpha = {pow2_text(float(sel['alpha']))}: seed means ±"
-        " stderr; smallest and largest T are the extreme temperatures with 2 or more converged"
-        " seeds;"
+        " stderr; smallest and largest T are the extreme temperatures where at least half as"
+        " many seeds converged as at the best-covered T (2 or more);"
         " T_c (b) where the seed mean departs from its plateau.",
         "",
     ]

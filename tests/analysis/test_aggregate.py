@@ -13,6 +13,7 @@ from synthetic_cube import ABSURD
 
 from analysis.aggregate import (
     bootstrap_mean,
+    compared_T,
     included,
     masked,
     outcome_counts,
@@ -157,3 +158,41 @@ def test_bootstrap_std_of_a_mean_is_the_usual_standard_error(n):
     assert bootstrap_std(reps, n) == pytest.approx(usual, rel=0.02)
     assert reps.std() == pytest.approx(usual * np.sqrt((n - 1) / n), rel=0.02)
     assert np.isnan(bootstrap_std(reps, 1)) and np.isnan(bootstrap_std(reps[:1], n))
+
+
+def _with_counts(counts: list[int], n_seed: int = 6) -> np.ndarray:
+    """values[T, seed] with counts[i] seeds converged at T i (NaN elsewhere)."""
+    values = np.full((len(counts), n_seed), np.nan)
+    for i, c in enumerate(counts):
+        values[i, :c] = 0.1 + 0.01 * i
+    return values
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ([6, 6, 6, 5, 3, 1, 0], [0, 1, 2, 3, 4]),  # at least 3 of 6
+        ([6, 6, 2, 1], [0, 1]),
+        ([0, 2, 2, 1], [1, 2]),  # at least 2 (half of 2 is 1)
+        ([2, 1, 1], [0, 1, 2]),  # one T with 2 seeds: every T with a value
+        ([1, 1, 0], [0, 1]),
+        ([0, 0], []),
+    ],
+)
+def test_compared_T_leaves_out_the_few_seeds_at_an_edge(counts, expected):
+    assert compared_T(_with_counts(counts)).tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=15))
+def test_compared_T_keeps_the_best_covered_T(counts):
+    got = compared_T(_with_counts(counts, n_seed=12)).tolist()
+    with_values = [i for i, c in enumerate(counts) if c >= 1]
+    assert set(got) <= set(with_values)
+    if with_values:
+        assert counts.index(max(counts)) in got
+    well = [i for i, c in enumerate(counts) if c >= 2 and 2 * c >= max(counts)]
+    if len(well) >= 2:
+        assert got == well
+    else:
+        assert all(counts[i] >= 2 for i in got) or got == with_values
