@@ -26,6 +26,8 @@ from the numbers of that report:
   the best cell; the diverged cells; smallest alpha (feature side) against largest
   (lazy side);
 - lazy T-sweeps (several T and P): delta, gamma, c, b, a and the check a = gamma/delta;
+  per P the test error against T (`error_trend`) with T_c (b) and whether the error
+  rises or falls past it;
 - perceptron groups: one table across (chi, d) of the signal's P-exponent against
   1/(1+chi), its local P-exponents and the noise's P-exponent against 0, each with a
   verdict (`verdict`).
