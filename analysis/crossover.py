@@ -161,6 +161,10 @@ def crossover_test_error(
     return table
 
 
+DIRECTION = {1: "rises", -1: "falls", 0: "n/a"}
+"""Words for the ``direction`` of `crossover_test_error` (the test error past T_c)."""
+
+
 @dataclass(frozen=True)
 class CrossoverFit:
     """T_c ~ A P^(-a): the exponent a (Estimate) and the underlying log-space fit."""

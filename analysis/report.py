@@ -36,6 +36,7 @@ import xarray as xr
 from analysis import plots
 from analysis.aggregate import at_alpha, masked, outcome_counts
 from analysis.crossover import (
+    DIRECTION,
     check_ratio,
     crossover_rel_change,
     crossover_test_error,
@@ -740,10 +741,6 @@ def _rescaling_exponent(crossover_fits: dict, fits: dict) -> float | None:
     return None
 
 
-_DIRECTION = {1: "rises", -1: "falls", 0: "n/a"}
-"""Words for `analysis.crossover.crossover_test_error`'s ``direction``."""
-
-
 def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
     for key, table in tables.items():
         section.add(f"- T_c {table.attrs.get('definition', f'({key})')}.")
@@ -767,7 +764,7 @@ def _tc_table(section: _Section, tables: dict[str, xr.Dataset]) -> None:
                 interval = "n/a"
             row += ["below the grid" if below else _num(T_c, "{:.4g}"), interval]
             if "direction" in table:
-                row += [_DIRECTION[int(table["direction"].sel(P=P))]]
+                row += [DIRECTION[int(table["direction"].sel(P=P))]]
         rows.append(row)
     section.table(header, rows)
     for key, table in tables.items():

@@ -63,6 +63,7 @@ from analysis.aggregate import (
     paired_change,
     seed_mean,
 )
+from analysis.crossover import DIRECTION
 from analysis.fits import Estimate, ratio
 from analysis.load import experiment_names
 from analysis.optimal import CLASSES
@@ -919,7 +920,7 @@ def _tsweep_error_table(ds: xr.Dataset, crossover: xr.Dataset | None) -> list[st
                     if math.isfinite(lo) and math.isfinite(hi)
                     else ""
                 )
-                word = {1: "rises", -1: "falls"}.get(int(crossover["direction"].sel(P=P)), "")
+                word = DIRECTION[int(crossover["direction"].sel(P=P))]
                 tc = f"2^{math.log2(T_c):.1f}{span}, {word} past it"
             else:
                 tc = "not reached on the grid"
