@@ -642,19 +642,17 @@ def _tsweep(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> None:
                 for v in fit.variables
             ],
         )
-    tables = {}
+    tables, skipped = {}, {}
     for key, fn in (
         ("a", lambda: crossover_rel_change(ds, n_boot=n_boot, seed=seed)),
         ("b", lambda: crossover_test_error(ds, n_boot=n_boot, seed=seed)),
     ):
-        table = section.attempt(f"T_c definition ({key})", fn)
+        table = section.attempt(what := f"T_c definition ({key})", fn)
         if table is not None:
             tables[key] = table
-    section.results["crossover_skipped"] = {
-        key: section.skipped[f"T_c definition ({key})"]
-        for key in ("a", "b")
-        if f"T_c definition ({key})" in section.skipped
-    }
+        elif what in section.skipped:
+            skipped[key] = section.skipped[what]
+    section.results["crossover_skipped"] = skipped
     crossover_fits = {}
     for key, table in tables.items():
         fit = section.attempt(

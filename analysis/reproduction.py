@@ -583,10 +583,9 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     values = np.asarray(values, dtype=float)
     stats = mean_stderr(xr.DataArray(values, dims=("T", "seed")))
     mean, stderr = stats["mean"].values, stats["stderr"].values
-    ok = np.flatnonzero(np.isfinite(mean))
-    if len(ok) < 2:
+    compared = compared_T(values)  # every T with a mean where fewer qualify
+    if len(compared) < 2:
         return None
-    compared = compared_T(values)
     i0, il = int(compared[0]), int(compared[-1])
     ib = int(compared[np.argmin(mean[compared])])
     point = {i: (float(T[i]), float(mean[i]), float(stderr[i])) for i in (i0, ib, il)}
@@ -675,11 +674,7 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
         for j in dict.fromkeys((int(ok[0]), int(ok[-1]))):
             T, a = table["T"].values[j], table["alpha_star"].values[j]
             lo, hi = table["alpha_star_low"].values[j], table["alpha_star_high"].values[j]
-            interval = (
-                f" ({table.attrs['ci'] * 100:g} %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})"
-                if np.isfinite(lo)
-                else ""
-            )
+            interval = _log2_interval(lo, hi, table.attrs["ci"])
             parts.append(f"alpha* = 2^{math.log2(a):.1f}{interval} at T = {pow2_text(T)}")
         slope = er.results.get("ntk_boundary_T_fits", {}).get(P)
         if slope is not None:
@@ -696,6 +691,13 @@ def ntk_reading(er: ExperimentReport) -> list[str]:
         ]
         lines.append(f"- The boundary against P, alpha* ~ P^k: {'; '.join(parts)}.")
     return lines + [""] * bool(lines)
+
+
+def _log2_interval(lo: float, hi: float, ci: float) -> str:
+    """ " (95 %: 2^a - 2^b)" for an interval in octaves; empty where it is not found."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f" ({ci * 100:g} %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})"
 
 
 def _ntk_span(er: ExperimentReport, P: int) -> str:
@@ -915,11 +917,7 @@ def _tsweep_error_table(ds: xr.Dataset, crossover: xr.Dataset | None) -> list[st
             if bool(crossover["below_grid"].sel(P=P)):
                 tc = "below the grid"
             elif math.isfinite(T_c):
-                span = (
-                    f" (95 %: 2^{math.log2(lo):.1f} - 2^{math.log2(hi):.1f})"
-                    if math.isfinite(lo) and math.isfinite(hi)
-                    else ""
-                )
+                span = _log2_interval(lo, hi, crossover.attrs["ci"])
                 word = DIRECTION[int(crossover["direction"].sel(P=P))]
                 tc = f"2^{math.log2(T_c):.1f}{span}, {word} past it"
             else:
