@@ -341,7 +341,10 @@ def _header(m: Manifest, command: str, n_boot: int, seed: int) -> list[str]:
         " the mean per-seed change exceeds Student's t_(n-1) at two-sided 5 % times its"
         " standard error, Bonferroni-corrected for the T the lowest error was picked"
         " among; they run between the smallest and largest T where at least half as many"
-        " seeds converged as at the best-covered T. Exponent verdicts: `agrees within"
+        " seeds converged as at the best-covered T, and a phase diagram's lowest cell is"
+        " ranked among the same T; where the ends do not differ, an error that rises to an"
+        " inner T and falls back (both beyond t, corrected for the inner T) is a peak."
+        " Exponent verdicts: `agrees within"
         f" {TOLERANCE:g}` when |fitted - predicted| <= {TOLERANCE:g}, else `agrees within 1"
         " sigma` when |fitted - predicted| <= its standard error, else `differs by X sigma`.",
         "",
@@ -548,7 +551,8 @@ class Trend:
     first, best, last : (T, mean, stderr) at the smallest T, the minimum and the largest
                         T among the temperatures with a converged mean
     kind              : "helps" (falls with T), "optimum" (falls, then rises), "hurts"
-                        (rises with T) or "flat" (no change that passes its t test)
+                        (rises with T), "peak" (rises, then falls back) or "flat" (no
+                        change that passes its t test)
     text              : the change in words, with its paired t statistic and threshold
     """
 
@@ -557,15 +561,6 @@ class Trend:
     last: tuple[float, float, float]
     kind: str
     text: str
-
-
-def rankable_means(mean: np.ndarray, stderr: np.ndarray) -> np.ndarray:
-    """Mask of the seed means to rank for a lowest error: the finite means with a standard
-    error (2 seeds or more) where there are any, else every finite mean. One seed left
-    where the others diverged is not a mean to rank."""
-    ok = np.isfinite(mean)
-    several = ok & np.isfinite(stderr)
-    return several if several.any() else ok
 
 
 def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
@@ -579,7 +574,10 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     at 5 %; smallest T -> lowest and lowest -> largest T are corrected for the m - 1
     other T the lowest was picked among. "optimum" needs both of those, "helps" the first
     (or a significant fall to the largest T), "hurts" a significant rise to the largest
-    T. With fewer than 2 seeds converged at both ends of a change it does not count."""
+    T. Where the ends do not differ, "peak" needs a significant rise from the smallest T to
+    the highest mean strictly between the ends and a significant fall from it to the
+    largest T (both corrected for the m - 2 inner T it was picked among). With fewer than
+    2 seeds converged at both ends of a change it does not count."""
     values = np.asarray(values, dtype=float)
     stats = mean_stderr(xr.DataArray(values, dims=("T", "seed")))
     mean, stderr = stats["mean"].values, stats["stderr"].values
@@ -620,6 +618,15 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
             kind, text = "helps", f"{words}: noise helps"
         else:
             kind, text = "flat", f"{words}: no significant change"
+            inner = compared[1:-1]
+            if len(inner):
+                ih = int(inner[np.argmax(mean[inner])])
+                up, up_text = change(i0, ih, len(inner))
+                down, down_text = change(ih, il, len(inner))
+                if up.diff > 0 and up.counts and down.diff < 0 and down.counts:
+                    top = pow2_text(T[ih])
+                    kind = "peak"
+                    text = f"{up_text}, then {down_text}: highest on the grid at T = {top}"
     return Trend(point[i0], point[ib], point[il], kind, text)
 
 
@@ -793,12 +800,17 @@ def _phase_summary(
     values: xr.DataArray,
 ) -> list:
     """Best cell, where noise helps / hurts, and smallest against largest alpha
-    (``values``: the per-seed test error over alpha, T and seed at this P)."""
+    (``values``: the per-seed test error over alpha, T and seed at this P). The best cell
+    is the lowest mean among each alpha's compared temperatures (`compared_T`, as its
+    trend): a T where 1 of 12 seeds still trains is not ranked against the others."""
     mean = err["mean"]
     if not np.isfinite(mean.values).any():
         return ["No cell converged at this P.", ""]
-    ranked = rankable_means(mean.values, err["stderr"].values)
-    several = bool(ranked.sum() < np.isfinite(mean.values).sum())  # one-seed cells left out
+    ranked = xr.zeros_like(mean, dtype=bool)
+    for alpha in mean["alpha"].values:  # each row's compared T, as its trend reads them
+        row = values.sel(alpha=alpha).transpose("T", "seed").values
+        ranked.loc[{"alpha": alpha}] = np.isin(np.arange(row.shape[0]), compared_T(row))
+    several = bool(ranked.sum() < np.isfinite(mean.values).sum())  # thin cells left out
     best = mean.where(ranked, np.inf).argmin(...)
     cell = {d: float(mean[d].values[i]) for d, i in best.items()}
     at = err.isel(best)
@@ -807,12 +819,13 @@ def _phase_summary(
         f"- Lowest test error {_pm(float(at['mean']), float(at['stderr']))}"
         f" ({n} seed{'s' if n > 1 else ''}) at alpha = {pow2_text(cell['alpha'])},"
         f" T = {pow2_text(cell['T'])}"
-        + (" (among the cells with 2 seeds or more)." if several else ".")
+        + (" (among the T each alpha's trend compares)." if several else ".")
     ]
     for kind, words in (
         ("helps", "Noise helps (error falls with T)"),
         ("optimum", "The error has an optimum T"),
         ("hurts", "Noise hurts (error rises with T)"),
+        ("peak", "The error peaks at an inner T and falls back"),
         ("flat", "No significant change with T"),
     ):
         where = [pow2_text(a) for a, t in trends.items() if t is not None and t.kind == kind]

@@ -14,6 +14,7 @@ import pytest
 import xarray as xr
 from synthetic_cube import optimum_dataset, perceptron_dataset, tsweep_dataset, write_cube
 
+from analysis.aggregate import mean_stderr
 from analysis.cli import main
 from analysis.report import analysis_commit
 from analysis.reproduction import (
@@ -232,31 +233,31 @@ def test_tsweep_on_too_few_T_says_why_definition_b_is_not_measured(tmp_path):
     assert f"- T_c definition (b) skipped: definition (b) {why}" in report
 
 
-def test_lowest_error_is_a_mean_of_several_seeds():
-    """A cell where one seed converged and the others diverged is not ranked lowest."""
+def test_lowest_error_is_read_where_the_trends_compare():
+    """The lowest cell is ranked among each alpha's compared T: not where 1 or 2 of 6
+    seeds converged and the others diverged, but where 2 seeds are all there are."""
     from analysis.reproduction import _phase_summary
 
-    T = 2.0 ** np.arange(-4, -1)
-    coords = {"alpha": [1.0], "T": T}
-    err = xr.Dataset(
-        {
-            "mean": (("alpha", "T"), [[0.2, 0.15, 0.1]]),
-            "stderr": (("alpha", "T"), [[0.01, 0.01, np.nan]]),
-            "n": (("alpha", "T"), [[4, 4, 1]]),
-        },
-        coords=coords,
-    )
-    rel = xr.Dataset({"mean": (("alpha", "T"), [[0.1, 0.1, 0.1]])}, coords=coords)
-    values = err["mean"].expand_dims(seed=[0], axis=-1)  # not read: no trends to compare
+    T = 2.0 ** np.arange(-4, 0)
+    coords = {"alpha": [1.0, 4.0], "T": T, "seed": np.arange(6)}
+    values = xr.DataArray(np.full((2, 4, 6), np.nan), dims=("alpha", "T", "seed"), coords=coords)
+    values[0, :2] = [[0.20], [0.15]] + np.linspace(-0.01, 0.01, 6)
+    values[0, 2, :2] = [0.09, 0.11]  # 2 of 6 seeds at the edge: below half the best count
+    values[0, 3, :1] = 0.05  # 1 of 6
+    values[1, :, :2] = [[0.3], [0.25], [0.2], [0.16]] + np.array([-0.01, 0.01])  # 2 seeds
+    err = mean_stderr(values)
+    rel = xr.Dataset({"mean": (("alpha", "T"), np.full((2, 4), 0.1))}, coords=coords)
     (line, *_) = _phase_summary(err, rel, {}, values)
     assert line == (
-        "- Lowest test error 0.1500 ± 0.0100 (4 seeds) at alpha = 1, T = 2^-3"
-        " (among the cells with 2 seeds or more)."
+        "- Lowest test error 0.1500 ± 0.0031 (6 seeds) at alpha = 1, T = 2^-3"
+        " (among the T each alpha's trend compares)."
     )
-    alone = err.assign(n=err["n"] * 0 + 1, stderr=err["stderr"] * np.nan)
-    assert _phase_summary(alone, rel, {}, values)[0].startswith(
-        "- Lowest test error 0.1000 (1 seed) at"
-    )
+    values[1, 3, :2] -= 0.02  # alpha = 4 reaches 0.14 with its 2 seeds: ranked
+    (line, *_) = _phase_summary(mean_stderr(values), rel, {}, values)
+    assert line.startswith("- Lowest test error 0.1400 ± 0.0100 (2 seeds) at alpha = 2^2, T = 2^-1")
+    alone = values.isel(seed=[0])  # one seed everywhere: every cell is ranked
+    line = _phase_summary(mean_stderr(alone), rel, {}, alone)[0]
+    assert line == "- Lowest test error 0.0500 (1 seed) at alpha = 1, T = 2^-1."
 
 
 def _seeds(means, spread=(-0.002, 0.0, 0.002)) -> np.ndarray:
@@ -273,6 +274,15 @@ def test_error_trend_classes():
     flat = error_trend(T, _seeds([0.1, 0.1005, 0.0995, 0.101]) + jitter)
     assert flat.kind == "flat" and flat.last[0] == T[-1]
     assert flat.text.endswith("no significant change")
+    peak = error_trend(T, _seeds([0.1, 0.15, 0.2, 0.1]) + jitter)
+    assert peak.kind == "peak" and peak.best[0] == T[0], peak.text
+    assert peak.text == (  # corrected for the 2 inner T: t_2 at 1 - 0.025 / 2 = 6.21
+        "rises by 0.100 (t = 100.0 > 6.21, 3 seeds) from T = 2^-4 to 2^-2, then falls by"
+        " 0.100 (t = 173.2 > 6.21, 3 seeds) from T = 2^-2 to 2^-1: highest on the grid at"
+        " T = 2^-2"
+    )
+    # a bump that does not fall back significantly stays flat (the ends do not differ)
+    assert error_trend(T, _seeds([0.1, 0.1, 0.1015, 0.1]) + jitter).kind == "flat"
     assert error_trend(T, _seeds([0.1, np.nan, np.nan, np.nan])) is None
     # a one-seed mean (no stderr) is not the lowest where others have errors
     lone = _seeds([0.2, 0.15, 0.1, 0.18]) + jitter
