@@ -136,7 +136,14 @@ def _client(address: str) -> Client:
         try:
             box["client"] = Client(address)
         except BaseException as exc:  # noqa: BLE001  reported below, whatever it is
-            box["error"] = exc
+            box["error"] = f"{type(exc).__name__}: {exc}"
+        if "error" in box:
+            # The half-built Client is cyclic garbage (its traceback holds it) whose
+            # __del__ closes it, taking distributed's class-wide LoopRunner lock. Left to
+            # the collector it can be finalised inside another Client's LoopRunner.start,
+            # which holds that lock: that thread deadlocks, and with it every later
+            # Client or LocalCluster of the process. Finalise it here, holding no lock.
+            gc.collect()
 
     # a daemon thread: one stuck in a handshake does not hold up the exit
     thread = threading.Thread(target=make, name="ensemble-connect", daemon=True)
@@ -149,8 +156,7 @@ def _client(address: str) -> Client:
             " port 8786 unless told otherwise; 8787 is its dashboard)"
         )
     if "error" in box:
-        exc = box["error"]
-        raise EnsembleError(f"{where}: {type(exc).__name__}: {exc}") from None
+        raise EnsembleError(f"{where}: {box['error']}")
     return box["client"]
 
 

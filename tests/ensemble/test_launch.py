@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -664,6 +665,26 @@ def test_scheduler_addresses_that_are_no_scheduler_are_error_lines(tmp_path, mon
             with pytest.raises(EnsembleError, match=f"scheduler at {re.escape(address)}: .*{why}"):
                 launch(spec, tmp_path / "s.zarr", scheduler=address, progress=False)
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:87x", "http://127.0.0.1:1"])
+def test_a_failed_connect_leaves_no_half_built_client(address):
+    """A Client(address) that fails is finalised where it failed. Left as cyclic garbage,
+    its __del__ (close: distributed's class-wide LoopRunner lock) could run inside another
+    Client's start, which holds that lock, and hang the process: CI hung so once, a few
+    tests after the one above."""
+    from ensemble import cluster
+
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if type(o) is Client}
+    gc.disable()  # nothing but the connect itself may collect the half-built Client
+    try:
+        with pytest.raises(EnsembleError, match="ValueError"):
+            cluster._client(address)
+        left = [o for o in gc.get_objects() if type(o) is Client and id(o) not in before]
+    finally:
+        gc.enable()
+    assert left == []
 
 
 def test_ctrl_c_while_connecting_says_nothing_was_written(tmp_path, data_root):
