@@ -563,6 +563,21 @@ class Trend:
     text: str
 
 
+_TREND_ENDS = (
+    "smallest and largest T are the extreme temperatures where at least half as many seeds"
+    " converged as at the best-covered T (2 or more)"
+)
+"""What a trend table's smallest and largest T are (`analysis.aggregate.compared_T`)."""
+
+
+def _trend_cells(trend: Trend) -> list[str]:
+    """The table cells "mean ± stderr (T = ...)" at a trend's smallest T, lowest mean and
+    largest T."""
+    return [
+        f"{_pm(*pt[1:])} (T = {pow2_text(pt[0])})" for pt in (trend.first, trend.best, trend.last)
+    ]
+
+
 def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
     """Classify the test error ``values[T, seed]`` (NaN where a cell did not converge)
     against T; None when fewer than 2 T have a mean.
@@ -648,10 +663,8 @@ def phase_reading(ds: xr.Dataset) -> list[str]:
             trends[float(alpha)] = trend
             rows.append(_phase_row(float(alpha), trend, r.sel(alpha=alpha), f.sel(alpha=alpha)))
         lines += [
-            f"Phase diagram at P = {int(P)}: seed means ± stderr; smallest and largest T are"
-            " the extreme temperatures where at least half as many seeds converged as at the"
-            " best-covered T (2 or more); the relative weight change ||w - w0|| / ||w0|| is at"
-            " the smallest.",
+            f"Phase diagram at P = {int(P)}: seed means ± stderr; {_TREND_ENDS}; the relative"
+            " weight change ||w - w0|| / ||w0|| is at the smallest.",
             "",
         ]
         lines += _table(
@@ -785,9 +798,7 @@ def _phase_row(alpha: float, trend: Trend | None, rel: xr.Dataset, flag: xr.Data
     return [
         pow2_text(alpha),
         rel_text,
-        f"{_pm(*trend.first[1:])} (T = {pow2_text(trend.first[0])})",
-        f"{_pm(*trend.best[1:])} (T = {pow2_text(trend.best[0])})",
-        f"{_pm(*trend.last[1:])} (T = {pow2_text(trend.last[0])})",
+        *_trend_cells(trend),
         trend.text,
         bad_text,
     ]
@@ -935,19 +946,10 @@ def _tsweep_error_table(ds: xr.Dataset, crossover: xr.Dataset | None) -> list[st
                 tc = f"2^{math.log2(T_c):.1f}{span}, {word} past it"
             else:
                 tc = "not reached on the grid"
-        rows.append(
-            [int(P)]
-            + [
-                f"{_pm(*pt[1:])} (T = {pow2_text(pt[0])})"
-                for pt in (trend.first, trend.best, trend.last)
-            ]
-            + [trend.text, tc]
-        )
+        rows.append([int(P), *_trend_cells(trend), trend.text, tc])
     lines = [
         f"Test error against T at alpha = {pow2_text(float(sel['alpha']))}: seed means ±"
-        " stderr; smallest and largest T are the extreme temperatures where at least half as"
-        " many seeds converged as at the best-covered T (2 or more);"
-        " T_c (b) where the seed mean departs from its plateau.",
+        f" stderr; {_TREND_ENDS}; T_c (b) where the seed mean departs from its plateau.",
         "",
     ]
     return lines + _table(
