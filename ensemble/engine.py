@@ -556,7 +556,8 @@ class Engine:
     """
 
     SLOT_STATE = (
-        "f0", "alpha", "dt", "key", "step", "last_active", "status", "limit", "pre0", "pre0_step"
+        "f0", "f0_test", "alpha", "dt", "key", "step", "last_active", "status", "limit", "pre0",
+        "pre0_step",
     )  # fmt: skip
     """Device tensors of one row per slot besides the weights and the training data:
     ``_select`` keeps exactly these (and ``params``, ``params0``, ``data``) in step with
@@ -622,6 +623,8 @@ class Engine:
         }
         self.params0: Params = {n: p.clone() for n, p in self.params.items()}
         self.f0 = torch.zeros(K, group.P, dtype=dt, device=dev)  # F(w0, x_i), training set
+        # F(w0, x) on the test set: checkpoints and the final test error evaluate w only
+        self.f0_test = torch.zeros(K, len(self.data.x_test), dtype=dt, device=dev)
         self.alpha = torch.ones(K, dtype=dt, device=dev)
         self.dt = torch.zeros(K, dtype=dt, device=dev)
         self.key = torch.zeros(K, dtype=torch.int64, device=dev)
@@ -848,7 +851,10 @@ class Engine:
         return torch.cat(out)
 
     def _init_f0(self, slots: torch.Tensor) -> None:
+        """Cache the initial outputs F(w0, x) of ``slots`` on their training sets and on
+        the test set."""
         self.f0[slots] = self._F(self.params0, slots, "train")
+        self.f0_test[slots] = self._F(self.params0, slots, "test")
 
     def _train_loss(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(full training loss (k,), unfitted mask (k, P)) for ``slots``."""
@@ -856,10 +862,15 @@ class Engine:
         hinge = F.relu(1 - self.alpha[slots, None] * f * self.data.y[slots])
         return hinge.mean(dim=1) / self.alpha[slots], hinge > 0
 
-    def _test_error(self, slots: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        """Test error (fraction with y f <= 0) on the first ``n`` test points (all by
-        default); NaN where a prediction is not finite."""
-        f = self._F(self.params, slots, "test", n) - self._F(self.params0, slots, "test", n)
+    def _test_f(self, slots: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Centred outputs f = F(w, x) - F(w0, x) of ``slots`` on the first ``n`` test
+        points (all by default): (k, n)."""
+        f = self._F(self.params, slots, "test", n)
+        return f - self.f0_test[slots, : f.shape[1]]
+
+    def _test_error(self, f: torch.Tensor) -> torch.Tensor:
+        """Test error (fraction with y f <= 0) of the centred test outputs ``f`` (k, n) on
+        the first n test points; NaN where a prediction is not finite."""
         wrong = (self.data.y_test[: f.shape[1]] * f <= 0).to(self.dtype)
         return torch.where(torch.isfinite(f).all(dim=1), wrong.mean(dim=1), torch.nan)
 
@@ -997,7 +1008,7 @@ class Engine:
             if len(due):
                 idx = torch.tensor(due, device=self.device)
                 loss, _ = self._train_loss(idx)
-                err = self._test_error(idx, N_CKPT_TEST)
+                err = self._test_error(self._test_f(idx, N_CKPT_TEST))
                 loss, err = loss.cpu().numpy(), err.cpu().numpy()
                 for j, s in enumerate(due):
                     c = next_ckpt[s]
@@ -1082,7 +1093,8 @@ class Engine:
         slots = sorted(done)
         idx = torch.tensor(slots, device=self.device)
         loss, unfitted = self._train_loss(idx)
-        err, err_sub = self._test_error(idx), self._test_error(idx, N_CKPT_TEST)
+        f_test = self._test_f(idx)
+        err, err_sub = self._test_error(f_test), self._test_error(f_test[:, :N_CKPT_TEST])
         dw2 = {
             n: ((self.params[n][idx] - p0[idx]) ** 2).reshape(len(slots), -1).sum(1)
             for n, p0 in self.params0.items()

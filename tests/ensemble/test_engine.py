@@ -20,7 +20,7 @@ from ensemble import engine as engine_module
 from ensemble.cells import Group, Member, SpecError
 from ensemble.engine import Engine, draw_batch, member_streams, train_batch
 from ensemble.models import build_model, init_params
-from ensemble.schema import CONVERGED, DIVERGED, UNFINISHED
+from ensemble.schema import CONVERGED, DIVERGED, N_CKPT_TEST, UNFINISHED, checkpoint_steps
 
 
 def _perceptron_group(
@@ -112,6 +112,32 @@ def test_shrinking_the_tail_changes_nothing_but_the_cost(arch, small_fc):
     assert shrinking.stats.slot_steps < fixed.stats.slot_steps
     assert shrinking.stats.busy_steps == fixed.stats.busy_steps
     assert shrinking.stats.occupancy > fixed.stats.occupancy
+
+
+def test_test_errors_are_those_of_the_final_weights(small_fc):
+    """The test error (all pte points) and the checkpoints frozen after t* (the first
+    N_CKPT_TEST points) equal y f <= 0 recomputed from each member's own w and w0, with
+    slots refilled and the tail shrunk (the cached F(w0, x_test) follows its member)."""
+    g = Group(**{**small_fc.as_dict(), "pte": N_CKPT_TEST + 256, "data_root": small_fc.data_root})
+    members = MEMBERS + [Member(alpha=2.0**3, T=2.0**-5, seed=4)]
+    res = Engine(g, 2, DEVICE, keep_weights=True).run(members)
+    pool = datasets.load_pool("mnist", g.data_root)
+    test = torch.from_numpy(datasets.test_indices("mnist", g.pte))
+    x, y = pool.x[test].double(), pool.y[test].double()
+    converged = 0
+    for m, r in zip(members, res, strict=True):
+        w0 = init_params(
+            build_model(g), member_streams(m.seed)[0], torch.float64, torch.device("cpu")
+        )
+        w = {n: torch.from_numpy(v) for n, v in r.weights.items()}
+        wrong = (y * (_reference_fc(w, x, g.L, g.h) - _reference_fc(w0, x, g.L, g.h)) <= 0).double()
+        assert r.test_error == pytest.approx(wrong.mean().item(), abs=1e-12)
+        if r.outcome == CONVERGED:
+            converged += 1
+            after = np.array(checkpoint_steps()) >= r.steps
+            sub = wrong[:N_CKPT_TEST].mean().item()
+            np.testing.assert_allclose(np.array(r.ckpt_test_error)[after], sub, atol=1e-12)
+    assert converged >= 3
 
 
 @pytest.mark.parametrize("arch", ["fc", "perceptron"])
