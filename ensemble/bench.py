@@ -334,6 +334,55 @@ def check_graph_equivalence(device: torch.device, data_root=None, triton: bool =
     )
 
 
+def check_other_architectures(device: torch.device, data_root=None) -> str:
+    """MNAS and the perceptron on ``device`` in float64, asserted (AssertionError
+    otherwise): each MNAS ensemble member (its convolutions batched by vmap on CUDA, one
+    member at a time on the CPU: ``engine.MEMBER_CHUNK``) equals the member trained
+    alone in outcome, steps, test error, NTK change (8 test points) and weights (1e-9);
+    the perceptron's quiet-step skipping equals its plain steps bit for bit. On CUDA both
+    are also compared with the CPU engine (outcomes and steps equal, weights, test error
+    and NTK change to 1e-6). MNAS h = 2, P = 16 on MNIST; perceptron d = 8, chi = 1,
+    P = 256. Returns a summary line."""
+    mnas = Group(
+        dataset="mnist", arch="mnas", h=2, B=8, P=16, pte=64, max_steps=150, ntk_points=8,
+        dtype="float64", data_root=data_root,
+    )  # fmt: skip
+    mnas_members = [Member(alpha=a, T=2.0**-3, seed=s) for a, s in ((1.0, 1), (2.0**10, 0))]
+    perceptron = Group(
+        dataset="perceptron", arch="perceptron", d=8, chi=1.0, B=2, P=256, pte=200,
+        max_steps=200_000, dtype="float64",
+    )  # fmt: skip
+    p_members = [Member(alpha=2.0**15, T=T, seed=s) for T in (2.0**-8, 2.0**-4) for s in (0, 1)]
+
+    def same(a, b, rel: float, what: str) -> None:
+        for x, y in zip(a, b, strict=True):
+            assert (x.outcome, x.steps) == (y.outcome, y.steps), (what, x.member, x.steps, y.steps)
+            for name in x.weights:
+                d = float(abs(x.weights[name] - y.weights[name]).max())
+                assert d <= rel * max(float(abs(y.weights[name]).max()), 1e-300), (what, name, d)
+            for f in ("test_error", "ntk_change"):
+                u, v = getattr(x, f), getattr(y, f)
+                assert u == v or abs(u - v) <= rel * abs(v) or (u != u and v != v), (what, f, u, v)
+
+    ens = Engine(mnas, len(mnas_members), device, keep_weights=True).run(mnas_members)
+    alone = [Engine(mnas, 1, device, keep_weights=True).run([m])[0] for m in mnas_members]
+    same(ens, alone, 1e-9, "MNAS ensemble vs alone")
+    plain = Engine(perceptron, 4, device, keep_weights=True, skip_quiet=False).run(p_members)
+    skip = Engine(perceptron, 4, device, keep_weights=True, skip_quiet=True).run(p_members)
+    same(skip, plain, 0.0, "perceptron skipping vs plain")
+    cpu = ""
+    if device.type != "cpu":
+        same(ens, Engine(mnas, 2, "cpu", keep_weights=True).run(mnas_members), 1e-6, "MNAS cpu")
+        same(plain, Engine(perceptron, 4, "cpu", keep_weights=True).run(p_members), 1e-6, "cpu")
+        cpu = "; both = the CPU engine (outcomes, steps; weights, test error, NTK to 1e-6)"
+    steps = ", ".join(str(r.steps) for r in ens)
+    return (
+        f"float64: MNAS ensemble = alone ({steps} steps; weights, test error, NTK change"
+        f" to 1e-9); perceptron skipping = plain steps ({sum(r.steps for r in plain)}"
+        f" member-steps, bit for bit){cpu}"
+    )
+
+
 def fill_cost(K: int, device: torch.device, data_root=None) -> str:
     """Milliseconds per member to fill K FC-5L slots (P = 1024: initial weights, training
     set, F(w0) on it), one member at a time against all K at once (``Engine._fill`` draws
@@ -459,6 +508,11 @@ def suite(a: argparse.Namespace, device: torch.device, Ks: list[int], steps: int
             lambda t: print(check_graph_equivalence(device, a.data_root, triton=t)),
         ),
         (
+            "MNAS and the perceptron, their fast paths",
+            False,
+            lambda t: print(check_other_architectures(device, a.data_root)),
+        ),
+        (
             "network-steps/s against K",
             True,
             lambda t: tables(["fc"], Ks, steps, bool(a.steps), dataclasses.replace(opt, triton=t)),
@@ -528,6 +582,7 @@ def main(a: argparse.Namespace) -> int:
         return 1 if suite(a, device, Ks, steps) else 0
     if a.check:
         print(check_graph_equivalence(device, a.data_root), flush=True)
+        print(check_other_architectures(device, a.data_root), flush=True)
     if a.fill:
         print(fill_cost(a.fill, device, a.data_root))
         return 0

@@ -600,6 +600,8 @@ class Engine:
             )
         self.dtype = torch.float64 if group.dtype == "float64" else torch.float32
         chunk = MEMBER_CHUNK.get(group.arch) if self.device.type == "cpu" else None
+        self.member_chunk = chunk
+        """Members per vmap chunk of the gradient (None: all at once; ``MEMBER_CHUNK``)."""
         self.model: Model = build_model(group, channels_last=chunk == 1)
         self.data = _TrainingData(group, slots, self.device, self.dtype, pool)
         self.cuda_graph = cuda_graph

@@ -54,14 +54,15 @@ def test_bench_run_reports_the_engine_against_its_hot_loop(capsys, data_root):
 
 def test_bench_suite_checks_then_prints_every_table(capsys, data_root):
     """``bench --suite``, the one command of a device run: first the float64 equalities
-    that ``--check`` asserts (eager = fixed slots = generic step) and its float32
-    comparisons, then a table per architecture, Engine.run against the hot loop and
-    continuous against static batching."""
+    that ``--check`` asserts (eager = fixed slots = generic step; MNAS ensemble = alone,
+    perceptron skipping = plain steps) and its float32 comparisons, then a table per
+    architecture, Engine.run against the hot loop and continuous against static batching."""
     argv = ["bench", "--suite", "--K", "1,2", "--steps", "1", "--repeats", "1"]
     assert main([*argv, "--run", "10", "--occupancy", "4", "--data-root", str(data_root)]) == 0
     out = capsys.readouterr().out
     assert "= eager = fixed slots = generic step (outcomes, steps, weights to 1e-6)" in out
     assert re.search(r"graph vs eager 8/8 identical steps.*ensemble vs alone \d/8", out)
+    assert re.search(r"MNAS ensemble = alone \(119, 46 steps;.*perceptron skipping = plain", out)
     assert re.findall(r"^## (\w+)", out, re.M) == ["fc", "perceptron", "mnas", "fc"]
     rows = _rows(out)
     assert [r[0] for r in rows] == ["1", "2", "fc", "1", "2", "1", "2"]
@@ -76,6 +77,6 @@ def test_bench_suite_reports_a_failing_section_and_goes_on(capsys, tmp_path):
     argv = ["bench", "--suite", "--K", "1", "--steps", "1", "--repeats", "1", "--synthetic"]
     assert main([*argv, "--data-root", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert captured.err.count("DataError: no mnist data found") == 3  # check, run, occupancy
+    assert captured.err.count("DataError: no mnist data found") == 4  # 2 checks, run, occupancy
     assert re.findall(r"^## (\w+)", captured.out, re.M) == ["fc", "perceptron", "mnas"]
-    assert "3 sections failed" in captured.out
+    assert "4 sections failed" in captured.out

@@ -732,6 +732,33 @@ def test_mnas_trains_and_reports_every_observable(data_root):
         assert math.isfinite(r.ntk_change) and r.ntk_change > 0
 
 
+def test_mnas_members_batched_all_at_once_equal_them_alone(data_root, monkeypatch):
+    """The GPU arrangement of MNAS on the CPU: every member's gradient in one vmap (its
+    convolutions become grouped ones; MEMBER_CHUNK off, no channels-last), float64: each
+    member reproduces itself trained alone, in steps, weights, test error and NTK change."""
+    monkeypatch.setattr(engine_module, "MEMBER_CHUNK", {})
+    g = Group(
+        **dict(dataset="mnist", arch="mnas", P=16, B=8, pte=64, h=2, max_steps=150),
+        ntk_points=8,
+        dtype="float64",
+        data_root=str(data_root),
+    )
+    members = [
+        Member(alpha=a, T=2.0**-3, seed=s) for a, s in ((1.0, 1), (2.0**10, 0), (2.0**10, 1))
+    ]
+    engine = Engine(g, len(members), DEVICE, keep_weights=True)
+    assert engine.member_chunk is None
+    res = engine.run(members)
+    assert [r.outcome for r in res] == [CONVERGED] * 3  # stopping included
+    for m, r in zip(members, res, strict=True):
+        alone = Engine(g, 1, DEVICE, keep_weights=True).run([m])[0]
+        assert (r.outcome, r.steps) == (alone.outcome, alone.steps)
+        assert r.test_error == alone.test_error
+        assert r.ntk_change == pytest.approx(alone.ntk_change, rel=1e-9)
+        for n in alone.weights:
+            np.testing.assert_allclose(r.weights[n], alone.weights[n], rtol=1e-9, atol=1e-12)
+
+
 def test_fused_engine_evaluates_with_the_step_forward_pass(data_root):
     """On the CPU the FC engine's F(w0) and stopping check use the step's own forward
     pass, and a point's F does not depend on its batch: the step's margins and the
