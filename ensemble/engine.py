@@ -72,7 +72,7 @@ from ensemble import data as datasets
 from ensemble import fused as fused_torch
 from ensemble.cells import Group, Member, SpecError
 from ensemble.models import Model, Params, build_model, init_params
-from ensemble.ntk import ntk_change
+from ensemble.ntk import empirical_ntk, ntk_change
 from ensemble.schema import (
     CONVERGED,
     DIVERGED,
@@ -639,6 +639,7 @@ class Engine:
         self.pre0 = torch.zeros((K, group.h, group.B) if triton else (K, 0), dtype=dt, device=dev)
         self.pre0_step = torch.full((K,), -1, dtype=torch.int64, device=dev)
         self.skip_quiet = group.arch == "perceptron" if skip_quiet is None else skip_quiet
+        self.ntk0: dict[int, torch.Tensor] = {}  # seed -> initial NTK (_ntk_change)
         self._window = 8  # look-ahead steps per member, adapted in _advance_skipping
         self._grad = vmap(grad_and_value(self._member_loss), chunk_size=chunk)
         self._fwd_own = vmap(self.model.forward)  # per-slot inputs
@@ -1110,7 +1111,7 @@ class Engine:
         dw2 = {n: host(v) for n, v in dw2.items()}
         w02 = {n: host(v) for n, v in w02.items()}
         extra = {n: host(v) for n, v in extra.items()}
-        ntk = self._ntk_change(slots)
+        ntk = self._ntk_change(slots, [led.member[s].seed for s in slots])
         now = time.perf_counter()
         ckpts = np.array(checkpoint_steps())
         out = {}
@@ -1156,15 +1157,22 @@ class Engine:
         return out
 
     @torch.enable_grad()
-    def _ntk_change(self, slots: Sequence[int]) -> list[float]:
+    def _ntk_change(self, slots: Sequence[int], seeds: Sequence[int]) -> list[float]:
         """`ensemble.ntk.ntk_change` of each slot on the first ``group.ntk_points`` test
-        points (NaN for all when it is 0), one member at a time."""
+        points (NaN for all when it is 0), one member at a time. The initial kernel K0
+        depends only on the member's seed (its w0): it is computed once per seed and
+        engine (``ntk0``), so the members of a seed across alpha and T share it."""
         n = min(self.group.ntk_points, len(self.data.x_test))
         if n == 0:
             return [math.nan] * len(slots)
         x = self.data.x_test[:n]
         one = lambda params, s: {name: p[s] for name, p in params.items()}  # noqa: E731
-        return [ntk_change(self.model, one(self.params, s), one(self.params0, s), x) for s in slots]
+        out = []
+        for s, seed in zip(slots, seeds, strict=True):
+            if seed not in self.ntk0:
+                self.ntk0[seed] = empirical_ntk(self.model, one(self.params0, s), x)
+            out.append(ntk_change(self.model, one(self.params, s), self.ntk0[seed], x))
+        return out
 
     def _perceptron_observables(self, idx: torch.Tensor, unfitted: torch.Tensor) -> dict:
         """Signal w . e1, noise ||w_perp||^2 / (d - 1), their initial values, the noise of

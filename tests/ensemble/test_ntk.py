@@ -16,7 +16,7 @@ from tiny_sweep import write_sweep
 
 from ensemble import data as datasets
 from ensemble.cells import Group, Member, SpecError
-from ensemble.engine import train_batch
+from ensemble.engine import Engine, member_streams, train_batch
 from ensemble.launch import launch
 from ensemble.models import build_model, init_params
 from ensemble.ntk import empirical_ntk, ntk_change
@@ -83,6 +83,24 @@ def test_the_kernel_barely_moves_in_the_lazy_regime_and_moves_in_the_feature_reg
     alone = train_batch(g, [FEATURE], slots=1)[0]
     assert alone.ntk_change == pytest.approx(feature.ntk_change, rel=1e-9)
     assert np.isnan(train_batch(small_fc, [LAZY])[0].ntk_change)
+
+
+def test_members_of_a_seed_share_one_initial_kernel(small_fc):
+    """K0 depends only on a member's seed (its w0): an engine computes it once per seed,
+    and each member's change is still the one it measures trained alone."""
+    g = dataclasses.replace(small_fc, ntk_points=16)
+    members = [LAZY, dataclasses.replace(FEATURE, seed=LAZY.seed), FEATURE]
+    engine = Engine(g, len(members), "cpu")
+    res = engine.run(members)
+    assert sorted(engine.ntk0) == sorted({m.seed for m in members})
+    for m, r in zip(members, res, strict=True):
+        alone = train_batch(g, [m], slots=1)[0]
+        assert r.ntk_change == pytest.approx(alone.ntk_change, rel=1e-9)
+        w0 = init_params(
+            engine.model, member_streams(m.seed)[0], torch.float64, torch.device("cpu")
+        )
+        x = engine.data.x_test[: g.ntk_points]
+        assert torch.equal(engine.ntk0[m.seed], empirical_ntk(engine.model, w0, x))
 
 
 @pytest.mark.parametrize(("value", "message"), [(-1, "integer >= 0"), (257, "from 0 to pte = 256")])
