@@ -72,7 +72,7 @@ from ensemble import data as datasets
 from ensemble import fused as fused_torch
 from ensemble.cells import Group, Member, SpecError
 from ensemble.models import Model, Params, build_model, init_params
-from ensemble.ntk import empirical_ntk, ntk_change
+from ensemble.ntk import empirical_ntk, kernel_change
 from ensemble.schema import (
     CONVERGED,
     DIVERGED,
@@ -1171,7 +1171,8 @@ class Engine:
         for s, seed in zip(slots, seeds, strict=True):
             if seed not in self.ntk0:
                 self.ntk0[seed] = empirical_ntk(self.model, one(self.params0, s), x)
-            out.append(ntk_change(self.model, one(self.params, s), self.ntk0[seed], x))
+            K = empirical_ntk(self.model, one(self.params, s), x)
+            out.append(kernel_change(K, self.ntk0[seed]))
         return out
 
     def _perceptron_observables(self, idx: torch.Tensor, unfitted: torch.Tensor) -> dict:

@@ -30,13 +30,13 @@ def empirical_ntk(model: Model, params: Params, x: torch.Tensor) -> torch.Tensor
     return J @ J.T
 
 
-def ntk_change(
-    model: Model, params: Params, params0: Params | torch.Tensor, x: torch.Tensor
-) -> float:
-    """mean((K - K0)^2) / mean(K0^2) of the empirical NTK on ``x`` between ``params0``
-    and ``params`` (one network each; ``params0`` may be K0 itself, from
-    `empirical_ntk`); NaN where either kernel is not finite."""
-    K = empirical_ntk(model, params, x)
-    K0 = params0 if isinstance(params0, torch.Tensor) else empirical_ntk(model, params0, x)
+def kernel_change(K: torch.Tensor, K0: torch.Tensor) -> float:
+    """mean((K - K0)^2) / mean(K0^2); NaN where either kernel is not finite."""
     ratio = ((K - K0) ** 2).mean() / (K0**2).mean()
     return float(ratio) if torch.isfinite(ratio) else float("nan")
+
+
+def ntk_change(model: Model, params: Params, params0: Params, x: torch.Tensor) -> float:
+    """`kernel_change` of the empirical NTK on ``x`` from ``params0`` to ``params`` (one
+    network each)."""
+    return kernel_change(empirical_ntk(model, params, x), empirical_ntk(model, params0, x))
