@@ -48,10 +48,13 @@ def normalised_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass(frozen=True)
 class Model:
-    """A network as a pure function: ``shapes`` (ordered) and ``forward(params, x) -> (n,)``."""
+    """A network as a pure function: ``shapes`` (ordered) and ``forward(params, x) -> (n,)``;
+    ``ntk(params, x) -> (n, n)``, where given, is its empirical NTK computed from the
+    architecture (``ensemble.ntk.empirical_ntk`` falls back to per-point Jacobians)."""
 
     shapes: dict[str, tuple[int, ...]]
     forward: Callable[[Params, torch.Tensor], torch.Tensor]
+    ntk: Callable[[Params, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def n_params(self) -> int:
@@ -99,7 +102,33 @@ def _fc(group: Group) -> Model:
             z = phi(z @ W.T / math.sqrt(W.shape[1]))  # (n, h)
         return z @ params["w_out"] / h  # (n,)
 
-    return Model(shapes, forward)
+    def ntk(params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Empirical NTK (n, n) in float64, by layer: a point's dF/dW_l is
+        delta_l a_l^T / sqrt(fan_in), with a_l the layer's input and delta_l = dF/du_l at
+        its pre-activation u_l, so K = sum_l (delta_l delta_l^T)(a_l a_l^T) / fan_in
+        (elementwise) + a_L a_L^T / h^2: n^2 (h + fan_in) products per layer instead of
+        n^2 h fan_in. The deltas and activations are in the parameters' dtype (one
+        backward pass of sum F: a point's F depends only on its own u_l), their products
+        summed in float64."""
+
+        def total(offsets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            """sum of F over the points, u_l shifted by offsets[l] (zero); and the a_l."""
+            acts, z = [], x.flatten(1)
+            for layer in range(L):
+                W = params[f"W{layer}"]
+                acts.append(z)
+                z = phi(z @ W.T / math.sqrt(W.shape[1]) + offsets[layer])
+            return (z @ params["w_out"]).sum() / h, [*acts, z]
+
+        zeros = [x.new_zeros(x.shape[0], h) for _ in range(L)]
+        deltas, a = torch.func.grad(total, has_aux=True)(zeros)
+        gram = lambda m: m.double() @ m.double().T  # noqa: E731
+        K = gram(a[L]) / h**2
+        for layer in range(L):
+            K += gram(deltas[layer]) * gram(a[layer]) / a[layer].shape[1]
+        return K
+
+    return Model(shapes, forward, ntk)
 
 
 def _same_pad(size: int, k: int, stride: int) -> tuple[int, int]:

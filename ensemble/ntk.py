@@ -18,7 +18,15 @@ from ensemble.models import Model, Params
 
 def empirical_ntk(model: Model, params: Params, x: torch.Tensor) -> torch.Tensor:
     """K (n, n) of one network (``params`` without a member dimension) on the points ``x``
-    (n, ...), in float64. The per-point gradients are taken in the parameters' dtype
+    (n, ...), in float64: the model's own ``ntk`` where it has one (FC: by layer), else
+    `jacobian_ntk`."""
+    if model.ntk is not None:
+        return model.ntk(params, x)
+    return jacobian_ntk(model, params, x)
+
+
+def jacobian_ntk(model: Model, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """K = J J^T from the per-point gradients J, taken in the parameters' dtype
     (n x n_params numbers at once); only their products are summed in float64."""
     n = x.shape[0]
 

@@ -19,7 +19,7 @@ from ensemble.cells import Group, Member, SpecError
 from ensemble.engine import Engine, member_streams, train_batch
 from ensemble.launch import launch
 from ensemble.models import build_model, init_params
-from ensemble.ntk import empirical_ntk, ntk_change
+from ensemble.ntk import empirical_ntk, jacobian_ntk, ntk_change
 from ensemble.schema import CONVERGED
 
 GROUPS = {
@@ -64,6 +64,24 @@ def test_kernel_equals_the_one_from_per_point_gradients(arch, data_root):
         assert change == 0.0
     else:
         assert change > 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fc_kernel_by_layer_equals_the_jacobian_kernel(activation, dtype, rtol, data_root):
+    """FC's own ``Model.ntk`` (factorised by layer) against J J^T from vmap(jacrev), on
+    trained-looking weights (the init moved by noise of its own size), MNIST points."""
+    g = Group(dataset="mnist", arch="fc", h=32, L=5, activation=activation, P=16, B=4, pte=64)
+    model = build_model(g)
+    w = init_params(model, 1, torch.float64, torch.device("cpu"))
+    w = {
+        n: (p + init_params(model, 2, torch.float64, torch.device("cpu"))[n]).to(dtype)
+        for n, p in w.items()
+    }
+    x = datasets.load_pool("mnist", str(data_root)).x[:24].to(dtype)
+    K = empirical_ntk(model, w, x)
+    assert model.ntk is not None and K.dtype == torch.float64
+    torch.testing.assert_close(K, jacobian_ntk(model, w, x), rtol=rtol, atol=0)
 
 
 LAZY = Member(alpha=2.0**10, T=2.0**-6, seed=0)
