@@ -1158,10 +1158,11 @@ class Engine:
 
     @torch.enable_grad()
     def _ntk_change(self, slots: Sequence[int], seeds: Sequence[int]) -> list[float]:
-        """`ensemble.ntk.ntk_change` of each slot on the first ``group.ntk_points`` test
-        points (NaN for all when it is 0), one member at a time. The initial kernel K0
-        depends only on the member's seed (its w0): it is computed once per seed and
-        engine (``ntk0``), so the members of a seed across alpha and T share it."""
+        """`ensemble.ntk.kernel_change` of each slot's empirical NTK on the first
+        ``group.ntk_points`` test points (NaN for all when it is 0), one member at a time
+        (``seeds``: the slots' members' seeds). The initial kernel K0 depends only on the
+        seed (w0): it is computed once per seed and engine (``ntk0``), so the members of a
+        seed across alpha and T share it."""
         n = min(self.group.ntk_points, len(self.data.x_test))
         if n == 0:
             return [math.nan] * len(slots)
