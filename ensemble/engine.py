@@ -25,9 +25,11 @@ since its last check; when it passes, s* = last_active + 1 and t* = dt s*, exact
 weights at detection are the weights at s*.
 
 The check evaluates F with the step's own forward pass (for FC, the fused one; on the
-CPU a point's F then does not depend on its batch, bit for bit). Where the two still
-round differently (on a GPU, where cuBLAS picks kernels by shape; the Triton step, whose
-check runs in torch), in float32 at alpha = 2^15 the margins 1 - alpha f y can differ by
+CPU a point's F then does not depend on its batch, bit for bit, in a one-thread process
+such as a Dask worker: tested). Where the two still round differently (on a GPU, where
+cuBLAS picks kernels by shape; the Triton step, whose check runs in torch; with several
+CPU threads, where a product of one member's weights can round differently from a
+product of several members'), in float32 at alpha = 2^15 the margins 1 - alpha f y can differ by
 about 0.01, and a point the step sees fitted and the check does not would stall a
 member: its step never trains on it again, its check never passes. So a member whose
 check failed and whose step has stayed quiet for STALL_EPOCHS more epochs (its weights
@@ -824,13 +826,18 @@ class Engine:
         return max(1, budget // per_point)
 
     def _chunks(self, slots: torch.Tensor, n: int):
-        """Split (slots x n points) into pieces of at most EVAL_BUDGET(_CPU) activations."""
+        """Split (slots x n points) into pieces of at most EVAL_BUDGET(_CPU) activations
+        (a last piece of one point joins the one before: on the CPU a product with one
+        column rounds differently from wider ones)."""
         budget = self._points_per_chunk()
         per = max(1, budget // min(n, 1024))
         for a in range(0, len(slots), per):
             sl = slots[a : a + per]
             step = max(1, budget // len(sl))
-            yield sl, [(i, min(i + step, n)) for i in range(0, n, step)]
+            ranges = [(i, min(i + step, n)) for i in range(0, n, step)]
+            if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] == 1:
+                ranges[-2:] = [(ranges[-2][0], n)]
+            yield sl, ranges
 
     @torch.no_grad()
     def _F(self, params: Params, slots: torch.Tensor, which: str, n: int | None = None):

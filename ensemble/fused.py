@@ -59,10 +59,17 @@ def fc_forward(
     the activation's scale s left out: u_0 = x^T, u_{l+1} = act(pre_l) and z_l = s u_l
     for l >= 1, the scale folded into the next product. Slopes are act'(pre_l) without
     s: a bool mask (pre_l > 0) for relu. Each point's F does not depend on the other
-    points of the batch (on the CPU bit for bit: tested), so the engine evaluates F(w0)
-    and the training loss with this function too."""
+    points of the batch (on the CPU bit for bit in one thread: tested), so the engine
+    evaluates F(w0) and the training loss with this function too.
+
+    On the CPU the first product takes x^T as a contiguous (K, d_in, B) copy: MKL's
+    products with a transposed operand (the view x^T) round differently for different
+    numbers of columns on some CPUs (seen with AVX-512), and a point's F would then
+    depend on its batch size. On a GPU the kernels depend on the shape anyway, so the
+    view is used and no copy is made."""
     s = _SCALE[activation]
-    u, us, slopes = x.transpose(1, 2), [x.transpose(1, 2)], []
+    us, slopes = [x.transpose(1, 2)], []
+    u = us[0].contiguous() if x.device.type == "cpu" else us[0]
     for layer in range(L):
         W = params[f"W{layer}"]  # (K, h, fan_in)
         pre = _scaled_bmm(W, u, (s if layer else 1.0) / math.sqrt(W.shape[2]))  # (K, h, B)
@@ -80,8 +87,16 @@ def fc_forward(
 
 
 def readout(w_out: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
-    """F = s w_out . u_L / h of K members: w_out (K, h), u (K, h, B) -> (K, B)."""
-    return _scaled_bmm(w_out.unsqueeze(1), u, s / w_out.shape[1]).squeeze(1)
+    """F = s w_out . u_L / h of K members: w_out (K, h), u (K, h, B) -> (K, B).
+
+    On the CPU each point's F is a sum over its own contiguous row of u_L^T w_out, which
+    rounds alike whatever the number of points: a product with one row (w_out u_L)
+    rounds its last columns differently by their number (MKL's vector tails, seen with
+    AVX-512)."""
+    h = w_out.shape[1]
+    if u.device.type == "cpu":
+        return (u.transpose(1, 2).contiguous() * w_out.unsqueeze(1)).sum(-1) * (s / h)
+    return _scaled_bmm(w_out.unsqueeze(1), u, s / h).squeeze(1)
 
 
 def readout_backward_update(

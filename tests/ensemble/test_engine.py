@@ -759,15 +759,25 @@ def test_mnas_members_batched_all_at_once_equal_them_alone(data_root, monkeypatc
             np.testing.assert_allclose(r.weights[n], alone.weights[n], rtol=1e-9, atol=1e-12)
 
 
-def test_fused_engine_evaluates_with_the_step_forward_pass(data_root):
+@pytest.mark.parametrize(
+    ("dtype", "B", "activation"),
+    [("float32", 16, "relu"), ("float32", 10, "gelu"), ("float64", 5, "relu")],
+)
+def test_fused_engine_evaluates_with_the_step_forward_pass(
+    dtype, B, activation, data_root, monkeypatch
+):
     """On the CPU the FC engine's F(w0) and stopping check use the step's own forward
     pass, and a point's F does not depend on its batch: the step's margins and the
-    check's agree bit for bit (so the step sees f(w0) = 0 exactly), whatever the batch."""
+    check's agree bit for bit (so the step sees f(w0) = 0 exactly), whatever the batch
+    and its size (B = 10 and 5 leave partial vector tails), and in a one-thread process
+    (a Dask worker) whatever the number of members checked together and however the
+    check splits the training set (into P - 1 points and one: joined)."""
     from ensemble import fused
 
     g = Group(
-        dataset="mnist", arch="fc", P=256, B=16, h=128, L=5, pte=256, data_root=str(data_root)
-    )
+        dataset="mnist", arch="fc", P=256, B=B, h=128, L=5, pte=256, dtype=dtype,
+        activation=activation, data_root=str(data_root),
+    )  # fmt: skip
     e = Engine(g, 3, "cpu")
     e._fill([0, 1, 2], [Member(alpha=2.0**15, T=2.0**-10, seed=s) for s in range(3)])
     e._init_f0(torch.arange(3))
@@ -780,6 +790,15 @@ def test_fused_engine_evaluates_with_the_step_forward_pass(data_root):
         rows = torch.randperm(g.P)[: g.B]
         step = fused.fc_forward(e.params, x[:, rows], g.L, g.activation)[0]
         assert torch.equal(step, check[:, rows])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in range(3):
+            assert torch.equal(e._F(e.params, torch.tensor([k]), "train")[0], check[k])
+        monkeypatch.setattr(engine_module, "EVAL_BUDGET_CPU", (g.P - 1) * x.shape[2])
+        assert torch.equal(e._F(e.params, torch.arange(3), "train"), check)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _OtherKernels(Engine):
