@@ -9,9 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.load import CubeError
-from analysis.report import check_formats, write_report
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -68,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     args = p.parse_args(argv)
+    # imported after parsing: usage errors and --help come at once, without xarray or
+    # matplotlib
+    from analysis.load import CubeError
+    from analysis.report import check_formats, write_report
+    from analysis.reproduction import ManifestError, reproduce
+
     formats = _split(args.formats) or []
     try:
         check_formats(formats)
@@ -75,8 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--formats: {exc}")
     if args.n_boot < 0:
         p.error(f"--n-boot must be >= 0, got {args.n_boot}")
-    from analysis.reproduction import ManifestError, reproduce
-
     try:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise NotADirectoryError(f"--out {args.out} exists and is not a folder")

@@ -50,13 +50,10 @@ def _count(text: str) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from ensemble.engine import Engine, default_slots, resolve_device
-    from ensemble.launch import check_options, check_shares
-    from ensemble.schema import OUTCOME_FLAGS
     from ensemble.spec import Experiment
 
-    check_options(device=a.device, slots=a.slots, local=True)
-    # the checks and defaults of a sweep file's experiment (named "train" in errors)
+    # the checks and defaults of a sweep file's experiment (named "train" in errors),
+    # before torch is imported: a bad value is refused at once
     given = {"L": a.L, "activation": a.activation, "d": a.d, "chi": a.chi}
     settings = {k: v for k, v in given.items() if v is not None}
     h = a.h if a.h is not None else (1 if a.arch == "perceptron" else 128)
@@ -65,6 +62,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
     exp = Experiment("train", settings, tuple(a.alpha), tuple(a.T), (a.P,), tuple(a.seeds))
     group = dataclasses.replace(exp.group(a.P), data_root=a.data_root)
     members = [c.member() for c in exp.cells()]
+    from ensemble.engine import Engine, default_slots, resolve_device
+    from ensemble.launch import check_options, check_shares
+    from ensemble.schema import OUTCOME_FLAGS
+
+    check_options(device=a.device, slots=a.slots, local=True)
     device = resolve_device(a.device)
     n = len(members)
     k = min(a.slots, n) if a.slots is not None else default_slots(group, device, n)
