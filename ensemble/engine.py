@@ -24,12 +24,13 @@ whose batch loss has been zero for a whole epoch (P/B steps) and whose weights c
 since its last check; when it passes, s* = last_active + 1 and t* = dt s*, exactly. The
 weights at detection are the weights at s*.
 
-The check evaluates F with the step's own forward pass (for FC, the fused one; on the
-CPU a point's F then does not depend on its batch, bit for bit, in a one-thread process
-such as a Dask worker: tested). Where the two still round differently (on a GPU, where
-cuBLAS picks kernels by shape; the Triton step, whose check runs in torch; with several
-CPU threads, where a product of one member's weights can round differently from a
-product of several members'), in float32 at alpha = 2^15 the margins 1 - alpha f y can differ by
+The check evaluates F with the step's own forward pass (for FC, the fused one, with
+which on the CPU a point's F does not depend on its batch, bit for bit, in a one-thread
+process such as a Dask worker: tested). Where the two still round differently (on a GPU,
+where cuBLAS picks kernels by shape; the Triton step, whose check runs in torch; with
+several CPU threads, where a product of one member's weights can round differently from
+a product of several members'; the perceptron's and MNAS's batched products, whose
+rounding can depend on the number of points), in float32 at alpha = 2^15 the margins 1 - alpha f y can differ by
 about 0.01, and a point the step sees fitted and the check does not would stall a
 member: its step never trains on it again, its check never passes. So a member whose
 check failed and whose step has stayed quiet for STALL_EPOCHS more epochs (its weights
