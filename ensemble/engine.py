@@ -30,14 +30,14 @@ process such as a Dask worker: tested). Where the two still round differently (o
 where cuBLAS picks kernels by shape; the Triton step, whose check runs in torch; with
 several CPU threads, where a product of one member's weights can round differently from
 a product of several members'; the perceptron's and MNAS's batched products, whose
-rounding can depend on the number of points), in float32 at alpha = 2^15 the margins 1 - alpha f y can differ by
-about 0.01, and a point the step sees fitted and the check does not would stall a
-member: its step never trains on it again, its check never passes. So a member whose
-check failed and whose step has stayed quiet for STALL_EPOCHS more epochs (its weights
-unchanged since the check) is stopped as converged at s* = last_active + 1: in the
-arithmetic of its own SGD steps it has stopped moving. Its final training loss, which
-the check computes, is then a rounding-level positive number
-(``MemberResult.train_loss``; ``EngineStats.stalled`` counts them).
+rounding can depend on the number of points), in float32 at alpha = 2^15 the margins
+1 - alpha f y can differ by about 0.01, and a point the step sees fitted and the check
+does not would stall a member: its step never trains on it again, its check never
+passes. So a member whose check failed and whose step has stayed quiet for
+STALL_EPOCHS more epochs (its weights unchanged since the check) is stopped as converged
+at s* = last_active + 1: in the arithmetic of its own SGD steps it has stopped moving.
+Its final training loss, which the check computes, is then a rounding-level positive
+number (``MemberResult.train_loss``; ``EngineStats.stalled`` counts them).
 
 Quiet-step skipping (``skip_quiet``, on by default for the perceptron): a step whose B
 drawn points all have alpha f y >= 1 has exactly zero gradient, so it changes nothing
