@@ -235,19 +235,44 @@ class Change:
     """A paired change of the test error between two temperatures i -> j.
 
     diff      : mean over the seeds converged at both of err[j, seed] - err[i, seed]
-    t         : |diff| / its standard error (NaN with fewer than 2 such seeds)
+    t         : |diff| / its standard error (NaN with fewer than 2 such seeds; inf where
+                every seed changed by the same nonzero amount)
     threshold : the two-sided t quantile it must exceed (NaN with fewer than 2 seeds)
     n         : seeds converged at both temperatures
+    level     : the two-sided level, 0.05 / the comparisons it was picked among
     """
 
     diff: float
     t: float
     threshold: float
     n: int
+    level: float = 0.05
+
+    @property
+    def sign_p(self) -> float:
+        """Where every seed changed by the same nonzero amount (t = inf: the t test has no
+        spread to judge by; test errors are multiples of 1 / the test set's size, so few
+        seeds can agree exactly), the exact two-sided sign test's p = 2 / 2^n; else NaN."""
+        return 2.0 ** (1 - self.n) if math.isinf(self.t) else math.nan
 
     @property
     def counts(self) -> bool:
+        """Whether the change passes: t > threshold, or the sign test where t = inf."""
+        if math.isinf(self.t):
+            return self.sign_p <= self.level
         return bool(self.t > self.threshold)  # False where either is NaN
+
+    def text(self) -> str:
+        """'t = 5.2 > 2.57, 6 seeds', or where every seed changed alike 'the same in all
+        2 seeds, sign test p = 0.5 > 0.05'."""
+        if math.isinf(self.t):
+            return (
+                f"the same in all {self.n} seeds, sign test p = {self.sign_p:.2g}"
+                f" {'<=' if self.counts else '>'} {self.level:.2g}"
+            )
+        return (
+            f"t = {self.t:.1f} {'>' if self.counts else '<='} {self.threshold:.2f}, {self.n} seeds"
+        )
 
 
 def paired_change(values: np.ndarray, i: int, j: int, comparisons: int = 1) -> Change:
@@ -255,15 +280,20 @@ def paired_change(values: np.ndarray, i: int, j: int, comparisons: int = 1) -> C
     j, paired by seed: a seed fixes the initial weights, the training set and the batch
     sequence at every T, so the per-seed differences carry none of the seed-to-seed
     spread. It counts beyond Student's t_(n-1) at 1 - 0.025 / ``comparisons`` (two-sided
-    5 %, Bonferroni-corrected where i or j was picked among ``comparisons`` candidates)."""
+    5 %, Bonferroni-corrected where i or j was picked among ``comparisons`` candidates);
+    where every seed changed by the same nonzero amount, by the exact sign test at that
+    level (`Change.sign_p`: 2 seeds never pass, 6 do at 5 %)."""
     d = values[j] - values[i]
     d = d[np.isfinite(d)]
     n = int(d.size)
+    level = 0.05 / comparisons
     if n == 0:
-        return Change(math.nan, math.nan, math.nan, 0)
+        return Change(math.nan, math.nan, math.nan, 0, level)
     diff = float(d.mean())
     if n < 2:
-        return Change(diff, math.nan, math.nan, n)
-    se = float(d.std(ddof=1)) / math.sqrt(n)
-    t = abs(diff) / se if se > 0 else (math.inf if diff else 0.0)
-    return Change(diff, t, t_quantile(n, 1 - 0.025 / comparisons), n)
+        return Change(diff, math.nan, math.nan, n, level)
+    if np.ptp(d) <= 1e-9 * np.abs(d).max():  # the same change in every seed, to rounding
+        t = math.inf if diff else 0.0
+    else:
+        t = abs(diff) / (float(d.std(ddof=1)) / math.sqrt(n))
+    return Change(diff, t, t_quantile(n, 1 - 0.025 / comparisons), n, level)

@@ -24,7 +24,8 @@ the changes that make the class hold pass (interior: fall and rise; stability an
 edges: the fall; small-T edge: the rise). The smallest and the largest T are those of
 `analysis.aggregate.compared_T` (where at least half as many seeds converged as
 at the best-covered T): near an edge of stability the few seeds that still train pair
-with little. Fewer than 2 seeds at both ends of a change: not resolved.
+with little. Fewer than 2 seeds at both ends of a change: not resolved; the same change
+in every seed: the exact sign test decides.
 
 Errors come from a bootstrap over seeds that draws the same seeds in every cell (one seed
 fixes init and data at every T): the standard error of ln T_opt
@@ -90,14 +91,16 @@ def _argmin_refined(T: np.ndarray, err: np.ndarray, diverged: np.ndarray) -> tup
 
 
 def _paired_t(values: np.ndarray, i: int, j: int, comparisons: int) -> tuple[float, float]:
-    """(t of values[j] - values[i], signed as the change, and its threshold): (NaN, NaN)
-    where i == j, (NaN, inf) where fewer than 2 seeds are paired (a change not judged)."""
+    """(t of values[j] - values[i], signed as the change, and its threshold; it passes
+    where t > threshold): (NaN, NaN) where i == j, (NaN, inf) where fewer than 2 seeds are
+    paired (a change not judged), (+-inf, inf) where every seed changed by the same amount
+    and the sign test does not pass (`analysis.aggregate.Change.sign_p`)."""
     if i == j:
         return math.nan, math.nan
     c = paired_change(values, i, j, comparisons)
     if c.n < 2:
         return math.nan, math.inf
-    return math.copysign(c.t, c.diff), c.threshold
+    return math.copysign(c.t, c.diff), c.threshold if c.counts or c.t < math.inf else math.inf
 
 
 def _resolved(code: int, fall: tuple[float, float], rise: tuple[float, float]) -> bool:
@@ -122,8 +125,8 @@ def optimal_temperature(
     `CLASSES`; -1 where no T trained), ``t_fall`` / ``t_fall_crit`` and ``t_rise`` /
     ``t_rise_crit`` (paired t of the fall from the smallest T to the minimum and of the
     rise from it to the largest T, with their thresholds: NaN where there is no such
-    change, inf where fewer than 2 seeds are paired), ``resolved``, and attrs
-    ``classes``.
+    change, inf where fewer than 2 seeds are paired or where t = +-inf, every seed having
+    changed alike, and the sign test does not pass), ``resolved``, and attrs ``classes``.
     """
     if ds.sizes.get("T", 1) < 3:
         raise InsufficientData(f"the optimal T needs at least 3 T, got {ds.sizes.get('T', 1)}")

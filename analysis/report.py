@@ -451,11 +451,14 @@ def optimum_fit_text(key: str, fit: PowerLawFit, tab: xr.Dataset) -> str:
 def _optimum_t_text(cell: xr.Dataset) -> str:
     """'9.1 > 7.94, 5.2 > 7.94': the paired t of the fall to T_opt and of the rise after
     it against their thresholds ('-' where there is no such change, 'n < 2' where fewer
-    than 2 seeds are paired)."""
+    than 2 seeds are paired, 'alike, sign test passes' or 'fails' where every seed
+    changed by the same amount)."""
 
     def one(t: float, crit: float) -> str:
         if np.isnan(crit):
             return "-"
+        if np.isinf(t):
+            return f"alike, sign test {'passes' if t > crit else 'fails'}"
         if np.isinf(crit):
             return "n < 2"
         return f"{t:.1f} {'>' if t > crit else '<='} {crit:.2f}"

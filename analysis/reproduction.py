@@ -609,11 +609,7 @@ def error_trend(T: np.ndarray, values: np.ndarray) -> Trend | None:
         c = paired_change(values, i, j, comparisons)
         if c.n == 0:
             return c, f"no seed converged at both T = {pow2_text(T[i])} and {pow2_text(T[j])}"
-        size = (
-            f"t = {c.t:.1f} {'>' if c.counts else '<='} {c.threshold:.2f}, {c.n} seeds"
-            if c.n >= 2
-            else "1 seed at both: not judged"
-        )
+        size = c.text() if c.n >= 2 else "1 seed at both: not judged"
         words = f"{'rises' if c.diff > 0 else 'falls'} by {abs(c.diff):.3f} ({size})"
         return c, f"{words} from T = {pow2_text(T[i])} to {pow2_text(T[j])}"
 
@@ -860,7 +856,9 @@ def _feature_vs_lazy(
     pair = np.stack([values.sel(alpha=a, T=T).values for a, T in ((lo, T_lo), (hi, T_hi))])
     c = paired_change(pair, 0, 1)
     diff = e_hi - e_lo
-    size = f", paired t = {c.t:.1f} over {c.n} seeds" if c.n >= 2 else ""
+    size = ""
+    if c.n >= 2:
+        size = f", {c.text()}" if math.isinf(c.t) else f", paired t = {c.t:.1f} over {c.n} seeds"
     better = "feature side lower" if diff > 0 else "lazy side lower" if diff < 0 else "equal"
 
     def rel_at(a: float) -> str:

@@ -17,6 +17,7 @@ from analysis.aggregate import (
     included,
     masked,
     outcome_counts,
+    paired_change,
     resample_counts,
     seed_mean,
 )
@@ -196,3 +197,53 @@ def test_compared_T_keeps_the_best_covered_T(counts):
         assert got == well
     else:
         assert all(counts[i] >= 2 for i in got) or got == with_values
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 400),  # the same change in every seed, in test points
+    st.integers(2, 12),  # seeds
+    st.sampled_from([1, 2, 12]),  # comparisons
+    st.sampled_from([512, 1000, 2048]),  # test-set size
+    st.sampled_from([1, -1]),  # direction
+    st.data(),
+)
+def test_a_change_alike_in_every_seed_is_judged_by_the_sign_test(
+    k, n, comparisons, pte, sign, data
+):
+    """Test errors are multiples of 1 / pte, so a few seeds can change by exactly the same
+    amount: no spread for a t test (it would read t = inf and always pass). The exact
+    sign test decides: p = 2 / 2^n against 0.05 / comparisons, whatever the rounding of
+    the differences, in either direction."""
+    lo = np.asarray(data.draw(st.lists(st.integers(0, pte - k), min_size=n, max_size=n)))
+    values = np.stack([lo, lo + k])[::sign] / pte  # values[T, seed]
+    c = paired_change(values, 0, 1, comparisons)
+    assert c.n == n and c.t == np.inf
+    assert c.sign_p == pytest.approx(2.0 ** (1 - n))
+    assert c.counts == (2.0 ** (1 - n) <= 0.05 / comparisons)
+    assert np.sign(c.diff) == sign and abs(c.diff) == pytest.approx(k / pte)
+    verdict = "<=" if c.counts else ">"
+    assert c.text().startswith(f"the same in all {n} seeds, sign test p = ")
+    assert c.text().endswith(f" {verdict} {0.05 / comparisons:.2g}")
+
+
+def test_a_change_with_spread_is_judged_by_the_t_test():
+    """Differences that are not all alike keep Student's t (df = n - 1); 2 alike seeds
+    never pass, 6 alike do at 5 % but not against 2 comparisons (p = 1/32), 7 do."""
+    values = np.array([[0.10, 0.12, 0.14], [0.13, 0.16, 0.16]])
+    c = paired_change(values, 0, 1)
+    d = values[1] - values[0]
+    assert c.t == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+    assert c.counts == (c.t > c.threshold) and np.isnan(c.sign_p)
+    assert c.text() == f"t = {c.t:.1f} > 4.30, 3 seeds"
+    alike = lambda n: np.stack([np.full(n, 0.1743), np.full(n, 0.1919)])  # noqa: E731
+    assert not paired_change(alike(2), 0, 1).counts
+    assert (
+        paired_change(alike(2), 0, 1).text() == "the same in all 2 seeds, sign test p = 0.5 > 0.05"
+    )
+    assert paired_change(alike(6), 0, 1).counts and not paired_change(alike(6), 0, 1, 2).counts
+    assert paired_change(alike(7), 0, 1, 2).counts
+    assert (
+        paired_change(np.zeros((2, 4)), 0, 1).t == 0
+        and not paired_change(np.zeros((2, 4)), 0, 1).counts
+    )

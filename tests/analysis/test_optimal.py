@@ -107,6 +107,28 @@ def test_the_rise_ends_at_the_largest_T_with_several_seeds():
     assert bool(cell["resolved"])
 
 
+@pytest.mark.parametrize(("n_seed", "resolved"), [(2, False), (7, False), (8, True)])
+def test_an_optimum_every_seed_reaches_alike_is_judged_by_the_sign_test(n_seed, resolved):
+    """Test errors on 2048 points fall to an interior minimum and rise after it by exactly
+    the same amount in every seed: t = inf, and the sign test decides, at 0.05 / 4 (the
+    minimum picked among 5 T): p = 2 / 2^n is 0.5, 0.016 and 0.0078 at 2, 7 and 8 seeds."""
+    from analysis.report import _optimum_t_text
+
+    T = 2.0 ** np.arange(-8, -3, 1.0)
+    counts = np.array([400, 380, 350, 380, 400])[:, None] + np.arange(n_seed)[None, :]
+    shape = (1, len(T), 1, n_seed)
+    values = {"test_error": (counts / 2048).reshape(shape)}
+    outcome = np.full(shape, CONVERGED)
+    ds = cube_dataset(np.asarray([1.0]), T, np.asarray([256]), n_seed, values, outcome,
+                      group_attrs("fc_alike", activation="gelu"), checkpoints=False)  # fmt: skip
+    cell = optimal_temperature(ds, n_boot=0).isel(alpha=0, P=0)
+    assert CLASSES[int(cell["where"])] == "interior" and float(cell["T_opt"]) == 2.0**-6
+    assert float(cell["t_fall"]) == math.inf and float(cell["t_rise"]) == math.inf
+    assert bool(cell["resolved"]) is resolved
+    verdict = "passes" if resolved else "fails"
+    assert _optimum_t_text(cell) == f"alike, sign test {verdict}, alike, sign test {verdict}"
+
+
 def noise_dataset(rng: np.random.Generator, n_seed: int, n_alpha: int = 40) -> xr.Dataset:
     """A diagram at P = 256 whose test error does not depend on T: 0.1 times log-normal
     noise (sd 0.05 in ln), independent across cells, every cell converged."""

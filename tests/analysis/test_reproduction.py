@@ -291,6 +291,19 @@ def test_error_trend_classes():
     # one seed at both ends of every change: nothing is judged
     single = error_trend(T, _seeds([0.2, 0.15, 0.1, 0.05], spread=(0.0,)))
     assert single.kind == "flat" and "1 seed at both: not judged" in single.text
+    # 2 seeds that rise by exactly the same amount (test errors are multiples of 1 / pte):
+    # no spread for a t test, and a sign test over 2 seeds cannot pass (the quick FC
+    # T-sweep's P = 256 read "t = inf > 12.71 ... noise hurts" before)
+    alike = error_trend(T, np.array([[357, 380], [360, 383], [370, 393], [393, 416]]) / 2048)
+    assert alike.kind == "flat", alike.text
+    assert alike.text == (
+        "rises by 0.018 (the same in all 2 seeds, sign test p = 0.5 > 0.05) from T = 2^-4"
+        " to 2^-1: no significant change"
+    )
+    many = error_trend(T, np.tile([[357], [360], [370], [393]], 6) / 2048 + np.arange(6) / 2048)
+    assert (
+        many.kind == "hurts" and "the same in all 6 seeds, sign test p = 0.031 <= 0.05" in many.text
+    )
     # the largest T where one seed of three converged is not an end: the rise to the
     # T before it is judged (it would not be, 1 seed at both ends of the change)
     edge = _seeds([0.1, 0.11, 0.12, 0.3]) + jitter
