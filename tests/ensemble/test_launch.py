@@ -1124,23 +1124,37 @@ def test_a_scheduler_lost_mid_sweep_is_an_error_line_and_a_rerun_resumes(tmp_pat
     assert got["done"].all() and (got["steps"] == reference["steps"]).all()
 
 
+def _collect(pipe) -> tuple[list[str], threading.Thread]:
+    """The lines of ``pipe`` as a reader thread receives them (the list grows), and the
+    thread (it ends at the pipe's end)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: [lines.append(x) for x in pipe], daemon=True)
+    reader.start()
+    return lines, reader
+
+
 def test_a_launch_whose_workers_all_died_says_it_waits_for_new_ones(tmp_path, slow):
     """Every worker killed mid-sweep: the launch says it waits for workers to join (it
-    used to wait in silence), and a worker that joins finishes the sweep."""
-    from ensemble.launch import WORKER_CHECK_EVERY
-
+    used to wait in silence), says so again when one joins, and that worker finishes the
+    sweep."""
     spec, reference = slow
     store = tmp_path / "orphan.zarr"
     port = _free_port()
     procs = [_scheduler(port), _worker(port)]
     try:
         cli = _cli_after_its_first_cell(spec, store, port)
+        (err_lines, reader), _ = _collect(cli.stderr), _collect(cli.stdout)
         _stop(procs[1:])  # the only worker, nanny and all
-        time.sleep(3 * WORKER_CHECK_EVERY)
+        deadline = time.monotonic() + 120
+        while not any("waiting for workers to join" in x for x in err_lines):
+            assert time.monotonic() < deadline and cli.poll() is None, "".join(err_lines)[-3000:]
+            time.sleep(0.2)
         procs.append(_worker(port))
-        out, err = cli.communicate(timeout=300)
+        cli.wait(timeout=300)
+        reader.join(timeout=30)
+        err = "".join(err_lines)
         assert cli.returncode == 0, err[-3000:]
-        assert "no workers left" in err and "waiting for workers to join" in err, err[-3000:]
+        assert "no workers left" in err and "workers joined: training goes on" in err, err
     finally:
         _stop(procs)
     got = xr.open_zarr(store, group="tiny_fc").load()
