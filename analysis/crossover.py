@@ -118,13 +118,11 @@ def crossover_test_error(
 
     table = _table(values, curve, n_boot=n_boot, seed=seed, ci=ci, means=means)
     T = means["T"].values
-    T_low, plateau = zip(
-        *(
-            plateau_departure(T, means.values[:, j], rel_departure, abs_departure, n_plateau, 0.0)
-            for j in range(means.sizes["P"])
-        ),
-        strict=True,
-    )
+    departures = [
+        plateau_departure(T, means.values[:, j], rel_departure, abs_departure, n_plateau, 0.0)
+        for j in range(means.sizes["P"])
+    ]
+    plateau = [d.plateau for d in departures]
     table["plateau"] = (
         "P",
         list(plateau),
@@ -132,18 +130,17 @@ def crossover_test_error(
     )
     table["below_grid"] = (
         "P",
-        [t == 0.0 for t in T_low],
+        [d.T == 0.0 for d in departures],
         {"long_name": "test error departs on the plateau points (T_c below the grid)"},
     )
-    # the first grid T at or beyond T_c is the first point past the threshold
-    direction = []
-    for j, T_c in enumerate(table["T_c"].values):
-        past = np.flatnonzero(np.isfinite(means.values[:, j]) & (T >= T_c))
-        y = means.values[past[0], j] if past.size else math.nan
-        direction.append(int(np.sign(y - plateau[j])) if math.isfinite(y) else 0)
+    # the sign of the first point past the threshold (T_c, clipped to the grid, can fall
+    # on the point below it, which has not departed)
     table["direction"] = (
         "P",
-        direction,
+        [
+            d.sign if math.isfinite(T_c) else 0
+            for d, T_c in zip(departures, table["T_c"].values, strict=True)
+        ],
         {"long_name": "the test error rises (+1) or falls (-1) past T_c; 0 where no T_c"},
     )
     amount = (

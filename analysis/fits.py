@@ -277,9 +277,9 @@ def lazy_mask(
     T = err["T"].values
     keep = np.ones(err.shape, dtype=bool)
     for j in range(err.sizes["P"]):
-        T_c, _ = plateau_departure(T, err.values[:, j], rel_departure, n_plateau=n_plateau, below=0)
-        if math.isfinite(T_c):
-            keep[:, j] = T <= T_c
+        T_c = plateau_departure(T, err.values[:, j], rel_departure, n_plateau=n_plateau, below=0).T
+        if math.isfinite(T_c):  # T_c clipped onto a grid T can come back 1 ulp under it
+            keep[:, j] = T <= T_c * (1 + 1e-12)
     return xr.DataArray(keep, dims=("T", "P"), coords={"T": T, "P": err["P"].values})
 
 

@@ -8,6 +8,8 @@ are skipped. Results are NaN when the curve does not cross inside the grid.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -39,6 +41,16 @@ def first_crossing(T: np.ndarray, y: np.ndarray, level: float, start: int = 0) -
     return float(np.exp(x0 + frac * (x1 - x0)))
 
 
+class Departure(NamedTuple):
+    """What `plateau_departure` returns: T_departure, the plateau, and the sign of the
+    first point past the threshold (+1 above the plateau, -1 below; 0 where y never
+    departs)."""
+
+    T: float
+    plateau: float
+    sign: int
+
+
 def plateau_departure(
     T: np.ndarray,
     y: np.ndarray,
@@ -46,8 +58,8 @@ def plateau_departure(
     abs_departure: float | None = None,
     n_plateau: int = 3,
     below: float = float("nan"),
-) -> tuple[float, float]:
-    """T at which ``y`` first departs from its small-T plateau, and the plateau.
+) -> Departure:
+    """T at which ``y`` first departs from its small-T plateau, the plateau, and which way.
 
     The plateau is the mean of ``y`` over the ``n_plateau`` smallest T with finite
     values. The departure d = ``y - plateau`` is signed along the first point that departs
@@ -59,31 +71,34 @@ def plateau_departure(
     does not grow from i to i + 1, it is interpolated linearly in (log T, d) from i - 1.
     Neither rule reads d at i - 1 in log space, so T_departure moves continuously with
     the point below the threshold, whose departure is mostly noise around 0 (and often
-    negative). Returns ``(T_departure, plateau)``; T_departure is NaN if there are fewer
-    than ``n_plateau + 1`` points or the curve never departs, and ``below`` if it
-    already departs at the last plateau point (the crossing is below the grid).
+    negative). Returns `Departure` ``(T_departure, plateau, sign)``; T_departure is NaN
+    if there are fewer than ``n_plateau + 1`` points or the curve never departs, and
+    ``below`` if it already departs at the last plateau point (the crossing is below the
+    grid). The sign is read at that first departed point, not at T_departure: clipped
+    to T[i - 1], T_departure can fall on the point below the threshold.
     """
     T, y = _finite(T, y)
     if len(T) < n_plateau + 1 or n_plateau < 1:
-        return float("nan"), float("nan")
+        return Departure(float("nan"), float("nan"), 0)
     plateau = float(np.mean(y[:n_plateau]))
     threshold = abs_departure if abs_departure is not None else rel_departure * abs(plateau)
     if not threshold > 0:
-        return float("nan"), plateau
+        return Departure(float("nan"), plateau, 0)
     outside = np.flatnonzero(np.abs(y[n_plateau:] - plateau) >= threshold)
     if len(outside) == 0:
-        return float("nan"), plateau
-    d = np.sign(y[n_plateau + outside[0]] - plateau) * (y - plateau)
+        return Departure(float("nan"), plateau, 0)
+    sign = int(np.sign(y[n_plateau + outside[0]] - plateau))
+    d = sign * (y - plateau)
     i = n_plateau - 1 + int(np.flatnonzero(d[n_plateau - 1 :] >= threshold)[0])
     if i == n_plateau - 1:
-        return below, plateau
+        return Departure(below, plateau, sign)
     x = np.log(T)
     if i + 1 < len(T) and d[i + 1] > d[i]:
         slope = (np.log(d[i + 1]) - np.log(d[i])) / (x[i + 1] - x[i])
         x_c = x[i] + (np.log(threshold) - np.log(d[i])) / slope
     else:
         x_c = x[i - 1] + (threshold - d[i - 1]) / (d[i] - d[i - 1]) * (x[i] - x[i - 1])
-    return float(np.exp(np.clip(x_c, x[i - 1], x[i]))), plateau
+    return Departure(float(np.exp(np.clip(x_c, x[i - 1], x[i]))), plateau, sign)
 
 
 def _finite(T: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -206,22 +206,25 @@ def test_compared_T_keeps_the_best_covered_T(counts):
     st.sampled_from([1, 2, 12]),  # comparisons
     st.sampled_from([512, 1000, 2048]),  # test-set size
     st.sampled_from([1, -1]),  # direction
+    st.booleans(),  # stored in float32, as the engine's test error is computed
     st.data(),
 )
 def test_a_change_alike_in_every_seed_is_judged_by_the_sign_test(
-    k, n, comparisons, pte, sign, data
+    k, n, comparisons, pte, sign, float32, data
 ):
     """Test errors are multiples of 1 / pte, so a few seeds can change by exactly the same
-    amount: no spread for a t test (it would read t = inf and always pass). The exact
-    sign test decides: p = 2 / 2^n against 0.05 / comparisons, whatever the rounding of
-    the differences, in either direction."""
+    amount: no spread for a t test (it would read t = inf, or some 10^6 after float32
+    rounding, and always pass). The exact sign test decides: p = 2 / 2^n against
+    0.05 / comparisons, whatever the rounding of the values, in either direction."""
     lo = np.asarray(data.draw(st.lists(st.integers(0, pte - k), min_size=n, max_size=n)))
     values = np.stack([lo, lo + k])[::sign] / pte  # values[T, seed]
+    if float32:
+        values = values.astype(np.float32).astype(float)
     c = paired_change(values, 0, 1, comparisons)
     assert c.n == n and c.t == np.inf
     assert c.sign_p == pytest.approx(2.0 ** (1 - n))
     assert c.counts == (2.0 ** (1 - n) <= 0.05 / comparisons)
-    assert np.sign(c.diff) == sign and abs(c.diff) == pytest.approx(k / pte)
+    assert np.sign(c.diff) == sign and abs(c.diff) == pytest.approx(k / pte, rel=1e-5)
     verdict = "<=" if c.counts else ">"
     assert c.text().startswith(f"the same in all {n} seeds, sign test p = ")
     assert c.text().endswith(f" {verdict} {0.05 / comparisons:.2g}")

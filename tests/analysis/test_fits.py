@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from synthetic_cube import Laws, tsweep_dataset
+from synthetic_cube import Laws, cube_dataset, group_attrs, tsweep_dataset
 
 from analysis.aggregate import masked, mean_stderr
 from analysis.fits import (
@@ -20,6 +20,7 @@ from analysis.fits import (
     ratio,
 )
 from analysis.load import open_cube
+from ensemble.schema import CONVERGED
 
 LAWS = Laws()
 
@@ -111,6 +112,26 @@ def test_lazy_mask_drops_a_P_whose_crossover_is_below_the_grid():
     fit = fit_rel_change(ds)
     _close(fit["delta"], LAWS.delta, 0.1)
     _close(fit["gamma"], LAWS.gamma, 0.1)
+
+
+def test_lazy_mask_keeps_the_grid_T_its_crossover_is_clipped_onto():
+    """The test error jumps at 2^-5: T_c is clipped onto 2^-5.5, the last point under the
+    threshold, and exp(log(2^-5.5)) comes back 1 ulp under it; the lazy range keeps it."""
+    T = 2.0 ** np.arange(-7.0, -3.9, 0.5)
+    y = np.array([0.100, 0.102, 0.098, 0.099, 0.150, 0.151, 0.152])
+    shape = (1, len(T), 1, 3)
+    values = {"test_error": np.broadcast_to(y[None, :, None, None], shape).copy()}
+    ds = cube_dataset(
+        np.asarray([2.0**15]),
+        T,
+        np.asarray([128]),
+        3,
+        values,
+        np.full(shape, CONVERGED),
+        group_attrs("one"),
+        checkpoints=False,
+    )
+    assert lazy_mask(ds).values[:, 0].tolist() == [True] * 4 + [False] * 3
 
 
 def test_seed_errors_are_pooled_over_the_fit_points(rng):
