@@ -859,7 +859,17 @@ def _feature_vs_lazy(
     size = ""
     if c.n >= 2:
         size = f", {c.text()}" if math.isinf(c.t) else f", paired t = {c.t:.1f} over {c.n} seeds"
-    better = "feature side lower" if diff > 0 else "lazy side lower" if diff < 0 else "equal"
+    # feature side and lazy side only where the alphas straddle 1 (science.md: feature
+    # learning for alpha << 1, lazy for alpha >> 1)
+    if lo < 1 < hi:
+        side = ("feature side", "lazy side")
+        first = f"Feature side (smallest alpha = {pow2_text(lo)}, rel. change"
+        second = f"lazy side (largest alpha = {pow2_text(hi)}, rel. change"
+    else:
+        side = ("smallest alpha", "largest alpha")
+        first = f"Smallest alpha = {pow2_text(lo)} (rel. change"
+        second = f"largest alpha = {pow2_text(hi)} (rel. change"
+    better = f"{side[0]} lower" if diff > 0 else f"{side[1]} lower" if diff < 0 else "equal"
 
     def rel_at(a: float) -> str:
         v = rel["mean"].sel(alpha=a).values
@@ -867,10 +877,9 @@ def _feature_vs_lazy(
         return f"{v[0]:.3g}" if v.size else "n/a"
 
     return [
-        f"- Feature side (smallest alpha = {pow2_text(lo)}, rel. change {rel_at(lo)} at its"
-        f" smallest T): best {_pm(e_lo, s_lo)} at T = {pow2_text(T_lo)}; lazy side"
-        f" (largest alpha = {pow2_text(hi)}, rel. change {rel_at(hi)}): best {_pm(e_hi, s_hi)}"
-        f" at T = {pow2_text(T_hi)}; {better} by {abs(diff):.3f}{size}."
+        f"- {first} {rel_at(lo)} at its smallest T): best {_pm(e_lo, s_lo)} at T ="
+        f" {pow2_text(T_lo)}; {second} {rel_at(hi)}): best {_pm(e_hi, s_hi)} at T ="
+        f" {pow2_text(T_hi)}; {better} by {abs(diff):.3f}{size}."
     ]
 
 

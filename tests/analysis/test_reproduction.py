@@ -606,4 +606,12 @@ def test_feature_against_lazy_side_is_paired_by_seed():
     d = 0.03 + lazy
     t = d.mean() / (d.std(ddof=1) / 2)
     assert line.endswith(f"feature side lower by 0.031, paired t = {t:.1f} over 4 seeds."), line
+    assert line.startswith("- Feature side (smallest alpha = 2^-4, rel. change 0.1 at its")
     assert t > 10
+    # both alphas on one side of 1: named by alpha, not as feature and lazy sides
+    values["alpha"] = [2.0**-6, 2.0**-2]
+    trends = dict(zip([2.0**-6, 2.0**-2], trends.values(), strict=True))
+    (line,) = _feature_vs_lazy(trends, rel.assign_coords(alpha=values["alpha"]), values)
+    assert line.startswith("- Smallest alpha = 2^-6 (rel. change 0.1 at its smallest T): best")
+    assert "; largest alpha = 2^-2 (rel. change 0.1): best" in line
+    assert line.endswith(f"smallest alpha lower by 0.031, paired t = {t:.1f} over 4 seeds.")
