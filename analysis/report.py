@@ -54,6 +54,7 @@ from analysis.perceptron import (
     local_P_exponents,
 )
 from analysis.regimes import fit_ntk_boundary, lazy_side, ntk_boundary
+from analysis.stability import divergence_temperature, fit_divergence_temperature
 from ensemble.provenance import git_commit
 from ensemble.schema import CHECKPOINT_VARS, LAUNCHES_ATTR, OUTCOME_FLAGS, launch_end
 from ensemble.spec import setting_applies
@@ -388,6 +389,10 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
         " optima none of which is resolved is a guide only.",
         "",
     )
+    edges = section.attempt("divergence temperature", lambda: divergence_temperature(ds))
+    if edges is not None:
+        section.results["T_div"] = edges
+        section.results["T_div_fits"] = {}
     fits = {}
     for P in table["P"].values:
         tab = table.sel(P=P)
@@ -424,6 +429,15 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
             if fit is not None:
                 fits[int(P)][key] = fit
                 section.add(f"- {optimum_fit_text(key, fit, tab)}.", "")
+        if edges is not None:
+            section.add(f"- {divergence_text(edges.sel(P=P))}", "")
+            fit = section.attempt(
+                f"T_div ~ alpha^k at P = {int(P)}",
+                lambda P=P: fit_divergence_temperature(edges, int(P), FEATURE_SIDE),
+            )
+            if fit is not None:
+                section.results["T_div_fits"][int(P)] = fit
+                section.add(f"- {divergence_fit_text(fit)}.", "")
         section.attempt(
             f"optimal-T figure at P = {int(P)}",
             lambda P=P: section.figure(
@@ -433,6 +447,32 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
             ),
         )
     section.results["optimal_T_fits"] = fits
+
+
+def divergence_text(edges: xr.Dataset) -> str:
+    """'Divergence temperature T_div (...): 2^-9.3 at alpha = 2^-8, ...' at one P."""
+    parts = []
+    for i, a in enumerate(edges["alpha"].values):
+        T_div = float(edges["T_div"].values[i])
+        if math.isfinite(T_div):
+            parts.append(f"2^{np.log2(T_div):.2f} at alpha = {plots.pow2_text(a)}")
+        elif edges["above_grid"].values[i]:
+            parts.append(f"above the grid at alpha = {plots.pow2_text(a)}")
+        elif edges["below_grid"].values[i]:
+            parts.append(f"below the grid at alpha = {plots.pow2_text(a)}")
+    return (
+        "Divergence temperature T_div (where half the finished seeds diverged,"
+        f" interpolated in log T): {'; '.join(parts) or 'no T with finished cells'}."
+    )
+
+
+def divergence_fit_text(fit: PowerLawFit) -> str:
+    """The fit T_div ~ alpha^k in words."""
+    return (
+        f"T_div ~ alpha^k over the {fit.n_points} alphas <= {FEATURE_SIDE:g} with a T_div:"
+        f" k = {fit['k']} (unweighted least squares in log-log, its error from the scatter"
+        " about the line)"
+    )
 
 
 def optimum_fit_text(key: str, fit: PowerLawFit, tab: xr.Dataset) -> str:

@@ -77,6 +77,8 @@ from analysis.report import (
     analysis_commit,
     build_report,
     check_formats,
+    divergence_fit_text,
+    divergence_text,
     optimum_fit_text,
 )
 from ensemble.schema import DIVERGED, LAUNCHES_ATTR, OUTCOME_FLAGS, UNFINISHED
@@ -772,6 +774,16 @@ def optimal_T_reading(er: ExperimentReport) -> list[str]:
             )
         fit_text = "; ".join(texts)
         lines.append(f"- Optimal temperature at P = {int(P)}: {'; '.join(parts)}. {fit_text}.")
+        edges = er.results.get("T_div")
+        if edges is not None and P in edges["P"].values:
+            fit = er.results.get("T_div_fits", {}).get(int(P))
+            edge_fit = (
+                f" {divergence_fit_text(fit)}."
+                if fit is not None
+                else " T_div ~ alpha^k not"
+                f" fitted: fewer than 3 alphas <= {FEATURE_SIDE:g} with a T_div."
+            )
+            lines.append(f"- {divergence_text(edges.sel(P=P))}{edge_fit}")
     return lines + [""]
 
 

@@ -215,6 +215,15 @@ def test_optimal_temperature_reading(tmp_path):
     both = "the 5 alphas <= 1 with interior or stability edge optima (best trainable T)"
     assert both in line and "within noise" not in line
     assert "reproduction/f/figures/feature_optimal_T_P256.png" in image_links(page)
+    # every seed of alpha = 2^-10 diverges from T = 2^-13 on, none elsewhere
+    edge = next(ln for ln in page.splitlines() if ln.startswith("- Divergence temperature"))
+    assert edge == (
+        "- Divergence temperature T_div (where half the finished seeds diverged, interpolated"
+        " in log T): 2^-13.50 at alpha = 2^-10; above the grid at alpha = 2^-6; above the"
+        " grid at alpha = 2^-4; above the grid at alpha = 2^-2; above the grid at alpha = 1;"
+        " above the grid at alpha = 2^8. T_div ~ alpha^k not fitted: fewer than 3 alphas <="
+        " 1 with a T_div."
+    )
 
 
 def test_tsweep_on_too_few_T_says_why_definition_b_is_not_measured(tmp_path):
