@@ -647,14 +647,18 @@ def optimal_temperature_figure(
     fits: Mapping[str, PowerLawFit] | None = None,
     P: int | None = None,
     include: Include = ("converged",),
+    edges: xr.Dataset | None = None,
+    edge_fit: PowerLawFit | None = None,
 ) -> Figure:
     """Left: seed-mean test error against T for each alpha, with T_opt (star) and its 68 %
     bootstrap interval. Right: T_opt against alpha; filled circles are interior optima,
     triangles edges (up: stability edge; down: small-T edge, an upper bound; right:
     large-T edge, a lower bound), grey where the paired t tests do not resolve them
-    (``resolved``); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines.
+    (``resolved``); the fits T_opt ~ alpha^k given in ``fits`` (name -> fit) as lines;
+    the divergence temperature T_div (crosses, red) and its fit ``edge_fit``.
 
     table : `analysis.optimal.optimal_temperature` of ``ds``
+    edges : `analysis.stability.divergence_temperature` of ``ds`` (all P or this P)
     """
     P = int(table["P"].max()) if P is None else int(P)
     tab = table.sel(P=P)
@@ -707,6 +711,17 @@ def optimal_temperature_figure(
         grid = np.geomspace(a_fit.min(), a_fit.max(), 50)
         ax_opt.plot(grid, fit.predict(alpha=grid), style, color="0.4",
                     label=f"fit ({name}): T_opt ~ alpha^({fit['k']})")  # fmt: skip
+    if edges is not None:
+        t_div = edges.sel(P=P)["T_div"] if "P" in edges.dims else edges["T_div"]
+        ok = np.isfinite(t_div.values)
+        if ok.any():
+            ax_opt.plot(t_div["alpha"].values[ok], t_div.values[ok], "x", color="tab:red",
+                        ms=7, label="T_div: half the seeds diverge")  # fmt: skip
+    if edge_fit is not None:
+        a_fit = edge_fit.used["alpha"].values[edge_fit.used.values]
+        grid = np.geomspace(a_fit.min(), a_fit.max(), 50)
+        ax_opt.plot(grid, edge_fit.predict(alpha=grid), "-", color="tab:red", lw=0.8,
+                    label=f"fit: T_div ~ alpha^({edge_fit['k']})")  # fmt: skip
     ax_opt.set_xscale("log", base=2)
     ax_opt.set_yscale("log", base=2)
     ax_opt.set_xlabel(label("alpha"))

@@ -441,7 +441,14 @@ def _optimal_T(section: _Section, ds: xr.Dataset, n_boot: int, seed: int) -> Non
         section.attempt(
             f"optimal-T figure at P = {int(P)}",
             lambda P=P: section.figure(
-                plots.optimal_temperature_figure(ds, table, fits[int(P)], int(P)),
+                plots.optimal_temperature_figure(
+                    ds,
+                    table,
+                    fits[int(P)],
+                    int(P),
+                    edges=edges,
+                    edge_fit=section.results.get("T_div_fits", {}).get(int(P)),
+                ),
                 f"optimal_T_P{int(P)}",
                 f"test error along T and the optimal temperature against alpha at P = {P}",
             ),

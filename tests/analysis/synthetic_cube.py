@@ -366,3 +366,22 @@ def write_cube(
             }
         ds.to_zarr(str(path), group=name, mode="w", consolidated=False, encoding=encoding)
     return path
+
+
+EDGE_ALPHA = 2.0 ** np.arange(-8, 3, 2.0)  # 2^-8 .. 2^2
+EDGE_T = 2.0 ** np.arange(-12, -2, 0.5)
+
+
+def edge_dataset(k: float, n_seed: int, rng: np.random.Generator) -> tuple[xr.Dataset, np.ndarray]:
+    """A phase diagram whose seeds diverge above their own edge 2^-6 alpha^k times a
+    log-normal seed factor (sd 0.3 in ln): half of them diverge above 2^-6 alpha^k.
+    Returns the Dataset and the seeds' edges (alpha, seed)."""
+    edge = (
+        2.0**-6 * EDGE_ALPHA[:, None] ** k * np.exp(rng.normal(0, 0.3, (len(EDGE_ALPHA), n_seed)))
+    )
+    outcome = np.where(EDGE_T[None, :, None] > edge[:, None, :], DIVERGED, CONVERGED)
+    outcome = outcome[:, :, None, :].astype(np.int8)  # (alpha, T, P, seed)
+    values = {"test_error": np.full(outcome.shape, 0.1)}
+    ds = cube_dataset(EDGE_ALPHA, EDGE_T, np.asarray([256]), n_seed, values, outcome,
+                      group_attrs("edge"), checkpoints=False)  # fmt: skip
+    return ds, edge

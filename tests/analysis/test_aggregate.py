@@ -224,7 +224,7 @@ def test_a_change_alike_in_every_seed_is_judged_by_the_sign_test(
     assert c.n == n and c.t == np.inf
     assert c.sign_p == pytest.approx(2.0 ** (1 - n))
     assert c.counts == (2.0 ** (1 - n) <= 0.05 / comparisons)
-    assert np.sign(c.diff) == sign and abs(c.diff) == pytest.approx(k / pte, rel=1e-5)
+    assert np.sign(c.diff) == sign and abs(c.diff) == pytest.approx(k / pte, abs=1e-6)
     verdict = "<=" if c.counts else ">"
     assert c.text().startswith(f"the same in all {n} seeds, sign test p = ")
     assert c.text().endswith(f" {verdict} {0.05 / comparisons:.2g}")

@@ -160,3 +160,24 @@ def test_phase_diagram_ticks_sit_on_a_sparse_grid(cube):
     dense = ds.assign_coords(alpha=2.0 ** np.array([-4, -3.5, -3, -2.5, -2, -1.5, 8]))
     ax = plots.phase_diagram(dense).axes[0]
     assert not set(dense["alpha"].values) <= set(ax.get_xticks())
+
+
+def test_optimal_temperature_figure_shows_the_divergence_temperature():
+    """T_div (red crosses) and its fit sit beside T_opt on the right panel."""
+    from synthetic_cube import edge_dataset, optimum_dataset
+
+    from analysis.optimal import optimal_temperature
+    from analysis.stability import divergence_temperature, fit_divergence_temperature
+
+    ds, _ = edge_dataset(0.6, 16, np.random.default_rng(0))
+    edges = divergence_temperature(ds)
+    fit = fit_divergence_temperature(edges, alpha_max=1.0)
+    phase = optimum_dataset(np.random.default_rng(5), k=0.5)
+    table = optimal_temperature(phase, n_boot=0)
+    fig = plots.optimal_temperature_figure(phase, table, {}, 256, edges=edges, edge_fit=fit)
+    ax = fig.axes[1]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "T_div: half the seeds diverge" in texts
+    assert any(t.startswith("fit: T_div ~ alpha^(0.6") for t in texts), texts
+    (crosses,) = [ln for ln in ax.get_lines() if ln.get_marker() == "x"]
+    np.testing.assert_allclose(crosses.get_ydata(), edges["T_div"].isel(P=0).values)

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic_cube import cube_dataset, group_attrs
+from synthetic_cube import EDGE_T, edge_dataset
 
 from analysis.fits import InsufficientData
 from analysis.stability import divergence_temperature, fit_divergence_temperature
 from ensemble.schema import CONVERGED, DIVERGED, MISSING, UNFINISHED
 
-ALPHA = 2.0 ** np.arange(-8, 3, 2.0)  # 2^-8 .. 2^2
-T = 2.0 ** np.arange(-12, -2, 0.5)
-
-
-def edge_dataset(k: float, n_seed: int, rng: np.random.Generator):
-    """A phase diagram whose seeds diverge above their own edge 2^-6 alpha^k times a
-    log-normal seed factor (sd 0.3 in ln): half of them diverge above 2^-6 alpha^k."""
-    edge = 2.0**-6 * ALPHA[:, None] ** k * np.exp(rng.normal(0, 0.3, (len(ALPHA), n_seed)))
-    outcome = np.where(T[None, :, None] > edge[:, None, :], DIVERGED, CONVERGED)
-    outcome = outcome[:, :, None, :].astype(np.int8)  # (alpha, T, P, seed)
-    values = {"test_error": np.full(outcome.shape, 0.1)}
-    ds = cube_dataset(ALPHA, T, np.asarray([256]), n_seed, values, outcome,
-                      group_attrs("edge"), checkpoints=False)  # fmt: skip
-    return ds, edge
+T = EDGE_T
 
 
 def test_T_div_is_where_half_the_seeds_diverge_and_its_exponent_is_recovered():
