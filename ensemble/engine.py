@@ -703,9 +703,11 @@ class Engine:
             loss = F.relu(margin).mean(1) / self.alpha
         else:
             grads, loss = self._grad(self.params, self.data.points(rows), yb, f0b, self.alpha)
-        running = self.status == _RUNNING
+        # a slot at its limit (skip mode steps every slot until the last reaches its own)
+        # takes no step: neither an update nor a divergence
+        live = (self.status == _RUNNING) & (self.step < self.limit)
         finite = torch.isfinite(loss)
-        update = running & finite & (self.step < self.limit)
+        update = live & finite
         lr = torch.where(update, self.dt, 0)  # (K,) step size, 0 for stopped slots
         if self.fused:
             # step size x dloss/dF, with dloss/dF = -y / B where the margin is positive
@@ -722,7 +724,7 @@ class Engine:
                 p.sub_(torch.where(update.view(shape), lr.view(shape) * grads[name], 0))
         # in place, so that a CUDA graph of the step replays on the same tensors
         self.last_active.copy_(torch.where(update & (loss > 0), self.step, self.last_active))
-        self.status.copy_(torch.where(running & ~finite, DIVERGED, self.status))
+        self.status.copy_(torch.where(live & ~finite, DIVERGED, self.status))
         self.step += update
 
     @torch.no_grad()

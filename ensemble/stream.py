@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ensemble import cube
 
 if TYPE_CHECKING:
@@ -33,6 +35,22 @@ logger = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "ensemble-members-"
 """A launch's Dask event topic is this prefix and a random hex id."""
+
+SNAPSHOT_EVERY = 250
+"""A task publishes, after every this many members, every index it has published so far
+(one bitmap): the scheduler keeps only the last ``distributed.admin.low-level-log-length``
+events of a topic (1000 by default), so a retried task reads the last snapshot and the
+marks after it (fewer where that setting is under twice this)."""
+
+
+def _bitmap(indices: set[int]) -> bytes:
+    bits = np.zeros(max(indices) + 1, dtype=bool)
+    bits[list(indices)] = True
+    return np.packbits(bits).tobytes()
+
+
+def _indices(bitmap: bytes) -> set[int]:
+    return set(np.flatnonzero(np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8))).tolist())
 
 
 def member_record(result: MemberResult) -> dict:
@@ -50,17 +68,22 @@ class MemberStream:
     ``topic`` as the task begins.
     ``publish(index, result)`` (``Engine.run``'s ``on_result``) sends the member's record
     as ``{"key": key, "index": index, "result": member_record}`` on ``topic``, which the
-    launching process writes, then the bare index on ``topic/key``. ``published()`` reads
-    those indices back: a task that Dask retries after its worker died skips the members
-    an earlier attempt already sent (the records went out first, so every index read back
-    has its record on its way to the launching process)."""
+    launching process writes, then the bare index on ``topic/key`` (and, every
+    `SNAPSHOT_EVERY` members, all of them so far). ``published()`` reads those indices
+    back: a task that Dask retries after its worker died skips the members an earlier
+    attempt already sent (the records went out first, so every index read back has its
+    record on its way to the launching process)."""
 
     def __init__(self, topic: str, key: str):
+        import dask
         from distributed import get_worker
 
         self.worker = get_worker()  # ValueError outside a worker
         self.topic, self.key = topic, key
         self.marks = f"{topic}/{key}"
+        self.sent: set[int] = set()  # every index published, by this attempt or earlier
+        kept = int(dask.config.get("distributed.admin.low-level-log-length", 1000))
+        self.every = max(1, min(SNAPSHOT_EVERY, kept // 2))
         self._warned = False
 
     @classmethod
@@ -75,14 +98,23 @@ class MemberStream:
             return None
 
     def published(self) -> set[int]:
-        """Indices of the members an earlier attempt of this task published."""
+        """Indices of the members an earlier attempt of this task published: the last
+        snapshot and the marks after it."""
         from distributed import get_client
 
         try:
-            return {int(msg) for _, msg in get_client().get_events(self.marks)}
+            events = get_client().get_events(self.marks)
         except Exception as exc:  # noqa: BLE001  then retrain them all (the launch dedups)
             logger.warning("task %s: could not read its earlier members (%r)", self.key, exc)
             return set()
+        done: set[int] = set()
+        for _, msg in events:
+            if isinstance(msg, dict):  # a snapshot: every index up to here
+                done = _indices(msg["published"])
+            else:
+                done.add(int(msg))
+        self.sent = set(done)
+        return done
 
     def started(self, device: str) -> None:
         """Announce that this task began on ``device`` (a readable name), before its data
@@ -98,6 +130,9 @@ class MemberStream:
             record = member_record(result)
             self.worker.log_event(self.topic, {"key": self.key, "index": index, "result": record})
             self.worker.log_event(self.marks, index)
+            self.sent.add(index)
+            if len(self.sent) % self.every == 0:
+                self.worker.log_event(self.marks, {"published": _bitmap(self.sent)})
         except Exception as exc:  # noqa: BLE001  the task's return still carries the member
             if not self._warned:
                 self._warned = True
@@ -197,7 +232,9 @@ class Sink:
         r = self.report
         not_started = int(stats.get("not_started", 0))
         r.not_started += not_started
-        lost = len(b.members) - len(self.written[b.key]) - not_started
+        # not_started can include members an earlier attempt wrote, where the retry could
+        # not read back what that attempt published and trained them again
+        lost = max(0, len(b.members) - len(self.written[b.key]) - not_started)
         if lost:
             self._count_failed(b, lost)
             self.bar.write(f"batch {b.key}: {lost} cells published but not received stay missing")

@@ -649,6 +649,24 @@ def test_skipping_stops_exactly_at_the_step_budget():
         _assert_bitwise(a, b)
 
 
+@pytest.mark.parametrize("max_steps", [4, 16])
+def test_a_member_at_its_step_budget_does_not_diverge_while_skipping(data_root, max_steps):
+    """Skip mode steps every slot until the last reaches its limit: a member whose first
+    non-finite loss is at step 4 ends unfinished with a budget of 4 steps, as in the plain
+    engine (it was marked diverged there), and diverged at step 4 with more."""
+    g = Group(dataset="mnist", arch="fc", L=2, h=16, P=64, B=4, pte=64, max_steps=max_steps,
+              data_root=str(data_root))  # fmt: skip
+    members = [Member(alpha=1.0, T=2.0**12, seed=1), Member(alpha=1.0, T=2.0**-6, seed=0)]
+    plain = Engine(g, 2, DEVICE, skip_quiet=False).run(members)
+    skip = Engine(g, 2, DEVICE, skip_quiet=True).run(members)
+    assert (plain[0].outcome, plain[0].steps) == (
+        UNFINISHED if max_steps == 4 else DIVERGED,
+        4,
+    )
+    for a, b in zip(plain, skip, strict=True):
+        assert (a.outcome, a.steps) == (b.outcome, b.steps)
+
+
 def test_skipping_works_for_deep_networks(small_fc):
     """Skipping is on by default only for the perceptron, but it is exact for any model:
     FC members (one of them diverging) follow the plain engine bit for bit."""

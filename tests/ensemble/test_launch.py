@@ -25,7 +25,7 @@ from tiny_sweep import write_sweep
 
 from ensemble import cube
 from ensemble import launch as launch_module
-from ensemble.cells import EnsembleError, SpecError
+from ensemble.cells import EnsembleError, Member, SpecError
 from ensemble.cluster import QuickExit, connect, gpu_workers, worker_count
 from ensemble.cube import StoreBusyError, launches, store_lock
 from ensemble.launch import (
@@ -41,9 +41,9 @@ from ensemble.launch import (
     store_status,
 )
 from ensemble.plan import Batch, estimate_steps, format_plan, plan_batches
-from ensemble.schema import CELL_VARS, DIMS, KILLED, OUTCOME_FLAGS, RUNNING
+from ensemble.schema import CELL_VARS, CONVERGED, DIMS, KILLED, OUTCOME_FLAGS, RUNNING
 from ensemble.spec import load_sweep
-from ensemble.stream import TOPIC_PREFIX
+from ensemble.stream import SNAPSHOT_EVERY, TOPIC_PREFIX, MemberStream
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +350,39 @@ def test_retried_task_trains_only_members_not_yet_published(client, tmp_path, sl
     # counters are lost with its worker)
     assert report["member_steps"] < int(ds["steps"].sum())
     assert_same_cube(reference, ds)
+
+
+def _attempt(topic: str, key: str, indices: list[int]) -> list[int]:
+    """One attempt of a task (on a worker): read back what earlier attempts published,
+    then publish ``indices`` as members that stopped."""
+    from ensemble.engine import MemberResult
+
+    stream = MemberStream(topic, key)
+    earlier = sorted(stream.published())
+    nan = float("nan")
+    result = MemberResult(Member(alpha=1.0, T=1.0, seed=0), CONVERGED, 1, nan, nan, nan, nan,
+                          nan, nan, nan, {}, {}, [], [], [], 0.0)  # fmt: skip
+    for i in indices:
+        stream.publish(i, result)
+    return earlier
+
+
+def test_a_retry_reads_every_member_published_past_the_schedulers_event_log(client):
+    """The scheduler keeps the last 1000 events of a topic: a retry of a task that had
+    published 1,300 members used to read back only the last 1,000 and train the others
+    again. Snapshots every SNAPSHOT_EVERY members make the read complete, also across a
+    second retry, on workers other than the one that published."""
+    topic, key = f"{TOPIC_PREFIX}test{os.getpid()}", "batch-a"
+    assert 1300 > 1000 > 2 * SNAPSHOT_EVERY
+    workers = sorted(client.scheduler_info()["workers"])
+    first = list(range(1300))
+    second = list(range(1300, 1700))
+    run = lambda idx, w: client.submit(  # noqa: E731
+        _attempt, topic, key, idx, workers=[w], pure=False
+    ).result()
+    assert run(first, workers[0]) == []
+    assert run(second, workers[1]) == first
+    assert run([], workers[0]) == first + second
 
 
 def test_interrupted_launch_writes_what_it_received(client, tmp_path, slow, monkeypatch):
@@ -819,7 +852,6 @@ def test_status_compares_steps_with_the_planner(tmp_path, reference):
     of the converged seeds' steps over ``estimate_steps`` of the group's settings."""
     from ensemble.cells import Group, Member
     from ensemble.launch import estimate_ratios
-    from ensemble.schema import CONVERGED
 
     ratios = estimate_ratios(reference)
     conv = reference["outcome"] == CONVERGED
