@@ -65,6 +65,10 @@ WRITE_EVERY = 2.0
 WORKER_CHECK_EVERY = 5.0
 """Seconds between the launch's counts of the cluster's workers: with none left it says
 that it waits for workers to join (and again when they are back)."""
+GATHER_TIMEOUT = 30.0
+"""Seconds the launch waits for a finished task's results to come over: a task whose
+worker died before they did is computed again by Dask, and meanwhile the launch goes on
+watching the cluster (it used to block in the fetch, silent while no worker was left)."""
 POLL_EVERY = 0.25
 """Seconds between the launch's looks at the stream and the tasks: starts reach the
 progress bar and the sweep page within this, finished tasks are written at once."""
@@ -755,7 +759,10 @@ def _execute(sweep, store, pending, cluster: dict, task: TaskOptions, progress, 
                     new, last_write = sink.flush(), time.monotonic()
                 for f in finished:
                     try:
-                        results, stats = f.result()
+                        results, stats = f.result(timeout=GATHER_TIMEOUT)
+                    except TimeoutError:  # its worker died with them: Dask computes it again
+                        remaining.add(f)
+                        continue
                     except Exception as exc:  # noqa: BLE001  a failed batch loses only itself
                         new += sink.lost(futures[f], exc)
                     else:
