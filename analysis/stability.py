@@ -20,10 +20,9 @@ import math
 import numpy as np
 import xarray as xr
 
-from analysis.aggregate import effective_outcome
+from analysis.aggregate import outcome_counts
 from analysis.fits import InsufficientData, PowerLawFit, fit_power_law
 from analysis.interpolate import first_crossing
-from ensemble.schema import DIVERGED, MISSING
 
 HALF = 0.5
 """The diverged fraction that defines T_div."""
@@ -37,9 +36,9 @@ def divergence_temperature(ds: xr.Dataset) -> xr.Dataset:
     ``above_grid`` (no T of the grid has half its seeds diverged), ``below_grid`` (the
     smallest T already has), and ``diverged_fraction`` over (alpha, T, P).
     """
-    flag = effective_outcome(ds).transpose("alpha", "T", "P", "seed")
-    finished = (flag != MISSING).sum("seed")
-    frac = ((flag == DIVERGED).sum("seed") / finished.where(finished > 0)).compute()
+    counts = outcome_counts(ds).transpose("outcome", "alpha", "T", "P")
+    finished = counts.sum("outcome") - counts.sel(outcome="missing")
+    frac = (counts.sel(outcome="diverged") / finished.where(finished > 0)).compute()
     T = frac["T"].values.astype(float)
     shape = (frac.sizes["alpha"], frac.sizes["P"])
     T_div = np.full(shape, np.nan)

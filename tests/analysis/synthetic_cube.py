@@ -385,3 +385,13 @@ def edge_dataset(k: float, n_seed: int, rng: np.random.Generator) -> tuple[xr.Da
     ds = cube_dataset(EDGE_ALPHA, EDGE_T, np.asarray([256]), n_seed, values, outcome,
                       group_attrs("edge"), checkpoints=False)  # fmt: skip
     return ds, edge
+
+
+def one_curve_dataset(T: np.ndarray, y: np.ndarray) -> xr.Dataset:
+    """A T-sweep cube at one alpha (2^15) and P (128) whose 3 seeds all have the test
+    error ``y`` along ``T``."""
+    shape = (1, len(T), 1, 3)
+    values = {"test_error": np.broadcast_to(np.asarray(y)[None, :, None, None], shape).copy()}
+    outcome = np.full(shape, CONVERGED)
+    return cube_dataset(np.asarray([2.0**15]), T, np.asarray([128]), 3, values, outcome,
+                        group_attrs("one"), checkpoints=False)  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from hypothesis import given, settings
-from synthetic_cube import Laws, cube_dataset, group_attrs, tsweep_dataset
+from synthetic_cube import Laws, one_curve_dataset, tsweep_dataset
 
 from analysis.crossover import (
     check_ratio,
@@ -28,7 +28,6 @@ from analysis.fits import (
 )
 from analysis.interpolate import first_crossing, plateau_departure
 from analysis.load import open_cube
-from ensemble.schema import CONVERGED
 
 LAWS = Laws()
 
@@ -142,22 +141,6 @@ def test_definition_b_says_where_the_crossover_is_below_the_grid():
     assert "T_c (b) is below the grid at P = [8192, 16384]" in text
 
 
-def _one_curve(T: np.ndarray, y: np.ndarray) -> xr.Dataset:
-    """A T-sweep cube at one alpha and P whose 3 seeds all have the test error ``y``."""
-    shape = (1, len(T), 1, 3)
-    values = {"test_error": np.broadcast_to(y[None, :, None, None], shape).copy()}
-    return cube_dataset(
-        np.asarray([2.0**15]),
-        T,
-        np.asarray([128]),
-        3,
-        values,
-        np.full(shape, CONVERGED),
-        group_attrs("one"),
-        checkpoints=False,
-    )
-
-
 @pytest.mark.parametrize("sign", [1, -1])
 def test_the_direction_is_read_past_the_threshold_where_T_c_is_clipped_to_the_grid(sign):
     """A jump from the plateau: the power law through the first two departed points
@@ -166,7 +149,7 @@ def test_the_direction_is_read_past_the_threshold_where_T_c_is_clipped_to_the_gr
     The direction is the jump's (it was read at T_c, that point, and came out reversed)."""
     T = 2.0 ** np.arange(-12, -5)
     y = 0.1 + sign * np.array([0.0, 0.002, -0.002, 0.050, 0.051, 0.052, 0.053])
-    table = crossover_test_error(_one_curve(T, y), n_boot=0)
+    table = crossover_test_error(one_curve_dataset(T, y), n_boot=0)
     assert float(table["T_c"][0]) == pytest.approx(2.0**-10, rel=1e-12)
     assert int(table["direction"][0]) == sign
     assert plateau_departure(T, y).sign == sign

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from synthetic_cube import Laws, cube_dataset, group_attrs, tsweep_dataset
+from synthetic_cube import Laws, one_curve_dataset, tsweep_dataset
 
 from analysis.aggregate import masked, mean_stderr
 from analysis.fits import (
@@ -20,7 +20,6 @@ from analysis.fits import (
     ratio,
 )
 from analysis.load import open_cube
-from ensemble.schema import CONVERGED
 
 LAWS = Laws()
 
@@ -119,18 +118,7 @@ def test_lazy_mask_keeps_the_grid_T_its_crossover_is_clipped_onto():
     threshold, and exp(log(2^-5.5)) comes back 1 ulp under it; the lazy range keeps it."""
     T = 2.0 ** np.arange(-7.0, -3.9, 0.5)
     y = np.array([0.100, 0.102, 0.098, 0.099, 0.150, 0.151, 0.152])
-    shape = (1, len(T), 1, 3)
-    values = {"test_error": np.broadcast_to(y[None, :, None, None], shape).copy()}
-    ds = cube_dataset(
-        np.asarray([2.0**15]),
-        T,
-        np.asarray([128]),
-        3,
-        values,
-        np.full(shape, CONVERGED),
-        group_attrs("one"),
-        checkpoints=False,
-    )
+    ds = one_curve_dataset(T, y)
     assert lazy_mask(ds).values[:, 0].tolist() == [True] * 4 + [False] * 3
 
 
